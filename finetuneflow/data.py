@@ -1,0 +1,177 @@
+"""Dialogue data: Hub ids or local files, column mapping, splits, subsets and validation.
+
+Every split comes back as a `datasets.Dataset` with exactly three columns, `id`, `dialogue`
+and `summary` (strings), whatever the source called them. Rows with an empty or
+whitespace-only dialogue or summary are dropped and counted in `LoadedData.dropped`; a
+non-text value is an error that names the row.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from finetuneflow.errors import UserError
+from finetuneflow.paths import resolve
+
+DIALOGUE_CANDIDATES = ("dialogue", "dialog", "conversation", "text", "source", "document", "input")
+SUMMARY_CANDIDATES = ("summary", "highlights", "target", "human_summary", "reference", "output")
+ID_CANDIDATES = ("id", "sample_id", "fname", "idx", "guid")
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
+                 "valid": "validation", "val": "validation", "dev": "validation", "test": "test"}
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class LoadedData:
+    splits: dict[str, datasets.Dataset]
+    source: str                                     # what was loaded (path or Hub id)
+    columns: dict[str, str | None]                  # role -> source column name
+    made_splits: bool                               # True when we split a single file ourselves
+    dropped: dict[str, int] = field(default_factory=dict)   # split -> empty rows dropped
+    local_files: list[Path] = field(default_factory=list)
+
+
+def normalize_dialogue(text: str, speaker_tags: bool = False) -> str:
+    """`\\r\\n` -> `\\n`, strip trailing spaces and blank lines; with `speaker_tags`, rewrite
+    DialogSum's `#Person1#:` as `Person1:` (use the same setting for training and inference)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [line.rstrip() for line in text.split("\n")]
+    text = "\n".join(line for line in lines if line.strip())
+    if speaker_tags:
+        text = re.sub(r"#(Person\d+)#", r"\1", text)
+    return text.strip()
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_FORMATS)
+    if not files or any(p.suffix.lower() not in LOCAL_FORMATS for p in files):
+        raise UserError(f"{path}: no readable data file (.jsonl, .json, .csv or .parquet)")
+    if len({LOCAL_FORMATS[p.suffix.lower()] for p in files}) > 1:
+        raise UserError(f"{path}: mixes file formats; keep one format per folder")
+    return files
+
+
+def _split_of(file: Path) -> str | None:
+    stem = file.stem.lower()
+    for alias, split in SPLIT_ALIASES.items():
+        if re.search(rf"(^|[^a-z]){alias}([^a-z]|$)", stem):
+            return split
+    return None
+
+
+def _load_raw(dataset: str, hub_config: str | None) -> tuple[datasets.DatasetDict, bool, list[Path]]:
+    path = resolve(dataset)
+    if path.exists():
+        files = _local_files(path)
+        builder = LOCAL_FORMATS[files[0].suffix.lower()]
+        by_split: dict[str, list[str]] = {}
+        for file in files:
+            by_split.setdefault(_split_of(file) or "train", []).append(str(file))
+        if len(files) == 1 or set(by_split) == {"train"}:
+            by_split = {"train": [str(f) for f in files]}
+        try:
+            raw = datasets.load_dataset(builder, data_files=by_split)
+        except Exception as exc:  # datasets wraps parse errors in many types
+            raise UserError(f"{path}: cannot be read as {builder} ({str(exc).splitlines()[0][:200]})") from None
+        return raw, len(by_split) == 1, files
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) and not Path(dataset).suffix:
+        raw = datasets.load_dataset(dataset, hub_config)
+        return raw, False, []
+    raise UserError(f"dataset not found: {dataset!r} is neither a local file/folder ({path}) nor a Hub id")
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple, role: str, required: bool) -> str | None:
+    if wanted:
+        if wanted not in columns:
+            raise UserError(f"column {wanted!r} ({role}) not found; columns found: {', '.join(columns)}")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    for candidate in candidates:
+        if candidate in lowered:
+            return lowered[candidate]
+    if required:
+        raise UserError(f"no {role} column found (tried {', '.join(candidates)}); columns found: "
+                        f"{', '.join(columns)}; set --{role.upper()}_COLUMN=<name>")
+    return None
+
+
+def _standardize(ds: datasets.Dataset, split: str, cols: dict, normalize: bool) -> tuple[datasets.Dataset, int]:
+    ids = ds[cols["id"]] if cols["id"] else [f"{split}-{i}" for i in range(len(ds))]
+    rows = {"id": [], "dialogue": [], "summary": []}
+    dropped = 0
+    for i, (row_id, dialogue, summary) in enumerate(zip(ids, ds[cols["dialogue"]], ds[cols["summary"]])):
+        for role, value in (("dialogue", dialogue), ("summary", summary)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{split} row {i} (id {row_id!r}): {role} is {type(value).__name__}, "
+                                f"not text; fix that row or choose another --{role.upper()}_COLUMN")
+        if not (dialogue or "").strip() or not (summary or "").strip():
+            dropped += 1
+            continue
+        rows["id"].append(str(row_id))
+        rows["dialogue"].append(normalize_dialogue(dialogue, normalize) if normalize else dialogue.strip())
+        rows["summary"].append(summary.strip())
+    return datasets.Dataset.from_dict(rows), dropped
+
+
+def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_column: str | None = None,
+                   id_column: str | None = None, seed: int = 42, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, normalize: bool = False,
+                   hub_config: str | None = None) -> LoadedData:
+    """Load a dataset into standard train/validation/test splits (those that exist)."""
+    raw, single, files = _load_raw(dataset, hub_config)
+    renamed = {SPLIT_ALIASES.get(name.lower(), name): raw[name] for name in raw}
+    first = next(iter(renamed.values()))
+    columns = list(first.column_names)
+    cols = {"dialogue": _pick(columns, dialogue_column, DIALOGUE_CANDIDATES, "dialogue", True),
+            "summary": _pick(columns, summary_column, SUMMARY_CANDIDATES, "summary", True),
+            "id": _pick(columns, id_column, ID_CANDIDATES, "id", False)}
+    splits, dropped = {}, {}
+    for name, ds in renamed.items():
+        splits[name], dropped[name] = _standardize(ds, name, cols, normalize)
+    made = False
+    if single and set(splits) == {"train"} and (val_fraction or test_fraction):
+        splits = split_deterministic(splits["train"], seed, val_fraction, test_fraction)
+        made = True
+    if sum(len(ds) for ds in splits.values()) == 0:
+        raise UserError(f"{dataset}: no usable rows (all {sum(dropped.values())} rows have an empty "
+                        f"dialogue or summary)")
+    return LoadedData(splits, str(dataset), cols, made, dropped, files)
+
+
+def split_deterministic(ds: datasets.Dataset, seed: int, val_fraction: float,
+                        test_fraction: float) -> dict[str, datasets.Dataset]:
+    """Shuffle once with `seed` and cut into train/validation/test by the given fractions."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise UserError("VAL_FRACTION and TEST_FRACTION must be in [0, 1) and sum to less than 1")
+    shuffled = ds.shuffle(seed=seed)
+    n = len(shuffled)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    n_train = n - n_val - n_test
+    out = {"train": shuffled.select(range(n_train))}
+    if n_val:
+        out["validation"] = shuffled.select(range(n_train, n_train + n_val))
+    if n_test:
+        out["test"] = shuffled.select(range(n_train + n_val, n))
+    return out
+
+
+def get_split(data: LoadedData, split: str) -> datasets.Dataset:
+    name = SPLIT_ALIASES.get(split.lower(), split)
+    if name not in data.splits:
+        raise UserError(f"split {split!r} not in {data.source}; splits found: {', '.join(data.splits)}")
+    return data.splits[name]
+
+
+def subset(ds: datasets.Dataset, n: int | None, seed: int, shuffle: bool = True) -> datasets.Dataset:
+    """The first `n` rows after a seeded shuffle (all rows when `n` is None, 0 or too large)."""
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if n and n < len(ds):
+        ds = ds.select(range(n))
+    return ds.flatten_indices() if shuffle or n else ds

@@ -1,0 +1,38 @@
+"""Where things live: the project root, the fixed artifact folders, and stage-aware lookups.
+
+The root is `$FTF_ROOT` when set, else the folder holding the stage scripts; never the
+current working directory. Relative paths given by the user are resolved against the root.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetuneflow.errors import UserError
+
+ROOT = Path(os.environ.get("FTF_ROOT") or Path(__file__).resolve().parent.parent).resolve()
+FT_OUTPUTS = "ft_outputs"
+METRICS = "metrics"
+OUTPUTS = "outputs"
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """An absolute path: `~` expanded, relative paths taken from the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """Resolve an output folder and create it."""
+    p = resolve(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def require(path: str | os.PathLike, produced_by: str, what: str = "input") -> Path:
+    """Resolve `path` and fail with the stage that produces it when it is missing."""
+    p = resolve(path)
+    if not p.exists():
+        raise UserError(f"{what} not found: {p} (it is written by `python {produced_by}`; run that "
+                        f"stage first or pass the right path)")
+    return p

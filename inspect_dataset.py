@@ -1,0 +1,139 @@
+"""Stage 1 - inspect a dialogue-summarization dataset and export the subset to train on.
+
+Reads:  DATASET (a Hub id, or a local .jsonl/.json/.csv/.parquet file or folder)
+Writes: metrics/dataset_overview.json   splits, columns, length statistics, truncation share
+        metrics/dataset_lengths.png     histogram of dialogue and summary lengths
+        metrics/inspect_dataset.run_config.json
+        EXPORT_JSONL (optional)         the selected subset as {"id", "dialogue", "summary"} lines
+
+Run as:
+    python inspect_dataset.py --dataset=knkarthick/highlightsum
+    python inspect_dataset.py --dataset=../shared/data/dialogsum_dev500.jsonl --model_name=ft_outputs/base_smollm2
+A single local file is split into train/validation/test (VAL_FRACTION, TEST_FRACTION, SEED).
+"""
+DATASET = "knkarthick/highlightsum"    # Hub id or local file/folder
+HUB_CONFIG = None                      # Hub dataset configuration name, if it has several
+DIALOGUE_COLUMN = None                 # None: auto-detect (dialogue, dialog, text, source, document, ...)
+SUMMARY_COLUMN = None                  # None: auto-detect (summary, highlights, target, human_summary, ...)
+ID_COLUMN = None                       # None: auto-detect (id, sample_id, fname); row numbers when absent
+VAL_FRACTION = 0.1                     # share of a single local file kept for validation
+TEST_FRACTION = 0.1                    # share of a single local file kept for test
+SEED = 42                              # shuffling seed for splits and subsets
+NORMALIZE = False                      # rewrite DialogSum '#Person1#' tags and \r\n (see finetuneflow/data.py)
+MODEL_NAME = "facebook/bart-large-cnn"  # tokenizer for token statistics ("" skips them)
+MAX_INPUT_LENGTH = 768                 # tokens; reports how many dialogues would be truncated
+MAX_TARGET_LENGTH = 192                # tokens; reports how many summaries would be truncated
+SPLIT = "train"                        # split to subset and export
+N_SAMPLES = 2000                       # rows in the exported subset (0 = all)
+EXPORT_JSONL = ""                      # path for the subset as JSONL ("" = no export)
+OUTPUT_DIR = "metrics"                 # where the overview and the histogram go
+
+import json
+
+import numpy as np
+
+from finetuneflow.config import configure, write_run_config
+from finetuneflow.data import get_split, load_dialogues, subset
+from finetuneflow.errors import run_cli
+from finetuneflow.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.paths import output_dir, resolve
+
+
+def length_stats(values: list[int]) -> dict:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)),
+            "p90": float(np.percentile(arr, 90)), "p99": float(np.percentile(arr, 99)), "max": int(arr.max())}
+
+
+def try_tokenizer(name: str):
+    if not name:
+        return None, "no MODEL_NAME given"
+    try:
+        from transformers import AutoTokenizer
+        from finetuneflow.models import local_or_hub
+        return AutoTokenizer.from_pretrained(local_or_hub(name)), None
+    except Exception as exc:  # offline, gated, or not a model: token statistics are optional
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+
+
+def histogram(words_dialogue: list[int], words_summary: list[int], path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, values, title in ((axes[0], words_dialogue, "dialogue words"), (axes[1], words_summary, "summary words")):
+        ax.hist(values, bins=40, color="#4C72B0")
+        ax.set_title(title)
+        ax.set_xlabel("words")
+        ax.set_ylabel("rows")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    data = load_dialogues(cfg.DATASET, cfg.DIALOGUE_COLUMN, cfg.SUMMARY_COLUMN, cfg.ID_COLUMN, cfg.SEED,
+                          cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.NORMALIZE, cfg.HUB_CONFIG)
+    selected = get_split(data, cfg.SPLIT)
+    tokenizer, tokenizer_note = try_tokenizer(cfg.MODEL_NAME)
+    all_rows = [row for ds in data.splits.values() for row in ds]
+    dialogues, summaries = [r["dialogue"] for r in all_rows], [r["summary"] for r in all_rows]
+    stats = {"dialogue": {"chars": length_stats([len(d) for d in dialogues]),
+                          "words": length_stats([len(d.split()) for d in dialogues])},
+             "summary": {"chars": length_stats([len(s) for s in summaries]),
+                         "words": length_stats([len(s.split()) for s in summaries])}}
+    truncation = None
+    if tokenizer is not None:
+        dialogue_tokens = [len(ids) for ids in tokenizer(dialogues, verbose=False)["input_ids"]]
+        summary_tokens = [len(ids) for ids in tokenizer(summaries, verbose=False)["input_ids"]]
+        stats["dialogue"]["tokens"], stats["summary"]["tokens"] = length_stats(dialogue_tokens), length_stats(summary_tokens)
+        truncation = {"max_input_length": cfg.MAX_INPUT_LENGTH, "max_target_length": cfg.MAX_TARGET_LENGTH,
+                      "dialogues_over_limit": sum(t > cfg.MAX_INPUT_LENGTH for t in dialogue_tokens),
+                      "summaries_over_limit": sum(t > cfg.MAX_TARGET_LENGTH for t in summary_tokens),
+                      "dialogue_tokens_cut_share": round(sum(max(0, t - cfg.MAX_INPUT_LENGTH) for t in dialogue_tokens)
+                                                         / max(1, sum(dialogue_tokens)), 4)}
+        truncation["dialogues_over_limit_share"] = round(truncation["dialogues_over_limit"] / len(dialogues), 4)
+    first = selected[0] if len(selected) else all_rows[0]
+    overview = {
+        "dataset": data.source, "columns": data.columns, "splits_made_from_single_file": data.made_splits,
+        "split_fractions": {"validation": cfg.VAL_FRACTION, "test": cfg.TEST_FRACTION, "seed": cfg.SEED} if data.made_splits else None,
+        "rows": {name: len(ds) for name, ds in data.splits.items()}, "total_rows": len(all_rows),
+        "dropped_empty_rows": data.dropped, "lengths": stats, "truncation": truncation,
+        "tokenizer": cfg.MODEL_NAME if tokenizer is not None else None, "tokenizer_note": tokenizer_note,
+        "first_example": {"id": first["id"], "dialogue": first["dialogue"][:500], "summary": first["summary"][:300]},
+    }
+    out = output_dir(cfg.OUTPUT_DIR)
+    exported = None
+    if cfg.EXPORT_JSONL:
+        rows = subset(selected, cfg.N_SAMPLES, cfg.SEED)
+        exported = resolve(cfg.EXPORT_JSONL)
+        atomic_write_text(exported, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        overview["export"] = {"path": str(exported), "split": cfg.SPLIT, "rows": len(rows), "seed": cfg.SEED}
+    histogram([len(d.split()) for d in dialogues], [len(s.split()) for s in summaries], out / "dataset_lengths.png")
+    atomic_write_json(out / "dataset_overview.json", overview)
+    write_run_config(out, "inspect_dataset", cfg, data.local_files, name="inspect_dataset.run_config.json")
+    print(f"dataset {data.source}: " + ", ".join(f"{k} {v}" for k, v in overview["rows"].items())
+          + f" rows ({sum(data.dropped.values())} empty rows dropped)")
+    for role in ("dialogue", "summary"):
+        words = stats[role]["words"]
+        tokens = stats[role].get("tokens")
+        print(f"  {role}: words p50 {words['p50']:.0f} p90 {words['p90']:.0f} max {words['max']}"
+              + (f"; tokens p50 {tokens['p50']:.0f} p90 {tokens['p90']:.0f} p99 {tokens['p99']:.0f} max {tokens['max']}" if tokens else ""))
+    if truncation:
+        print(f"  {truncation['dialogues_over_limit']} dialogues ({truncation['dialogues_over_limit_share']:.1%}) exceed "
+              f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH} tokens")
+    else:
+        print(f"  token statistics skipped ({tokenizer_note})")
+    print(f"  first example [{first['id']}]: {first['dialogue'][:160]!r}")
+    if exported:
+        print(f"exported {overview['export']['rows']} {cfg.SPLIT} rows to {exported}")
+    print(f"wrote {out / 'dataset_overview.json'} and {out / 'dataset_lengths.png'}")
+    return overview
+
+
+if __name__ == "__main__":
+    run_cli(main)
