@@ -51,7 +51,8 @@ class Config(dict):
 
 
 def _declared_constants(script_globals: dict) -> list[tuple[str, str]]:
-    """(name, trailing comment) of each top-level UPPER_CASE assignment, in source order."""
+    """(name, trailing comment) of each UPPER_CASE assignment in the block at the top of the
+    script (before its first import), in source order."""
     source_file = script_globals.get("__file__")
     if not source_file:
         return [(k, "") for k in script_globals if k.isupper() and not k.startswith("_")]
@@ -59,6 +60,8 @@ def _declared_constants(script_globals: dict) -> list[tuple[str, str]]:
     lines = source.splitlines()
     found = []
     for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
+            break  # the settings block ends where the code begins; later constants are internal
         targets = node.targets if isinstance(node, ast.Assign) else (
             [node.target] if isinstance(node, ast.AnnAssign) else [])
         for target in targets:

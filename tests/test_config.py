@@ -134,3 +134,14 @@ def test_inherit_fills_only_none(tmp_path):
     assert filled == ["MAX_INPUT_LENGTH", "family"]
     assert cfg == {"MAX_INPUT_LENGTH": 512, "NUM_BEAMS": 2, "family": "causal", "MISSING": None}
     assert read_run_config(Path(tmp_path) / "nowhere") is None
+
+
+def test_constants_after_the_imports_are_internal_not_settings(tmp_path):
+    source = 'STEPS = 1  # steps\nimport os\nINTERNAL = os.sep\n'
+    path = tmp_path / "stage.py"
+    path.write_text(source)
+    namespace = {"__file__": str(path)}
+    exec(compile(source, str(path), "exec"), namespace)
+    assert configure(namespace, []) == {"STEPS": 1}
+    with pytest.raises(UserError, match="unknown setting --internal"):
+        configure(namespace, ["--internal=x"])
