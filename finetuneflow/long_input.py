@@ -1,0 +1,286 @@
+"""Dialogues longer than the model's input budget: truncate, refuse, or summarize in windows.
+
+`summarize_long(..., mode=...)` wraps the shared engine (generation.summarize):
+
+* "truncate": the engine as is (the input is cut at MAX_INPUT_LENGTH tokens);
+* "error": a UserError naming the first dialogue that does not fit;
+* "chunk": a dialogue that does not fit is split at turn boundaries (lines) into windows
+  that fit; a single turn longer than a window is split at sentence, then word boundaries
+  (its speaker label, e.g. "Speaker A:", is repeated at the start of a window that begins
+  mid-turn). Each window is summarized, the partial summaries are joined one per line and
+  summarized again, recursively while the joined text is still too long (map-reduce).
+  Dialogues that fit go through the engine unchanged, so "chunk" and "truncate" give the
+  same summary for every dialogue that fits.
+
+Token counts are exact: they are made with the same prompt/prefix the engine uses, and every
+window is re-counted after packing (tokenizers merge across seams), so no window is cut.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field, fields
+
+from finetuneflow.errors import UserError
+from finetuneflow.generation import (GenerationResult, GenerationSettings, default_input_limit, effective_settings,
+                                     summarize)
+from finetuneflow.models import CAUSAL, LoadedModel
+from finetuneflow.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, seq2seq_prefix
+
+MODES = ("truncate", "chunk", "error")
+MAX_LEVELS = 4              # map-reduce depth; beyond it the joined summaries are truncated
+_SPEAKER = re.compile(r"^\s*([^\s:][^:\n]{0,39}:)\s")       # "Speaker A:", "#Person1#:", "Anna:"
+_SENTENCE_END = re.compile(r"(?<=[.!?\u2026])\s+")
+_MARGIN = 4                 # tokens kept free when estimating; windows are re-counted exactly
+
+
+@dataclass
+class LongGenerationResult(GenerationResult):
+    chunked: int = 0                                    # inputs summarized in windows
+    windows: list[int] = field(default_factory=list)    # first-level windows per input (1 = fitted)
+
+
+def _from_result(result: GenerationResult, **extra) -> LongGenerationResult:
+    return LongGenerationResult(**{f.name: getattr(result, f.name) for f in fields(GenerationResult)}, **extra)
+
+
+class _Counter:
+    """Exact input-token counts as the engine would encode a text (before any truncation)."""
+
+    def __init__(self, loaded: LoadedModel, instruction: str):
+        self.tokenizer = loaded.tokenizer
+        self.causal = loaded.family == CAUSAL
+        if self.causal:
+            self.overhead = len(encode_causal_prompt(self.tokenizer, "", instruction, 1 << 30)[0])
+            self.prefix = ""
+        else:
+            self.prefix = seq2seq_prefix(loaded.model.config)
+            self.overhead = len(self.tokenizer(self.prefix, verbose=False)["input_ids"])
+
+    def input_tokens(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        if self.causal:
+            ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            return [self.overhead + len(i) for i in ids]
+        return [len(i) for i in self.tokenizer([self.prefix + t for t in texts], verbose=False)["input_ids"]]
+
+    def text_tokens(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(i) for i in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+@dataclass
+class _Piece:
+    text: str
+    tokens: int
+    turn: int       # index of the line it comes from
+    first: bool     # starts its turn
+    label: str      # the turn's speaker label ("" when none)
+
+
+def input_tokens(loaded: LoadedModel, dialogues: list[str], instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """How many input tokens each dialogue needs with the engine's prompt (no truncation)."""
+    return _Counter(loaded, instruction).input_tokens(list(dialogues))
+
+
+def _split_turn(counter: _Counter, line: str, budget: int) -> list[str]:
+    """A turn longer than `budget` tokens -> sentence-, then word-, then token-sized parts."""
+    parts: list[str] = []
+    sentences = [s for s in _SENTENCE_END.split(line) if s]
+    for sentence, size in zip(sentences, counter.text_tokens(sentences)):
+        if size <= budget:
+            parts.append(sentence)
+            continue
+        words = sentence.split()
+        current, used = [], 0
+        for word, cost in zip(words, counter.text_tokens([" " + w for w in words])):
+            if cost > budget:  # one "word" longer than a window (a URL, a table): cut by tokens
+                if current:
+                    parts.append(" ".join(current))
+                    current, used = [], 0
+                ids = counter.tokenizer(word, add_special_tokens=False, verbose=False)["input_ids"]
+                parts += [counter.tokenizer.decode(ids[i:i + budget]) for i in range(0, len(ids), budget)]
+                continue
+            if current and used + cost > budget:
+                parts.append(" ".join(current))
+                current, used = [], 0
+            current.append(word)
+            used += cost
+        if current:
+            parts.append(" ".join(current))
+    return parts
+
+
+def _pieces(counter: _Counter, text: str, cap: int) -> tuple[list[_Piece], dict[str, int]]:
+    """Turns (non-blank lines) as pieces of at most `cap` - 1 estimated tokens, long turns split;
+    plus the token cost of each speaker label."""
+    lines = [line.rstrip() for line in text.split("\n") if line.strip()]
+    labels = [(m.group(1) if (m := _SPEAKER.match(line)) else "") for line in lines]
+    label_costs = dict(zip(set(labels), counter.text_tokens(list(set(labels)))))
+    pieces = []
+    for turn, (line, size) in enumerate(zip(lines, counter.text_tokens(lines))):
+        label = labels[turn]
+        if size + 1 <= cap:
+            pieces.append(_Piece(line, size, turn, True, label))
+            continue
+        room = cap - label_costs[label] - 2      # a continuation window repeats the label
+        if room < 8:
+            raise UserError(f"MAX_INPUT_LENGTH leaves only {cap} tokens per window; raise MAX_INPUT_LENGTH")
+        parts = _split_turn(counter, line, room)
+        for k, (part, cost) in enumerate(zip(parts, counter.text_tokens(parts))):
+            pieces.append(_Piece(part, cost, turn, k == 0, label))
+    return pieces, label_costs
+
+
+def _pack(pieces: list[_Piece], cap: int, label_costs: dict) -> list[list[_Piece]]:
+    """Greedy packing of pieces into windows of at most `cap` estimated tokens."""
+    windows, current, used = [], [], 0
+    for piece in pieces:
+        cost = piece.tokens + 1
+        if current and used + cost > cap:
+            windows.append(current)
+            current, used = [], 0
+        if not current and not piece.first and piece.label:
+            used += label_costs[piece.label] + 1
+        current.append(piece)
+        used += cost
+    if current:
+        windows.append(current)
+    return windows
+
+
+def _render(window: list[_Piece]) -> str:
+    out = []
+    for i, piece in enumerate(window):
+        if i == 0:
+            out.append(piece.text if piece.first or not piece.label else f"{piece.label} {piece.text}")
+        else:
+            out.append(("\n" if piece.turn != window[i - 1].turn else " ") + piece.text)
+    return "".join(out)
+
+
+def input_limit(loaded: LoadedModel, settings: GenerationSettings | None, max_input_length: int | None) -> int:
+    """MAX_INPUT_LENGTH, else the engine's default (the model's limit, less the new tokens of a
+    causal model), so windows are cut exactly where the engine would truncate."""
+    return max_input_length or default_input_limit(loaded, effective_settings(loaded, settings or GenerationSettings()))
+
+
+def split_into_windows(loaded: LoadedModel, dialogue: str, max_input_length: int | None = None,
+                       instruction: str = DEFAULT_INSTRUCTION) -> list[str]:
+    """Windows of `dialogue`, each fitting `max_input_length` input tokens with the engine's
+    prompt, cut at turn boundaries (long turns at sentence/word boundaries), in order and of
+    similar size. A dialogue that fits comes back as one window."""
+    counter = _Counter(loaded, instruction)
+    limit = input_limit(loaded, None, max_input_length)
+    if counter.input_tokens([dialogue])[0] <= limit:
+        return [dialogue]
+    budget = limit - counter.overhead
+    if budget < 16:
+        raise UserError(f"MAX_INPUT_LENGTH={limit} leaves {budget} tokens for the dialogue after the "
+                        f"{counter.overhead}-token prompt; raise MAX_INPUT_LENGTH")
+    cap = budget - _MARGIN
+    pieces, label_costs = _pieces(counter, dialogue, cap)
+    windows = _pack(pieces, cap, label_costs)
+    # Even out the sizes: the smallest cap that still needs no more windows than the greedy pass.
+    total = sum(p.tokens + 1 for p in pieces)
+    step = max(1, cap // 50)
+    for trial in range(math.ceil(total / len(windows)), cap, step):
+        balanced = _pack(pieces, trial, label_costs)
+        if len(balanced) <= len(windows):
+            windows = balanced
+            break
+    return _fit_exactly(counter, windows, limit)
+
+
+def _fit_exactly(counter: _Counter, windows: list[list[_Piece]], limit: int) -> list[str]:
+    """Re-count each rendered window exactly; split any that the estimate let through."""
+    texts = [_render(w) for w in windows]
+    out = []
+    for window, text, size in zip(windows, texts, counter.input_tokens(texts)):
+        if size <= limit:
+            out.append(text)
+        elif len(window) > 1:
+            half = len(window) // 2
+            out += _fit_exactly(counter, [window[:half], window[half:]], limit)
+        else:  # one piece whose seam merges pushed it over: cut its words in two
+            piece = window[0]
+            words = piece.text.split()
+            if len(words) < 2:
+                raise UserError(f"cannot split a {size}-token fragment to fit MAX_INPUT_LENGTH={limit}")
+            halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
+            parts = [_Piece(h, c, piece.turn, piece.first and k == 0, piece.label)
+                     for k, (h, c) in enumerate(zip(halves, counter.text_tokens(halves)))]
+            out += _fit_exactly(counter, [[parts[0]], [parts[1]]], limit)
+    return out
+
+
+def _describe(dialogue: str, index: int, ids: list[str] | None) -> str:
+    name = f"id {ids[index]!r}" if ids else f"#{index + 1}"
+    return f"dialogue {name} ({dialogue[:40].strip()!r}...)"
+
+
+def summarize_long(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None = None,
+                   batch_size: int = 8, max_input_length: int | None = None,
+                   instruction: str = DEFAULT_INSTRUCTION, mode: str = "truncate", progress: bool = True,
+                   ids: list[str] | None = None) -> LongGenerationResult:
+    """Summaries of `dialogues` in order; long ones handled by `mode` (see the module doc).
+    `ids` (optional) name dialogues in errors."""
+    if mode not in MODES:
+        raise UserError(f"LONG_INPUT={mode!r} is not one of {', '.join(MODES)}")
+    dialogues = list(dialogues)
+    settings = settings or GenerationSettings()
+    limit = input_limit(loaded, settings, max_input_length)
+    if mode == "truncate":
+        result = summarize(loaded, dialogues, settings, batch_size, limit, instruction, progress)
+        return _from_result(result, chunked=0, windows=[1] * len(dialogues))
+    counter = _Counter(loaded, instruction)
+    sizes = counter.input_tokens(dialogues) if dialogues else []
+    if mode == "error":
+        for i, size in enumerate(sizes):
+            if size > limit:
+                raise UserError(f"{_describe(dialogues[i], i, ids)} needs {size} input tokens, more than "
+                                f"MAX_INPUT_LENGTH={limit}; use LONG_INPUT=chunk (or truncate)")
+        result = summarize(loaded, dialogues, settings, batch_size, limit, instruction, progress)
+        return _from_result(result, chunked=0, windows=[1] * len(dialogues))
+    start = time.perf_counter()
+    state = {"generated": 0, "settings": {}, "batch_size": batch_size}
+    summaries, truncated, windows = _map_reduce(loaded, dialogues, sizes, settings, batch_size, limit,
+                                                instruction, progress, state, level=0)
+    return LongGenerationResult(summaries, state["generated"], time.perf_counter() - start, truncated,
+                                state["settings"], batch_size=state["batch_size"], max_input_length=limit,
+                                chunked=sum(w > 1 for w in windows), windows=windows)
+
+
+def _account(state: dict, result: GenerationResult) -> None:
+    state["generated"] += result.generated_tokens
+    state["settings"] = state["settings"] or result.settings
+    state["batch_size"] = min(state["batch_size"], getattr(result, "batch_size", None) or state["batch_size"])
+
+
+def _map_reduce(loaded, texts, sizes, settings, batch_size, limit, instruction, progress, state, level):
+    """One level: texts that fit and the windows of those that do not go through the engine in
+    one call; the joined window summaries of each long text are reduced on the next level."""
+    over = [i for i, size in enumerate(sizes) if size > limit]
+    if not over or level >= MAX_LEVELS:
+        result = summarize(loaded, texts, settings, batch_size, limit, instruction, progress)
+        _account(state, result)
+        return result.summaries, result.truncated, [1] * len(texts)
+    split = {i: split_into_windows(loaded, texts[i], limit, instruction) for i in over}
+    batch = [t for i, t in enumerate(texts) if i not in split] + [w for i in over for w in split[i]]
+    result = summarize(loaded, batch, settings, batch_size, limit, instruction, progress)
+    _account(state, result)
+    outputs = iter(result.summaries)
+    summaries = {i: next(outputs) for i in range(len(texts)) if i not in split}
+    truncated = {i: flag for i, flag in zip([i for i in range(len(texts)) if i not in split], result.truncated)}
+    joined = [
+        "\n".join(s for s in (next(outputs) for _ in split[i]) if s.strip()) for i in over]
+    reduced, reduced_truncated, _ = _map_reduce(
+        loaded, joined, input_tokens(loaded, joined, instruction), settings, batch_size, limit,
+        instruction, progress, state, level + 1)
+    for i, text, flag in zip(over, reduced, reduced_truncated):
+        summaries[i], truncated[i] = text, flag
+    windows = [len(split[i]) if i in split else 1 for i in range(len(texts))]
+    return [summaries[i] for i in range(len(texts))], [truncated[i] for i in range(len(texts))], windows

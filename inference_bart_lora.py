@@ -1,0 +1,94 @@
+"""Stage 7 - summarize new dialogues of any length with the finished model.
+
+Reads:  MODEL (clean merged folder from post_merge_cleanup.py, a merged folder, an adapter folder
+        whose base is found from its run_config.json, or a Hub id)
+        TEXT, INPUT_FILE (.txt = one dialogue; .jsonl / .json / .csv rows) or stdin
+Writes: stdout (one summary; several as "[id] summary" lines), or OUTPUT_FILE (.jsonl / .csv:
+        id, summary, chunked, windows, truncated, generation) and OUTPUT_FILE.run_config.json
+
+Run as:
+    echo "Anna: Lunch at noon?\nTom: Sure, see you there." | python inference_bart_lora.py
+    python inference_bart_lora.py --text="Anna: Lunch at noon?\nTom: Sure."   (\n starts a new turn)
+    python inference_bart_lora.py --input_file=../shared/data/highlightsum_val200.jsonl --output_file=outputs/summaries.jsonl
+Dialogues longer than MAX_INPUT_LENGTH tokens: LONG_INPUT=chunk summarizes them in windows cut at
+turn boundaries and then summarizes the partial summaries; truncate cuts them; error refuses them.
+Settings left at None come from the model folder's run_config.json (what was evaluated).
+"""
+MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
+BASE_MODEL = None                      # adapter folders only: the base, when its recorded path is gone
+TEXT = ""                              # one dialogue on the command line
+INPUT_FILE = ""                        # .txt (one dialogue), .jsonl, .json or .csv; "" with no TEXT reads stdin
+TEXT_COLUMN = None                     # column/key holding the dialogue (None: dialogue, dialog, text, ...)
+ID_COLUMN = None                       # column/key holding the id (None: id, sample_id, fname, ...; else row numbers)
+OUTPUT_FILE = ""                       # .jsonl or .csv; "" prints to stdout
+LONG_INPUT = "chunk"                   # chunk, truncate or error: what to do with dialogues over MAX_INPUT_LENGTH
+MAX_INPUT_LENGTH = None                # tokens per model input; None: from run_config.json, else the model's limit
+INSTRUCTION = None                     # causal models' instruction; None: the one the model was trained with
+NUM_BEAMS = None                       # None: inherited (run_config.json generation, else the model's config)
+MAX_NEW_TOKENS = None                  # tokens per summary; None: inherited
+MIN_NEW_TOKENS = None                  # None: inherited
+NO_REPEAT_NGRAM_SIZE = None            # None: inherited
+LENGTH_PENALTY = None                  # None: inherited (beam search only)
+BATCH_SIZE = 8                         # dialogues (or windows) generated together
+DEVICE = None                          # None: cuda when available, else cpu
+LOAD_IN_4BIT = None                    # adapter folders: None = as the adapter was trained
+
+import sys
+
+from finetuneflow.config import configure, write_run_config
+from finetuneflow.errors import UserError, run_cli
+from finetuneflow.generation import GenerationSettings
+from finetuneflow.long_input import MODES, summarize_long
+from finetuneflow.paths import resolve
+from finetuneflow.serving import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info, read_inputs,
+                                  write_outputs)
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    if cfg.LONG_INPUT not in MODES:
+        raise UserError(f"--LONG_INPUT={cfg.LONG_INPUT!r}: use one of {', '.join(MODES)}")
+    output = resolve(cfg.OUTPUT_FILE) if cfg.OUTPUT_FILE else None
+    if output and output.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--OUTPUT_FILE={cfg.OUTPUT_FILE}: use a .jsonl or .csv file")
+    inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.TEXT_COLUMN, cfg.ID_COLUMN, sys.stdin)
+    if inputs.skipped:
+        print(f"skipped {len(inputs.skipped)} rows with an empty dialogue (ids: {', '.join(inputs.skipped[:10])}"
+              f"{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
+    loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE, cfg.LOAD_IN_4BIT)
+    inherited = inherit_defaults(cfg, loaded)
+    settings = GenerationSettings.from_config(cfg)
+    info = model_info(loaded)
+    print(f"model {info['model']} ({loaded.family}, {info['dtype']} on {loaded.device}); "
+          f"{len(inputs.dialogues)} dialogues from {inputs.source}; LONG_INPUT={cfg.LONG_INPUT}, "
+          f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH or 'the model limit'}" + (f"; inherited {', '.join(inherited)}" if inherited else ""),
+          file=sys.stderr)
+    result = summarize_long(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
+                            cfg.INSTRUCTION, mode=cfg.LONG_INPUT, progress=len(inputs.dialogues) > 1,
+                            ids=inputs.ids)
+    truncated = sum(result.truncated)
+    print(f"summarized {len(inputs.dialogues)} dialogues in {result.seconds:.1f}s "
+          f"({result.tokens_per_s:.1f} generated tokens/s); {result.chunked} chunked into windows, "
+          f"{truncated} truncated; generation {result.settings}", file=sys.stderr)
+    if truncated:
+        print(f"warning: {truncated} dialogues were longer than {result.max_input_length} input tokens "
+              f"and were truncated; --LONG_INPUT=chunk summarizes them whole", file=sys.stderr)
+    rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings}
+            for i, s, w, t in zip(inputs.ids, result.summaries, result.windows, result.truncated)]
+    if output:
+        write_outputs(output, rows)
+        write_run_config(output.parent, "inference_bart_lora", cfg,
+                         [resolve(cfg.INPUT_FILE)] if cfg.INPUT_FILE else [], name=f"{output.name}.run_config.json",
+                         extra={**info, "generation": result.settings, "chunked": result.chunked,
+                                "truncated": truncated, "skipped": inputs.skipped, "timing": result.timing()})
+        print(f"wrote {len(rows)} summaries to {output}", file=sys.stderr)
+    elif len(rows) == 1:
+        print(rows[0]["summary"])
+    else:
+        for row in rows:
+            print(f"[{row['id']}] {row['summary']}")
+    return {"rows": rows, "chunked": result.chunked, "truncated": truncated, "settings": result.settings}
+
+
+if __name__ == "__main__":
+    run_cli(main)

