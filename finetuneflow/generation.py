@@ -48,6 +48,8 @@ class GenerationResult:
     seconds: float
     truncated: list[bool]
     settings: dict = field(default_factory=dict)   # the effective decoding settings
+    batch_size: int | None = None         # the batch size that ran (halved after out-of-memory)
+    max_input_length: int | None = None   # input tokens per dialogue, after which it was cut
 
     @property
     def samples_per_s(self) -> float:
@@ -92,6 +94,10 @@ def _generation_config(loaded: LoadedModel, effective: dict):
         config.max_length = None
     if effective.get("min_new_tokens") is not None:
         config.min_length = None
+    if not config.do_sample:   # sampling knobs left in a model's config only cause warnings
+        config.temperature = config.top_p = config.top_k = None
+    if (config.num_beams or 1) == 1:   # so do beam-only knobs under greedy decoding (no effect there)
+        config.length_penalty, config.early_stopping = 1.0, False
     if loaded.family == CAUSAL:
         config.eos_token_id = stop_token_ids(loaded.tokenizer)
         config.pad_token_id = loaded.tokenizer.pad_token_id
@@ -108,6 +114,11 @@ def encode(loaded: LoadedModel, dialogue: str, instruction: str, max_input_lengt
     return encode_seq2seq_input(loaded.tokenizer, dialogue, seq2seq_prefix(loaded.model.config), max_input_length)
 
 
+def _generated_lengths(rows: list[list[int]], stops: set[int]) -> list[int]:
+    """Tokens each row really generated: up to and including its first stop token."""
+    return [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in rows]
+
+
 def _generate_batch(loaded: LoadedModel, batch: list[list[int]]) -> tuple[list[str], int]:
     tokenizer = loaded.tokenizer
     padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt",
@@ -115,23 +126,41 @@ def _generate_batch(loaded: LoadedModel, batch: list[list[int]]) -> tuple[list[s
     padded = {k: v.to(loaded.device) for k, v in padded.items()}
     with torch.inference_mode():
         out = loaded.model.generate(**padded)
-    new = out[:, padded["input_ids"].shape[1]:] if loaded.family == CAUSAL else out
+    # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
+    new = out[:, padded["input_ids"].shape[1]:] if loaded.family == CAUSAL else out[:, 1:]
     stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
-    generated = 0
-    for row in new.tolist():
-        generated += next((i for i, t in enumerate(row) if t in stops and i > 0), len(row))
+    generated = sum(_generated_lengths(new.tolist(), stops))
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [t.strip() for t in texts], generated
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def default_input_limit(loaded: LoadedModel, effective: dict) -> int:
+    """Input tokens when MAX_INPUT_LENGTH is not given: the model's limit; for a causal model the
+    prompt and the new tokens share the context, so the new tokens are kept free."""
+    limit = max_input_tokens(loaded)
+    if loaded.family == CAUSAL:
+        limit -= int(effective.get("max_new_tokens") or CAUSAL_DEFAULTS["max_new_tokens"])
+    return limit
 
 
 def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None = None,
               batch_size: int = 8, max_input_length: int | None = None,
               instruction: str = DEFAULT_INSTRUCTION, progress: bool = True) -> GenerationResult:
     """Summaries of `dialogues`, in order, with timing and the effective settings."""
+    if getattr(loaded, "backend", "transformers") == "ct2":   # a CTranslate2 export: finetuneflow/ct2.py
+        from finetuneflow.ct2 import summarize_ct2
+        return summarize_ct2(loaded, dialogues, settings, batch_size, max_input_length, instruction, progress)
     settings = settings or GenerationSettings()
-    limit = max_input_length or max_input_tokens(loaded)
-    encoded = [encode(loaded, d, instruction, limit) for d in dialogues]
+    dialogues = list(dialogues)
     effective = effective_settings(loaded, settings)
+    limit = max_input_length or default_input_limit(loaded, effective)
+    encoded = [encode(loaded, d, instruction, limit) for d in dialogues]
+    # Longest first: batches pad little, and an out-of-memory error shows up on the first batch.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     summaries: list[str] = [""] * len(encoded)
     generated_total, start, position = 0, time.perf_counter(), 0
@@ -141,12 +170,13 @@ def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSet
             chunk = order[position:position + batch_size]
             try:
                 texts, generated = _generate_batch(loaded, [encoded[i][0] for i in chunk])
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc) or batch_size == 1:
                     raise
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 batch_size = max(1, batch_size // 2)
-                bar.write(f"out of GPU memory: retrying with batch size {batch_size}")
+                bar.write(f"out of memory: retrying with batch size {batch_size}")
                 continue
             for i, text in zip(chunk, texts):
                 summaries[i] = text
@@ -155,4 +185,4 @@ def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSet
             bar.update(len(chunk))
     bar.close()
     return GenerationResult(summaries, generated_total, time.perf_counter() - start,
-                            [t for _, t in encoded], effective)
+                            [t for _, t in encoded], effective, batch_size, limit)

@@ -1,0 +1,121 @@
+"""Stage 5 - score and compare model versions: is LoRA effective, is merging lossless, is it ready?
+
+Reads:  PREDICTIONS, one or more prediction CSVs: this project's (eval_bart_lora.py writes
+        metrics/<tag>_predictions.csv) or the seed project's (human_summary, model_summary, an id column)
+Writes: OUTPUT_DIR/<name>_metrics.csv     per sample: ROUGE, BERTScore, BLEU/chrF, lengths, failure bucket
+        OUTPUT_DIR/summary_metrics.csv and .json   one row per version (+ paired comparisons in the json)
+        OUTPUT_DIR/rouge1.png rouge2.png rougeL.png buckets.png score_distribution.png
+        OUTPUT_DIR/report.html            self-contained: versions side by side, CIs, examples
+        OUTPUT_DIR/eval_metrics.run_config.json
+
+Run as:
+    python eval_metrics_bart_lora.py                     # metrics/{baseline,lora,merged}_predictions.csv that exist
+    python eval_metrics_bart_lora.py --predictions=../shared/data/seed_outputs/baseline_predictions.csv
+    python eval_metrics_bart_lora.py --predictions=a.csv,b.csv --names=zero-shot,lora
+Versions must cover the same rows (same ids and references); differences between them get
+paired bootstrap confidence intervals. BERTScore needs roberta-large from the Hub, or a local
+model folder in BERTSCORE_MODEL; when neither is available the output says so and goes on.
+"""
+PREDICTIONS = ["metrics/baseline_predictions.csv", "metrics/lora_predictions.csv",
+               "metrics/merged_predictions.csv"]  # CSV paths; the default list uses those that exist
+NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions.csv -> lora)
+BERTSCORE_MODEL = "roberta-large"      # bert-score model id (rescaled with its baseline) or local folder; "" = skip
+BERTSCORE_BATCH_SIZE = 32              # pairs per BERTScore forward pass
+BOOTSTRAP_SAMPLES = 1000               # resamples for the ROUGE bootstrap aggregate and the paired CIs
+CONFIDENCE = 0.95                      # confidence level of every interval
+BOOTSTRAP_SEED = 42                    # makes every interval reproducible
+ALLOW_DIFFERENT_SAMPLES = False        # True: compare versions on their shared ids instead of failing
+TRUNCATION_WORDS = 560                 # inputs without an eval record count as truncated above this many words (~768 BART tokens)
+EXAMPLES = 6                           # example predictions shown side by side in the report
+OUTPUT_DIR = "metrics"                 # where everything is written
+
+from finetuneflow.config import configure, write_run_config
+from finetuneflow.errors import UserError, run_cli
+from finetuneflow.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.paths import output_dir, resolve
+
+DEFAULT_PREDICTIONS = list(PREDICTIONS)
+SUMMARY_COLUMNS = ("model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bleu", "chrf",
+                   "pred_words_mean", "ref_words_mean", "len_ratio_mean", "compression_mean")  # first; the rest follow
+
+
+def input_files(cfg) -> list:
+    if list(cfg.PREDICTIONS) == DEFAULT_PREDICTIONS:
+        found = [resolve(p).resolve() for p in DEFAULT_PREDICTIONS if resolve(p).is_file()]
+        if not found:
+            raise UserError(f"no predictions found ({', '.join(DEFAULT_PREDICTIONS)}); they are written by "
+                            f"`python eval_bart_lora.py --tag=<name>`, or pass --predictions=<csv>[,<csv>...]")
+        return found
+    if not cfg.PREDICTIONS:
+        raise UserError("--predictions is empty; pass one or more CSV paths separated by commas")
+    return [resolve(p).resolve() for p in cfg.PREDICTIONS]
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    files = input_files(cfg)
+    if cfg.NAMES and len(cfg.NAMES) != len(files):
+        raise UserError(f"--names has {len(cfg.NAMES)} names for {len(files)} prediction files; give one per file")
+    from finetuneflow.predictions import check_same_samples, read_predictions
+    versions_in = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None) for i, f in enumerate(files)]
+    names = [v.name for v in versions_in]
+    if len(set(names)) != len(names) or "summary" in names:
+        raise UserError(f"version names must be unique and not 'summary' (got {', '.join(names)}); set --names")
+    shared_ids = check_same_samples(versions_in, cfg.ALLOW_DIFFERENT_SAMPLES)
+    if len(versions_in) > 1 and not shared_ids:
+        raise UserError("the prediction files share no row ids: nothing can be compared")
+
+    import pandas as pd
+    from finetuneflow import report
+    from finetuneflow.evaluation import compare, score_version
+    from finetuneflow.metrics import BUCKET_RULES
+    out = output_dir(cfg.OUTPUT_DIR)
+    versions = []
+    for preds in versions_in:
+        print(f"scoring {preds.name}: {len(preds.ids)} rows from {preds.path} ({preds.format} format)")
+        scored = score_version(preds, cfg.BERTSCORE_MODEL, cfg.BERTSCORE_BATCH_SIZE, cfg.BOOTSTRAP_SAMPLES,
+                               cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED, cfg.TRUNCATION_WORDS)
+        with atomic_path(out / f"{preds.name}_metrics.csv") as tmp:
+            scored.frame.to_csv(tmp, index=False, float_format="%.4f")
+        versions.append(scored)
+    pairs = compare(versions, shared_ids, cfg.BOOTSTRAP_SAMPLES, cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED)
+
+    summary = pd.DataFrame([v.summary for v in versions])
+    columns = list(SUMMARY_COLUMNS) + [c for c in summary.columns if c not in SUMMARY_COLUMNS]
+    with atomic_path(out / "summary_metrics.csv") as tmp:
+        summary[columns].to_csv(tmp, index=False, float_format="%.4f")
+    record = {"versions": [v.summary for v in versions], "bertscore": {v.name: v.bertscore.record() for v in versions},
+              "shared_samples": len(shared_ids), "comparisons": pairs, "bucket_rules": BUCKET_RULES,
+              "settings": {"bootstrap_samples": cfg.BOOTSTRAP_SAMPLES, "confidence": cfg.CONFIDENCE,
+                           "seed": cfg.BOOTSTRAP_SEED}}
+    atomic_write_json(out / "summary_metrics.json", record)
+    charts = {key: report.rouge_chart(versions, key, out / f"{key}.png") for key in ("rouge1", "rouge2", "rougeL")}
+    charts["buckets"] = report.bucket_chart(versions, out / "buckets.png")
+    charts["distribution"] = report.distribution_chart(versions, out / "score_distribution.png")
+    atomic_write_text(out / "report.html", report.html_report(versions, pairs, shared_ids, charts, cfg.EXAMPLES,
+                                                              record["settings"]))
+    write_run_config(out, "eval_metrics", cfg, files, extra={"versions": names, "shared_samples": len(shared_ids)},
+                     name="eval_metrics.run_config.json")
+
+    for v in versions:
+        s = v.summary
+        print(f"{v.name:>12}: ROUGE-1 {s['rouge1']:.2f}  ROUGE-2 {s['rouge2']:.2f}  ROUGE-L {s['rougeL']:.2f}  "
+              f"ROUGE-Lsum {s['rougeLsum']:.2f}  BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}  "
+              f"BERTScore {'%.2f' % s['bertscore_f1'] if s['bertscore_f1'] is not None else 'n/a'}  "
+              f"({s['samples']} samples, {s['bucket_ok']} ok)")
+        print(f"{'':>12}  BERTScore {v.bertscore.note}")
+        for note in v.notes:
+            print(f"{'':>12}  note: {note}")
+    for pair in pairs:
+        print(f"{pair['b']} vs {pair['a']} on {pair['samples']} shared samples "
+              f"({pair['differing_predictions']} predictions differ):")
+        for result in pair["metrics"].values():
+            print(f"  {result['statement']}")
+        if pair.get("lossless_statement"):
+            print(f"  {pair['lossless_statement']}")
+    print(f"wrote {out / 'summary_metrics.csv'}, {out / 'report.html'} and {len(versions)} per-sample metrics CSVs")
+    return record
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,213 @@
+"""Charts and the self-contained HTML report of eval_metrics_bart_lora.py.
+
+Charts are written as PNG files and embedded in `report.html` as base64, so the report is one
+file that opens anywhere (Colab download, e-mail, CI artifact) with no network.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+from pathlib import Path
+
+from finetuneflow import metrics as M
+from finetuneflow.evaluation import METRIC_LABELS, VersionScores
+from finetuneflow.io import atomic_path
+
+COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def rouge_chart(versions: list[VersionScores], key: str, path: Path) -> Path:
+    """Mean per-sample F1 per version, with rouge-score's bootstrap interval as error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(versions) + 2), 3.6))
+    means = [v.summary[key] for v in versions]
+    low = [max(0.0, m - v.summary[f"{key}_boot_low"]) for m, v in zip(means, versions)]
+    high = [max(0.0, v.summary[f"{key}_boot_high"] - m) for m, v in zip(means, versions)]
+    bars = ax.bar([v.name for v in versions], means, yerr=[low, high], capsize=5,
+                  color=[COLORS[i % len(COLORS)] for i in range(len(versions))])
+    for bar, mean in zip(bars, means):
+        ax.annotate(f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, mean / 2), ha="center", va="center",
+                    color="white", fontweight="bold", fontsize=10)
+    ax.set_ylabel(f"{METRIC_LABELS[key]} F1 x 100")
+    ax.set_title(f"{METRIC_LABELS[key]} (mean of per-sample F1; bars: bootstrap 95% interval)", fontsize=9)
+    ax.set_ylim(0, max([v.summary[f"{key}_boot_high"] for v in versions] + [1.0]) * 1.2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def bucket_chart(versions: list[VersionScores], path: Path) -> Path:
+    """Share of samples matching each failure rule (a sample can match several), per version."""
+    plt = _pyplot()
+    labels = list(M.BUCKETS) + [M.OK_BUCKET]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / max(1, len(versions))
+    for j, version in enumerate(versions):
+        n = max(1, version.summary["samples"])
+        shares = [100 * version.summary[f"flag_{b}"] / n for b in M.BUCKETS] + [100 * version.summary["bucket_ok"] / n]
+        ax.bar([i + j * width for i in range(len(labels))], shares, width, label=version.name,
+               color=COLORS[j % len(COLORS)])
+    ax.set_xticks([i + width * (len(versions) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels([label.replace("_", "\n") for label in labels], fontsize=8)
+    ax.set_ylabel("% of samples")
+    ax.set_title("Failure buckets (a sample can match several rules; 'ok' matches none)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def distribution_chart(versions: list[VersionScores], path: Path) -> Path:
+    """Per-sample ROUGE-1/2/L distributions (box plots; the triangle is the mean)."""
+    plt = _pyplot()
+    keys = ("rouge1", "rouge2", "rougeL")
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2 * len(versions) + 6), 3.6))
+    for ax, key in zip(axes, keys):
+        box = ax.boxplot([v.frame[key].to_numpy() for v in versions], showmeans=True, patch_artist=True)
+        for j, patch in enumerate(box["boxes"]):
+            patch.set_facecolor(COLORS[j % len(COLORS)])
+            patch.set_alpha(0.6)
+        ax.set_xticks(range(1, len(versions) + 1))
+        ax.set_xticklabels([v.name for v in versions], fontsize=8)
+        ax.set_title(f"{METRIC_LABELS[key]} per sample", fontsize=9)
+        ax.set_ylim(-2, 102)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def pick_examples(versions: list[VersionScores], shared_ids: list[str], k: int) -> list[str]:
+    """Samples to show: with two or more versions, the largest ROUGE-L gains and losses of the
+    last version over the first; with one, the first k."""
+    if k <= 0 or not shared_ids:
+        return []
+    if len(versions) < 2:
+        return shared_ids[:k]
+    first = versions[0].frame.set_index("id").loc[shared_ids, "rougeL"]
+    last = versions[-1].frame.set_index("id").loc[shared_ids, "rougeL"]
+    order = (last - first).sort_values(kind="stable")
+    gains = list(order.index[::-1][: k - k // 2])
+    losses = [i for i in order.index[: k // 2] if i not in gains]
+    return gains + losses
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1300px;color:#222}
+table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}
+th{background:#f2f2f2}.sig{color:#1a7f37;font-weight:600}.ns{color:#666}.bad{color:#b42318;font-weight:600}
+.good{color:#1a7f37;font-weight:600}img{max-width:100%;margin:6px 0}.small{font-size:12px;color:#555}
+pre{white-space:pre-wrap;font-size:12px;margin:0;max-height:240px;overflow:auto}"""
+
+
+def html_report(versions: list[VersionScores], pairs: list[dict], shared_ids: list[str], charts: dict[str, Path],
+                examples: int, settings: dict) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>FineTuneFlow evaluation report</title>"
+             f"<style>{CSS}</style></head><body><h1>FineTuneFlow evaluation report</h1>",
+             f"<p class='small'>Generated {_dt.datetime.now().isoformat(timespec='seconds')} by "
+             f"eval_metrics_bart_lora.py. Scores are on the 0-100 scale; ROUGE is the mean of per-sample F1 "
+             f"(rouge-score, stemming on), its interval is rouge-score's bootstrap aggregate.</p>"]
+    parts.append("<h2>Inputs</h2><table><tr><th>version</th><th>file</th><th>format</th><th>samples</th><th>notes</th></tr>")
+    for v in versions:
+        notes = "; ".join(v.notes + [f"truncated inputs: {v.truncation_source}"])
+        parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(str(v.source.path))}</td><td>{esc(v.source.format)}</td>"
+                     f"<td>{v.summary['samples']}</td><td class='small'>{esc(notes)}</td></tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Versions side by side</h2><table><tr><th>metric</th>"
+                 + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>")
+    for key in M.ROUGE_KEYS:
+        cells = "".join(f"<td><b>{v.summary[key]:.2f}</b> <span class='small'>[{v.summary[key + '_boot_low']:.2f}, "
+                        f"{v.summary[key + '_boot_high']:.2f}]</span></td>" for v in versions)
+        parts.append(f"<tr><td>{METRIC_LABELS[key]}</td>{cells}</tr>")
+    rows = [("BERTScore F1", "bertscore_f1"), ("BLEU (sacreBLEU, corpus)", "bleu"), ("chrF (sacreBLEU, corpus)", "chrf"),
+            ("prediction words (mean)", "pred_words_mean"), ("reference words (mean)", "ref_words_mean"),
+            ("length ratio prediction/reference", "len_ratio_mean"), ("compression prediction/dialogue", "compression_mean")]
+    for label, key in rows:
+        digits = 3 if key in ("len_ratio_mean", "compression_mean") else 2
+        parts.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v.summary[key], digits)}</td>" for v in versions) + "</tr>")
+    parts.append("<tr><td>BERTScore</td>" + "".join(f"<td class='small'>{esc(v.bertscore.note)}</td>" for v in versions)
+                 + "</tr></table>")
+    signatures = {v.summary["bleu_signature"] for v in versions} | {v.summary["chrf_signature"] for v in versions}
+    parts.append("<p class='small'>sacreBLEU signatures: " + "<br>".join(esc(s) for s in sorted(signatures)) + "</p>")
+
+    parts.append("<h2>Is the difference real? Paired bootstrap</h2>")
+    if not pairs:
+        parts.append("<p>Only one version: nothing to compare.</p>")
+    else:
+        parts.append(f"<p class='small'>On the {len(shared_ids)} samples every version shares; "
+                     f"{settings['bootstrap_samples']} resamples, {settings['confidence']:.0%} percentile interval of "
+                     f"the mean difference (later minus earlier). Significant = the interval excludes 0.</p>")
+    for pair in pairs:
+        parts.append(f"<h3>{esc(pair['b'])} &minus; {esc(pair['a'])}</h3><table><tr><th>metric</th><th>{esc(pair['a'])}</th>"
+                     f"<th>{esc(pair['b'])}</th><th>difference</th><th>{settings['confidence']:.0%} CI</th><th>p</th>"
+                     f"<th>verdict</th></tr>")
+        for key, r in pair["metrics"].items():
+            verdict = ("<span class='sig'>significant</span>" if r["significant"] else "<span class='ns'>not significant</span>")
+            parts.append(f"<tr><td>{METRIC_LABELS[key]}</td><td>{r['mean_a']:.2f}</td><td>{r['mean_b']:.2f}</td>"
+                         f"<td><b>{r['difference']:+.2f}</b></td><td>[{r['low']:+.2f}, {r['high']:+.2f}]</td>"
+                         f"<td>{'&lt;0.001' if r['p_value'] < 0.001 else format(r['p_value'], '.3f')}</td><td>{verdict}</td></tr>")
+        parts.append("</table>")
+        parts.append(f"<p>Predictions that differ: <b>{pair['differing_predictions']}</b> of {pair['samples']}.</p>")
+        if pair.get("lossless_statement"):
+            cls = "good" if pair["differing_predictions"] == 0 else "bad"
+            parts.append(f"<p class='{cls}'>{esc(pair['lossless_statement'])}</p>")
+
+    parts.append("<h2>Charts</h2>")
+    for name in ("rouge1", "rouge2", "rougeL", "distribution", "buckets"):
+        if name in charts:
+            parts.append(_img(charts[name]))
+
+    parts.append("<h2>Failure buckets</h2><p class='small'>Each sample gets every rule below checked; its "
+                 "<i>bucket</i> is the first rule (in this order) that holds, else <i>ok</i>.</p>"
+                 "<table><tr><th>rule</th><th>definition</th>"
+                 + "".join(f"<th>{esc(v.name)}<br><span class='small'>matches / first</span></th>" for v in versions) + "</tr>")
+    for bucket, rule in M.BUCKET_RULES.items():
+        parts.append(f"<tr><td>{bucket}</td><td class='small'>{esc(rule)}</td>"
+                     + "".join(f"<td>{v.summary['flag_' + bucket]} / {v.summary['bucket_' + bucket]}</td>" for v in versions)
+                     + "</tr>")
+    parts.append("<tr><td>ok</td><td class='small'>no rule holds</td>"
+                 + "".join(f"<td>{v.summary['bucket_ok']}</td>" for v in versions) + "</tr></table>")
+
+    chosen = pick_examples(versions, shared_ids, examples)
+    if chosen:
+        what = ("largest ROUGE-L gains and losses of " + esc(versions[-1].name) + " over " + esc(versions[0].name)
+                if len(versions) > 1 else "the first samples")
+        parts.append(f"<h2>Example predictions</h2><p class='small'>{what}.</p><table><tr><th>id</th><th>dialogue</th>"
+                     "<th>reference</th>" + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>")
+        indexed = [v.frame.set_index("id") for v in versions]
+        dialogue_of = dict(zip(versions[0].source.frame["id"], versions[0].source.frame["dialogue"]))
+        for sample in chosen:
+            dialogue = dialogue_of.get(sample) or ""
+            cells = "".join(f"<td><pre>{esc(f.at[sample, 'prediction'])}</pre><span class='small'>ROUGE-L "
+                            f"{f.at[sample, 'rougeL']:.1f}; {esc(f.at[sample, 'bucket'])}</span></td>" for f in indexed)
+            parts.append(f"<tr><td>{esc(sample)}</td><td><pre>{esc(dialogue[:1500])}"
+                         f"{'...' if len(dialogue) > 1500 else ''}</pre></td><td><pre>{esc(indexed[0].at[sample, 'reference'])}"
+                         f"</pre></td>{cells}</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

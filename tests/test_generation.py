@@ -1,0 +1,119 @@
+"""The generation engine on the tiny models: original order after length sorting, identical
+outputs at any batch size, recorded settings, truncation flags, token counts and the
+out-of-memory retry."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetuneflow import generation as G
+from finetuneflow.generation import GenerationSettings, summarize
+from finetuneflow.models import load_model
+
+from conftest import SAMPLES
+
+ROWS = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
+# different lengths, in an order that length sorting changes
+DIALOGUES = [ROWS[i]["dialogue"] for i in (3, 0, 7, 12, 5)]
+DIALOGUES[2] = DIALOGUES[2][:120]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (and spins badly on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return load_model(str(tiny_models["llama"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bart(tiny_models):
+    return load_model(str(tiny_models["bart"]), device="cpu")
+
+
+GREEDY = GenerationSettings(max_new_tokens=8)
+
+
+def test_order_is_restored_after_length_sorting(llama):
+    batched = summarize(llama, DIALOGUES, GREEDY, batch_size=2, max_input_length=256, progress=False)
+    one_by_one = [summarize(llama, [d], GREEDY, batch_size=1, max_input_length=256, progress=False).summaries[0]
+                  for d in DIALOGUES]
+    assert batched.summaries == one_by_one
+    assert len(set(batched.summaries)) > 1          # the tiny model does answer differently per input
+    reversed_run = summarize(llama, DIALOGUES[::-1], GREEDY, batch_size=2, max_input_length=256, progress=False)
+    assert reversed_run.summaries == batched.summaries[::-1]
+
+
+@pytest.mark.parametrize("family", ["bart", "llama"])
+def test_batch_size_does_not_change_outputs(family, request):
+    loaded = request.getfixturevalue(family)
+    settings = GenerationSettings(max_new_tokens=10) if family == "llama" else GenerationSettings()
+    one = summarize(loaded, DIALOGUES, settings, batch_size=1, max_input_length=256, progress=False)
+    four = summarize(loaded, DIALOGUES, settings, batch_size=4, max_input_length=256, progress=False)
+    assert one.summaries == four.summaries and one.generated_tokens == four.generated_tokens
+    assert one.batch_size == 1 and four.batch_size == 4
+
+
+def test_effective_settings_are_recorded(bart, llama):
+    config = bart.model.generation_config
+    result = summarize(bart, DIALOGUES[:2], GenerationSettings(num_beams=1, max_new_tokens=6), progress=False)
+    # seq2seq: the model's generation config, except what the caller overrides
+    assert result.settings["num_beams"] == 1 and result.settings["max_new_tokens"] == 6
+    assert result.settings["no_repeat_ngram_size"] == 3 and result.settings["length_penalty"] == 2.0
+    assert "max_length" not in result.settings and result.settings["do_sample"] is False
+    assert bart.model.generation_config is config and config.num_beams == 2   # restored after the call
+    default = summarize(bart, DIALOGUES[:1], None, progress=False)
+    assert default.settings["num_beams"] == 2 and default.settings["max_length"] == 40
+    causal = summarize(llama, DIALOGUES[:1], GenerationSettings(), progress=False)
+    assert causal.settings["num_beams"] == 1 and causal.settings["max_new_tokens"] == G.CAUSAL_DEFAULTS["max_new_tokens"]
+    # a causal prompt shares the 512-token context with the new tokens
+    assert causal.max_input_length == 512 - G.CAUSAL_DEFAULTS["max_new_tokens"]
+    assert G.GenerationSettings.from_config({"NUM_BEAMS": 3, "MAX_NEW_TOKENS": None}).overrides() == {"num_beams": 3}
+
+
+def test_truncation_flags_and_timing(llama):
+    long = ROWS[0]["dialogue"] * 6
+    result = summarize(llama, [long, "A: hi\nB: hello"], GREEDY, max_input_length=96, progress=False)
+    assert result.truncated == [True, False] and result.max_input_length == 96
+    timing = result.timing()
+    assert timing["generated_tokens"] == result.generated_tokens and 0 < result.generated_tokens <= 16
+    assert timing["samples_per_s"] > 0 and timing["tokens_per_s"] > 0
+    empty = summarize(llama, [], GREEDY, progress=False)
+    assert empty.summaries == [] and empty.generated_tokens == 0
+
+
+def test_generated_token_count_stops_at_the_first_stop_token():
+    assert G._generated_lengths([[5, 6, 2, 2], [5, 6, 7, 8], [2, 9, 9, 9]], {2}) == [3, 4, 1]
+
+
+def test_out_of_memory_halves_the_batch_and_retries(llama, monkeypatch):
+    real = G._generate_batch
+    sizes = []
+
+    def flaky(loaded, batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(loaded, batch)
+
+    monkeypatch.setattr(G, "_generate_batch", flaky)
+    result = summarize(llama, DIALOGUES, GREEDY, batch_size=8, max_input_length=256, progress=False)
+    monkeypatch.undo()
+    expected = summarize(llama, DIALOGUES, GREEDY, batch_size=2, max_input_length=256, progress=False)
+    assert sizes[:2] == [5, 4] and result.batch_size == 2
+    assert result.summaries == expected.summaries
+
+    def broken(loaded, batch):
+        raise RuntimeError("shape mismatch")   # not a memory error: raised as is
+
+    monkeypatch.setattr(G, "_generate_batch", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        summarize(llama, DIALOGUES, GREEDY, batch_size=8, progress=False)
