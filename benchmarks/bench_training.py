@@ -1,0 +1,214 @@
+"""Benchmark: the seed's training batches vs this trainer's, same model, same rows, same steps.
+
+The seed tokenized in `datasets.map` with padding="max_length" (dialogues to 768 tokens, summaries
+to 192; for a causal model: prompt + summary padded to 768 + 192) and left the label pads as the
+pad id, so every sample costs the full length and the loss also trains on padding.
+train_bart_lora.py tokenizes without padding, pads each batch to its longest row (labels -100)
+and groups rows of similar length (group_by_length).
+
+Both recipes train the same LoRA (r=8 on the architecture's default targets) for STEPS optimizer
+steps of BATCH_SIZE x GRAD_ACCUM samples on the same STEPS x BATCH_SIZE x GRAD_ACCUM training rows
+(one pass, so both see exactly the same samples). Each recipe runs in its own process, so its peak
+RSS is its own. Tokens/s counts real (non-padding) tokens for both.
+
+group_by_length sorts rows by length inside mega-batches of 50 optimizer batches (400 rows at the
+seed's 4 x 2); transformers shrinks that multiplier on datasets under 4 mega-batches, which for a
+pool of a few steps would leave it sorting single batches. The dynamic recipe here keeps the 50x
+mega-batch, i.e. batches the few rows the way a full-size run batches each 400-row slice.
+Timing: wall-clock samples/s, and samples per CPU-second of the process (steadier on a shared machine).
+
+Reads:  MODEL_NAME (default: tiny BART and tiny Llama built on the fly), DATASET
+Writes: stdout table; OUTPUT_JSON when set
+Run as:
+    python benchmarks/bench_training.py                               # tiny models, bundled samples
+    python benchmarks/bench_training.py --model_name=ft_outputs/base_smollm2 \\
+        --dataset=../shared/data/dialogsum_dev500.jsonl --steps=2
+"""
+MODEL_NAME = None                    # model folder or Hub id; None: tiny BART and tiny Llama (built in a temp folder)
+DATASET = "data/samples/dialogues.jsonl"  # training rows come from its train split
+STEPS = 3                            # optimizer steps per recipe
+BATCH_SIZE = 4                       # micro-batch (the seed's)
+GRAD_ACCUM = 2                       # micro-batches per step (the seed's)
+MAX_INPUT_LENGTH = 768               # the seed's input padding length
+MAX_TARGET_LENGTH = 192              # the seed's label padding length
+SEED = 42                            # row subset and data order
+REPEATS = 1                          # runs per recipe, interleaved; the fastest counts (shared machines are noisy)
+OUTPUT_JSON = ""                     # also write the results here ("" = print only)
+
+import multiprocessing
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from finetuneflow import training  # noqa: E402
+from finetuneflow.config import configure  # noqa: E402
+from finetuneflow.errors import run_cli  # noqa: E402
+from finetuneflow.io import atomic_write_json  # noqa: E402
+from finetuneflow.paths import resolve  # noqa: E402
+
+RECIPES = ("seed_max_length", "dynamic")
+
+
+def seed_batches(rows, tokenizer, spec):
+    """The seed's tokenization: pad everything to full length in map; label pads are NOT -100."""
+    from finetuneflow.models import CAUSAL
+    from finetuneflow.prompts import encode_causal_prompt
+
+    if spec.family == CAUSAL:
+        total = spec.max_input_length + spec.max_target_length
+
+        def encode(batch):
+            out = {"input_ids": [], "attention_mask": [], "labels": []}
+            for dialogue, summary in zip(batch["dialogue"], batch["summary"]):
+                prompt, _ = encode_causal_prompt(tokenizer, dialogue, spec.instruction, spec.max_input_length)
+                target = tokenizer(summary, add_special_tokens=False)["input_ids"][:spec.max_target_length - 1]
+                ids = (prompt + target + [tokenizer.eos_token_id])[:total]
+                padded = ids + [tokenizer.pad_token_id] * (total - len(ids))
+                out["input_ids"].append(padded)
+                out["attention_mask"].append([1] * len(ids) + [0] * (total - len(ids)))
+                out["labels"].append(list(padded))
+            return out
+    else:
+        def encode(batch):
+            inputs = tokenizer([spec.seq2seq_prefix + d for d in batch["dialogue"]], max_length=spec.max_input_length,
+                               padding="max_length", truncation=True)
+            labels = tokenizer(text_target=batch["summary"], max_length=spec.max_target_length,
+                               padding="max_length", truncation=True)
+            inputs["labels"] = labels["input_ids"]
+            return inputs
+    return rows.map(encode, batched=True, remove_columns=rows.column_names)
+
+
+class FullScaleGrouping:
+    """group_by_length's sampler with the mega-batch multiplier of a full-size dataset (50)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=50,
+                                               generator=torch.Generator().manual_seed(self.seed)))
+
+
+class GroupedTrainer(training.SummarizationTrainer):
+    """This trainer with FullScaleGrouping as its train sampler."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return FullScaleGrouping([len(ids) for ids in dataset["input_ids"]],
+                                 self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+
+
+def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> dict:
+    """Train `settings["STEPS"]` steps with one recipe in this (fresh) process; return its numbers."""
+    import time
+
+    import datasets
+    import transformers
+    from transformers import PrinterCallback, TrainingArguments, default_data_collator, set_seed
+
+    from finetuneflow.data import load_dialogues, subset
+    from finetuneflow.models import SEQ2SEQ, load_model
+    from finetuneflow.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    set_seed(settings["SEED"])
+    loaded = load_model(model_name, device="cpu", for_training=True)
+    targets = training.resolve_target_modules(loaded.model, None, loaded.family)
+    model = training.add_lora(loaded, targets, 8, 32, 0.05, False, False)
+    data = load_dialogues(dataset, seed=settings["SEED"])
+    n_rows = settings["STEPS"] * settings["BATCH_SIZE"] * settings["GRAD_ACCUM"]
+    rows = subset(data.splits["train"], n_rows, settings["SEED"])
+    spec = training.EncodingSpec(loaded.family, DEFAULT_INSTRUCTION,
+                                 seq2seq_prefix(loaded.model.config) if loaded.family == SEQ2SEQ else "",
+                                 settings["MAX_INPUT_LENGTH"], settings["MAX_TARGET_LENGTH"])
+    start = time.perf_counter()
+    if recipe == "dynamic":
+        train_ds, _ = training.tokenize_split(rows, loaded.tokenizer, spec, None, "bench")
+        collator, sampling = training.make_collator(loaded.tokenizer, loaded.device), "group_by_length"
+    else:
+        train_ds, collator, sampling = seed_batches(rows, loaded.tokenizer, spec), default_data_collator, "random"
+    tokenize_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=settings["BATCH_SIZE"],
+                                 gradient_accumulation_steps=settings["GRAD_ACCUM"], max_steps=settings["STEPS"],
+                                 learning_rate=2e-4, save_strategy="no", eval_strategy="no", report_to="none",
+                                 logging_steps=1, train_sampling_strategy=sampling, use_cpu=True,
+                                 seed=settings["SEED"], disable_tqdm=True, label_names=["labels"])
+        trainer_class = GroupedTrainer if recipe == "dynamic" else training.SummarizationTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                                processing_class=loaded.tokenizer, family=loaded.family)
+        trainer.remove_callback(PrinterCallback)
+        cpu_start = time.process_time()
+        trainer.train()
+        cpu_seconds = time.process_time() - cpu_start
+    speed = trainer.throughput()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"recipe": recipe, "model": model_name, "family": loaded.family, "rows": len(rows),
+            "steps": trainer.state.global_step, "samples": speed["samples"], "train_seconds": speed["train_seconds"],
+            "samples_per_s": speed["samples_per_s"], "tokens_per_s": speed["tokens_per_s"],
+            "cpu_seconds": round(cpu_seconds, 2), "samples_per_cpu_s": round(speed["samples"] / cpu_seconds, 4),
+            "padded_tokens_per_s": speed["padded_tokens_per_s"], "tokenize_seconds": round(tokenize_seconds, 2),
+            "peak_rss_mb": training.peak_rss_mb(), "first_loss": losses[0] if losses else None}
+
+
+def in_fresh_process(*args) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_recipe, args)
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    settings = {k: cfg[k] for k in ("STEPS", "BATCH_SIZE", "GRAD_ACCUM", "MAX_INPUT_LENGTH", "MAX_TARGET_LENGTH", "SEED")}
+    dataset = str(resolve(cfg.DATASET))
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.MODEL_NAME:
+            models = [str(resolve(cfg.MODEL_NAME)) if resolve(cfg.MODEL_NAME).exists() else cfg.MODEL_NAME]
+        else:
+            from finetuneflow.tiny import build_tiny_bart, build_tiny_llama
+            # the tiny models hold 512 positions: the seed lengths are scaled down to fit
+            settings.update(MAX_INPUT_LENGTH=min(cfg.MAX_INPUT_LENGTH, 384),
+                            MAX_TARGET_LENGTH=min(cfg.MAX_TARGET_LENGTH, 96))
+            models = [str(build_tiny_bart(tmp)), str(build_tiny_llama(tmp))]
+        results = []
+        for model in models:
+            runs = {recipe: [] for recipe in RECIPES}
+            for _ in range(max(1, cfg.REPEATS)):
+                for recipe in RECIPES:
+                    runs[recipe].append(in_fresh_process(recipe, model, dataset, settings))
+            pair = {recipe: max(found, key=lambda r: r["samples_per_s"]) for recipe, found in runs.items()}
+            seed, dynamic = pair["seed_max_length"], pair["dynamic"]
+            results.append({"model": model, "settings": settings, "seed_max_length": seed, "dynamic": dynamic,
+                            "samples_per_s_ratio": round(dynamic["samples_per_s"] / seed["samples_per_s"], 2),
+                            "tokens_per_s_ratio": round(dynamic["tokens_per_s"] / seed["tokens_per_s"], 2),
+                            "samples_per_cpu_s_ratio": round(dynamic["samples_per_cpu_s"] / seed["samples_per_cpu_s"], 2),
+                            "peak_rss_ratio": round(dynamic["peak_rss_mb"] / seed["peak_rss_mb"], 2)})
+    for result in results:
+        print(f"\n{result['model']} ({result['dynamic']['family']}): {result['dynamic']['steps']} steps x "
+              f"{cfg.BATCH_SIZE}x{cfg.GRAD_ACCUM} samples, "
+              f"lengths {settings['MAX_INPUT_LENGTH']}/{settings['MAX_TARGET_LENGTH']}, "
+              f"best of {max(1, cfg.REPEATS)}")
+        print(f"  {'recipe':<16}{'samples/s':>10}{'tokens/s':>10}{'padded tok/s':>13}{'train s':>9}"
+              f"{'samples/CPU-s':>14}{'peak RSS MB':>12}")
+        for recipe in RECIPES:
+            r = result[recipe]
+            print(f"  {recipe:<16}{r['samples_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}{r['padded_tokens_per_s']:>13.1f}"
+                  f"{r['train_seconds']:>9.1f}{r['samples_per_cpu_s']:>14.4f}{r['peak_rss_mb']:>12.1f}")
+        print(f"  dynamic / seed: samples/s x{result['samples_per_s_ratio']}, tokens/s x{result['tokens_per_s_ratio']}, "
+              f"samples/CPU-s x{result['samples_per_cpu_s_ratio']}, peak RSS x{result['peak_rss_ratio']}")
+    report = {"results": results}
+    if cfg.OUTPUT_JSON:
+        atomic_write_json(resolve(cfg.OUTPUT_JSON), report)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
