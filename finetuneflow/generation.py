@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from finetuneflow.models import CAUSAL, LoadedModel, max_input_tokens
 from finetuneflow.prompts import (DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input,
@@ -101,6 +102,10 @@ def _generation_config(loaded: LoadedModel, effective: dict):
     if loaded.family == CAUSAL:
         config.eos_token_id = stop_token_ids(loaded.tokenizer)
         config.pad_token_id = loaded.tokenizer.pad_token_id
+        # transformers applies no_repeat_ngram_size to prompt + output of a decoder-only model, which
+        # forbids copying any 3 tokens of the dialogue (names, "#Person1#"); _generate_batch applies
+        # it to the generated tokens only.
+        config.no_repeat_ngram_size = None
     model.generation_config = config
     try:
         yield
@@ -119,13 +124,30 @@ def _generated_lengths(rows: list[list[int]], stops: set[int]) -> list[int]:
     return [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in rows]
 
 
-def _generate_batch(loaded: LoadedModel, batch: list[list[int]]) -> tuple[list[str], int]:
+class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """no_repeat_ngram_size over the generated tokens only (the prompt is the first
+    `prompt_length` positions of every row, left-padded to the same width)."""
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return super().__call__(input_ids[:, self.prompt_length:], scores)
+
+
+def _generate_batch(loaded: LoadedModel, batch: list[list[int]], no_repeat_ngram_size: int | None = None
+                    ) -> tuple[list[str], int]:
     tokenizer = loaded.tokenizer
     padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt",
                            padding_side="left" if loaded.family == CAUSAL else "right")
     padded = {k: v.to(loaded.device) for k, v in padded.items()}
+    extra = {}
+    if loaded.family == CAUSAL and no_repeat_ngram_size:
+        extra["logits_processor"] = LogitsProcessorList(
+            [GeneratedNoRepeatNGram(no_repeat_ngram_size, padded["input_ids"].shape[1])])
     with torch.inference_mode():
-        out = loaded.model.generate(**padded)
+        out = loaded.model.generate(**padded, **extra)
     # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
     new = out[:, padded["input_ids"].shape[1]:] if loaded.family == CAUSAL else out[:, 1:]
     stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
@@ -169,7 +191,8 @@ def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSet
         while position < len(order):
             chunk = order[position:position + batch_size]
             try:
-                texts, generated = _generate_batch(loaded, [encoded[i][0] for i in chunk])
+                texts, generated = _generate_batch(loaded, [encoded[i][0] for i in chunk],
+                                                   effective.get("no_repeat_ngram_size"))
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_out_of_memory(exc) or batch_size == 1:
                     raise

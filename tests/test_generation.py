@@ -98,7 +98,7 @@ def test_out_of_memory_halves_the_batch_and_retries(llama, monkeypatch):
     real = G._generate_batch
     sizes = []
 
-    def flaky(loaded, batch):
+    def flaky(loaded, batch, *rest):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -111,9 +111,23 @@ def test_out_of_memory_halves_the_batch_and_retries(llama, monkeypatch):
     assert sizes[:2] == [5, 4] and result.batch_size == 2
     assert result.summaries == expected.summaries
 
-    def broken(loaded, batch):
+    def broken(loaded, batch, *rest):
         raise RuntimeError("shape mismatch")   # not a memory error: raised as is
 
     monkeypatch.setattr(G, "_generate_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         summarize(llama, DIALOGUES, GREEDY, batch_size=8, progress=False)
+
+
+def test_no_repeat_ngram_ignores_the_prompt_of_a_causal_model():
+    """A fine-tuned causal model must be free to copy names and speaker tags from the dialogue."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from finetuneflow.generation import GeneratedNoRepeatNGram
+    ids = torch.tensor([[5, 6, 7, 9, 5, 6]])          # prompt 5 6 7 9, generated so far 5 6
+    scores = torch.zeros(1, 10)
+    assert NoRepeatNGramLogitsProcessor(3)(ids, scores.clone())[0, 7] == float("-inf")
+    assert torch.isfinite(GeneratedNoRepeatNGram(3, prompt_length=4)(ids, scores.clone())).all()
+    ids = torch.tensor([[5, 6, 7, 9, 1, 2, 1]])       # generated 1 2 1: "1 2" may not repeat
+    assert GeneratedNoRepeatNGram(2, prompt_length=4)(ids, scores.clone())[0, 2] == float("-inf")
