@@ -26,7 +26,6 @@ THREADS = 0                            # torch CPU threads (0 = torch's default;
 PREFILL_SPLIT = True                   # also time 1-token runs of both methods to split prompt reading from decoding
 OUTPUT_JSON = ""                       # also write the results here ("" = print only)
 
-import json
 import sys
 import tempfile
 import time

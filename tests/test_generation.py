@@ -20,15 +20,6 @@ DIALOGUES = [ROWS[i]["dialogue"] for i in (3, 0, 7, 12, 5)]
 DIALOGUES[2] = DIALOGUES[2][:120]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (and spins badly on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     return load_model(str(tiny_models["llama"]), device="cpu")

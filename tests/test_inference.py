@@ -9,7 +9,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 from conftest import SAMPLES, error_line, run_stage
 from tests.adapters import make_adapter
@@ -26,14 +25,6 @@ from finetuneflow.models import load_model
 ROWS = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
 LONG = next(r["dialogue"] for r in ROWS if r["id"] == "sample-long-meeting")
 SHORT = [r for r in ROWS if len(r["dialogue"]) < 500][:3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from conftest import error_line, files_under, run_stage
 from tests.adapters import make_adapter
@@ -18,14 +17,6 @@ from finetuneflow.errors import UserError
 from finetuneflow.merging import capture_warnings
 
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}   # 2 shared cores: torch's thread pool only adds contention
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
