@@ -100,7 +100,11 @@ def main(argv=None) -> dict:
         defaults = {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"}
         atomic_write_text(tmp / "README.md", card.rstrip() + "\n\n## Generation defaults (post_merge_cleanup.py)\n"
                           f"`generation_config.json` holds the evaluated settings, so a plain `generate()` "
-                          f"reproduces the evaluated summaries:\n\n```json\n{json.dumps(defaults, indent=2)}\n```\n")
+                          f"reproduces the evaluated summaries"
+                          + (" (decoder-only with a no-repeat rule: pass finetuneflow.generation.GeneratedNoRepeatNGram "
+                             "as a logits processor, see cleanup_report.json)" if family != "seq2seq"
+                             and evaluated.get("no_repeat_ngram_size") else "")
+                          + f":\n\n```json\n{json.dumps(defaults, indent=2)}\n```\n")
         record = {key: upstream.get(key) for key in CARRIED}
         record.update({"family": family, "instruction": instruction, "max_input_length": limit,
                        "generation": {**{k: None for k in GenerationSettings.__dataclass_fields__}, **evaluated},

@@ -284,6 +284,13 @@ def clean_configs(raw_config: dict, config, generation, tokenizer, family: str, 
     settings = {k: v for k, v in evaluated.items() if v is not None}
     if family == "causal":
         settings = {**CAUSAL_DEFAULTS, **settings}
+    if family == "causal" and settings.get("no_repeat_ngram_size"):
+        # transformers would apply it to prompt + summary, forbidding copying names from the
+        # dialogue; the engine applies it to the summary only (generation.GeneratedNoRepeatNGram).
+        changes.note(gen_file, "no_repeat_ngram_size", settings.pop("no_repeat_ngram_size"), None,
+                     "decoder-only: generate() needs finetuneflow.generation.GeneratedNoRepeatNGram for "
+                     "the evaluated no-repeat rule (transformers' own counts the prompt)")
+        changes.set(generation, gen_file, "no_repeat_ngram_size", None, "see the note above")
     for key, value in settings.items():
         changes.set(generation, gen_file, key, value, "evaluated setting (run_config.json 'generation')")
     if settings.get("max_new_tokens") is not None:
@@ -336,8 +343,10 @@ def verify_clean(folder: Path, rows: list[dict], instruction: str, max_input_len
                  device: torch.device) -> dict:
     """Load `folder` with plain transformers and call plain `generate()` on the engine's prompts,
     capturing every warning; then check the engine with the evaluated settings agrees."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                              LogitsProcessorList)
     import tempfile
+    from finetuneflow.generation import GeneratedNoRepeatNGram
     from finetuneflow.models import model_family
     with capture_warnings() as found:
         config = AutoConfig.from_pretrained(folder)
@@ -350,8 +359,12 @@ def verify_clean(folder: Path, rows: list[dict], instruction: str, max_input_len
         for row in rows:
             ids, _ = encode(loaded, row["dialogue"], instruction, max_input_length)
             inputs = torch.tensor([ids], device=device)
+            extra = {}
+            if family != SEQ2SEQ and evaluated.get("no_repeat_ngram_size"):
+                extra["logits_processor"] = LogitsProcessorList(
+                    [GeneratedNoRepeatNGram(evaluated["no_repeat_ngram_size"], len(ids))])
             with torch.inference_mode():
-                out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs))
+                out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **extra)
             new = out[0, len(ids):] if family != SEQ2SEQ else out[0]
             plain.append(tokenizer.decode(new, skip_special_tokens=True).strip())
         with tempfile.TemporaryDirectory() as scratch:
