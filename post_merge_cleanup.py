@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
         card = (source / "README.md").read_text(encoding="utf-8") if (source / "README.md").is_file() else ""
         defaults = {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"}
         atomic_write_text(tmp / "README.md", card.rstrip() + "\n\n## Generation defaults (post_merge_cleanup.py)\n"
-                          f"`generation_config.json` holds the evaluated settings, so a plain `generate()` "
-                          f"reproduces the evaluated summaries"
+                          "`generation_config.json` holds the evaluated settings, so a plain `generate()` "
+                          "reproduces the evaluated summaries"
                           + (" (decoder-only with a no-repeat rule: pass finetuneflow.generation.GeneratedNoRepeatNGram "
                              "as a logits processor, see cleanup_report.json)" if family != "seq2seq"
                              and evaluated.get("no_repeat_ngram_size") else "")

@@ -79,8 +79,14 @@ def test_merge_and_cleanup_causal_qlora_in_process(tiny_models, tmp_path, capsys
     assert f"trained with QLoRA on a 4-bit quantized {tiny_models['llama']}" in note
     assert "merged into the full-precision base" in (merged / "README.md").read_text()
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None
-    post_merge_cleanup.main([f"--merged_dir={merged}", f"--output_dir={clean}", "--max_new_tokens=12"])
+    post_merge_cleanup.main([f"--merged_dir={merged}", f"--output_dir={clean}", "--max_new_tokens=12",
+                             "--no_repeat_ngram_size=3"])
     generation = json.loads((clean / "generation_config.json").read_text())
+    # transformers' no-repeat rule would count the prompt: it stays with the engine's processor
+    assert "no_repeat_ngram_size" not in generation
+    report = json.loads((clean / "cleanup_report.json").read_text())
+    assert any(c["key"] == "no_repeat_ngram_size" and "GeneratedNoRepeatNGram" in c["why"] for c in report["changes"])
+    assert json.loads((clean / "run_config.json").read_text())["generation"]["no_repeat_ngram_size"] == 3
     # stops where the engine stops (EOS + end-of-turn), pads with the tokenizer's pad, greedy, 12 new tokens
     assert generation["eos_token_id"] == [2, 0] and generation["pad_token_id"] == 2
     assert generation["num_beams"] == 1 and generation["max_new_tokens"] == 12 and generation["do_sample"] is False
