@@ -48,10 +48,9 @@ def main() -> None:
         print(f"  merge      {report.parent.name:<40} {r['identical_greedy_outputs']}/{r['probes']} identical, "
               f"max |logit diff| {r['max_abs_logit_diff']:.1e}")
     for report in sorted((ROOT / "ft_outputs").glob("**/*export_report.json")):
-        r = load(report)
-        logits = (r.get("transformers") or {}).get("logits") or {}
-        agreement = logits.get("argmax_agreement")
-        print(f"  export     {report.name.replace('.export_report.json', ''):<40} passed {r.get('passed')}"
+        verification = load(report).get("verification") or {}
+        agreement = (verification.get("transformers") or {}).get("argmax_agreement")
+        print(f"  export     {report.name.replace('.export_report.json', ''):<40} passed {verification.get('passed')}"
               + (f", argmax agreement {agreement:.1%}" if agreement is not None else ""))
 
 
