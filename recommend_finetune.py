@@ -42,7 +42,7 @@ import re
 from pathlib import Path
 
 from finetuneflow import planning
-from finetuneflow.config import _declared_constants, configure, read_run_config, write_run_config
+from finetuneflow.config import declared_settings, configure, read_run_config, write_run_config
 from finetuneflow.errors import UserError, run_cli
 from finetuneflow.io import atomic_write_json, atomic_write_text
 from finetuneflow.paths import output_dir, require, resolve
@@ -66,7 +66,7 @@ def read_candidates(path: Path, top_k: int) -> list[dict]:
 
 def trainer_flags(trainer: Path) -> set[str] | None:
     """The trainer's constant names, to check the launch script against (None if it is not there)."""
-    return {name for name, _ in _declared_constants({"__file__": str(trainer)})} if trainer.is_file() else None
+    return {name for name, _ in declared_settings({"__file__": str(trainer)})} if trainer.is_file() else None
 
 
 def plan_model(cfg, row: dict, target: planning.Target, overview: dict | None, dataset: str, n_train: int,

@@ -50,7 +50,7 @@ class Config(dict):
         self[name] = value
 
 
-def _declared_constants(script_globals: dict) -> list[tuple[str, str]]:
+def declared_settings(script_globals: dict) -> list[tuple[str, str]]:
     """(name, trailing comment) of each UPPER_CASE assignment in the block at the top of the
     script (before its first import), in source order."""
     source_file = script_globals.get("__file__")
@@ -132,7 +132,7 @@ def parse_value(name: str, raw: str, default: Any) -> Any:
 def help_text(script_globals: dict) -> str:
     doc = (script_globals.get("__doc__") or "").strip()
     rows = []
-    for name, comment in _declared_constants(script_globals):
+    for name, comment in declared_settings(script_globals):
         rows.append(f"  --{name}={script_globals[name]!r}" + (f"    # {comment}" if comment else ""))
     return (doc + "\n\nSettings (override with --NAME=value; names are case-insensitive):\n"
             + "\n".join(rows) + "\n")
@@ -141,7 +141,7 @@ def help_text(script_globals: dict) -> str:
 def configure(script_globals: dict, argv: Iterable[str] | None = None) -> Config:
     """Defaults from the script's constants, overridden by `argv` (default: sys.argv[1:])."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = [name for name, _ in _declared_constants(script_globals)]
+    names = [name for name, _ in declared_settings(script_globals)]
     by_key = {n.lower(): n for n in names}
     cfg = Config({n: script_globals[n] for n in names})
     i = 0
