@@ -31,7 +31,7 @@ ID_COLUMN = None                       # None: auto-detect; row numbers when abs
 N_SAMPLES = 200                        # rows scored per model (0 = all); the seed used the first 200
 SHUFFLE = False                        # False: the first N_SAMPLES rows (as the seed); True: a seeded sample
 SEED = 42                              # shuffling seed when SHUFFLE
-INSTRUCTION = None                     # prompt for causal models; None = finetuneflow.prompts.DEFAULT_INSTRUCTION
+INSTRUCTION = None                     # prompt for causal models; None = finetuneflow.model.prompts.DEFAULT_INSTRUCTION
 NUM_BEAMS = None                       # None = the model's default (BART-cnn 4, causal models 1)
 MAX_NEW_TOKENS = 128                   # generated tokens per summary
 MIN_NEW_TOKENS = None                  # None = the model's default
@@ -59,13 +59,13 @@ from pathlib import Path
 
 from datasets import concatenate_datasets
 
-from finetuneflow import ranking
-from finetuneflow.config import configure, write_run_config
-from finetuneflow.data import get_split, load_dialogues, subset
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.paths import output_dir
-from finetuneflow.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.plan import ranking
+from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.data import get_split, load_dialogues, subset
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.contract.paths import output_dir
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 
 def main(argv=None) -> dict:

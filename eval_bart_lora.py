@@ -46,11 +46,11 @@ OUTPUT_DIR = "metrics"                 # where the predictions, eval json and ru
 import re
 import time
 
-from finetuneflow.config import configure, inherit, read_run_config, write_run_config
-from finetuneflow.data import get_split, load_dialogues, subset
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.io import atomic_write_json
-from finetuneflow.paths import FT_OUTPUTS, output_dir, resolve
+from finetuneflow.contract.settings import configure, inherit, read_run_config, write_run_config
+from finetuneflow.contract.data import get_split, load_dialogues, subset
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.io import atomic_write_json
+from finetuneflow.contract.paths import FT_OUTPUTS, output_dir, resolve
 
 TRAIN_OUTPUT = f"{FT_OUTPUTS}/bart_lora_highlightsum"
 GENERATION_NAMES = ("NUM_BEAMS", "MAX_NEW_TOKENS", "MIN_NEW_TOKENS", "NO_REPEAT_NGRAM_SIZE", "LENGTH_PENALTY")
@@ -80,7 +80,7 @@ def resolve_model_and_tag(cfg) -> dict | None:
         cfg.MODEL = str(default)
     upstream = upstream_settings(cfg.MODEL)
     if cfg.TAG is None:
-        from finetuneflow.models import is_adapter_dir
+        from finetuneflow.model.loading import is_adapter_dir
         cfg.TAG = "lora" if is_adapter_dir(cfg.MODEL) else (upstream or {}).get("kind") or "baseline"
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", cfg.TAG):
         raise UserError(f"--tag={cfg.TAG!r} must be a file-name-safe word (letters, digits, _ . -)")
@@ -98,11 +98,11 @@ def main(argv=None) -> dict:
                           cfg.VAL_FRACTION, cfg.TEST_FRACTION, bool(cfg.NORMALIZE), cfg.HUB_CONFIG)
     rows = subset(get_split(data, cfg.SPLIT), cfg.N_SAMPLES, cfg.SEED, shuffle=cfg.SHUFFLE)
 
-    from finetuneflow import tracking
-    from finetuneflow.evaluation import evaluate_rows
-    from finetuneflow.generation import GenerationSettings
-    from finetuneflow.models import load_model
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION
+    from finetuneflow.quality import tracking
+    from finetuneflow.quality.evaluation import evaluate_rows
+    from finetuneflow.engine.generation import GenerationSettings
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     started = time.perf_counter()
     loaded = load_model(cfg.MODEL, load_in_4bit=bool(cfg.LOAD_IN_4BIT), device=cfg.DEVICE or None)
     load_seconds = time.perf_counter() - started

@@ -29,10 +29,10 @@ TRUNCATION_WORDS = 560                 # inputs without an eval record count as 
 EXAMPLES = 6                           # example predictions shown side by side in the report
 OUTPUT_DIR = "metrics"                 # where everything is written
 
-from finetuneflow.config import configure, write_run_config
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.io import atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.paths import output_dir, resolve
+from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.contract.paths import output_dir, resolve
 
 DEFAULT_PREDICTIONS = list(PREDICTIONS)
 SUMMARY_COLUMNS = ("model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bleu", "chrf",
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     files = input_files(cfg)
     if cfg.NAMES and len(cfg.NAMES) != len(files):
         raise UserError(f"--names has {len(cfg.NAMES)} names for {len(files)} prediction files; give one per file")
-    from finetuneflow.predictions import check_same_samples, read_predictions
+    from finetuneflow.quality.predictions import check_same_samples, read_predictions
     versions_in = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None) for i, f in enumerate(files)]
     names = [v.name for v in versions_in]
     if len(set(names)) != len(names) or "summary" in names:
@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
         raise UserError("the prediction files share no row ids: nothing can be compared")
 
     import pandas as pd
-    from finetuneflow import report
-    from finetuneflow.evaluation import compare, score_version
-    from finetuneflow.metrics import BUCKET_RULES
+    from finetuneflow.quality import report
+    from finetuneflow.quality.evaluation import compare, score_version
+    from finetuneflow.quality.metrics import BUCKET_RULES
     out = output_dir(cfg.OUTPUT_DIR)
     versions = []
     for preds in versions_in:

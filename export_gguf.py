@@ -37,9 +37,9 @@ MAX_INPUT_LENGTH = None                # tokens; None: inherit, else min(model l
 MAX_NEW_TOKENS = None                  # summary tokens in the verification/Modelfile; None: inherit, else 128
 BATCH_SIZE = 4                         # verification batch size
 
-from finetuneflow.config import configure
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.export import export_ct2, export_gguf, inspect_source
+from finetuneflow.contract.settings import configure
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.ship.export import export_ct2, export_gguf, inspect_source
 
 
 def main(argv=None) -> dict:

@@ -19,9 +19,9 @@ OVERWRITE = False                      # replace an existing OUTPUT_DIR (else a 
 TOLERANCE = 1e-4                       # max |logit difference| saved folder vs GGUF-loaded model
 GENERATE_TOKENS = 24                   # tokens of a smoke-test generation from the saved folder (0 = skip)
 
-from finetuneflow.config import configure
-from finetuneflow.errors import run_cli
-from finetuneflow.gguf_import import import_gguf
+from finetuneflow.contract.settings import configure
+from finetuneflow.contract.errors import run_cli
+from finetuneflow.ship.gguf_import import import_gguf
 
 
 def main(argv=None) -> dict:

@@ -35,12 +35,12 @@ LOAD_IN_4BIT = None                    # adapter folders: None = as the adapter 
 
 import sys
 
-from finetuneflow.config import configure, write_run_config
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.long_input import MODES, summarize_long
-from finetuneflow.paths import resolve
-from finetuneflow.serving import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info, read_inputs,
+from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.engine.long_input import MODES, summarize_long
+from finetuneflow.contract.paths import resolve
+from finetuneflow.serve.serving import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info, read_inputs,
                                   write_outputs)
 
 

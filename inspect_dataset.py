@@ -32,11 +32,11 @@ import json
 
 import numpy as np
 
-from finetuneflow.config import configure, write_run_config
-from finetuneflow.data import get_split, load_dialogues, subset
-from finetuneflow.errors import run_cli
-from finetuneflow.io import atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.paths import output_dir, resolve
+from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.data import get_split, load_dialogues, subset
+from finetuneflow.contract.errors import run_cli
+from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.contract.paths import output_dir, resolve
 
 
 def length_stats(values: list[int]) -> dict:
@@ -52,7 +52,7 @@ def try_tokenizer(name: str):
         return None, "no MODEL_NAME given"
     try:
         from transformers import AutoTokenizer
-        from finetuneflow.models import local_or_hub
+        from finetuneflow.model.loading import local_or_hub
         return AutoTokenizer.from_pretrained(local_or_hub(name)), None
     except Exception as exc:  # offline, gated, or not a model: token statistics are optional
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"

@@ -31,14 +31,14 @@ import gc
 
 import torch
 
-from finetuneflow.config import configure, read_run_config, sha256_file, write_run_config
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.io import atomic_dir, atomic_write_json, atomic_write_text
-from finetuneflow.merging import (collect_metrics, compare, has_model_weights, model_card, probe_dialogues,
+from finetuneflow.contract.settings import configure, read_run_config, sha256_file, write_run_config
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.io import atomic_dir, atomic_write_json, atomic_write_text
+from finetuneflow.ship.merging import (collect_metrics, compare, has_model_weights, model_card, probe_dialogues,
                                   reference_outputs, tolerance_for)
-from finetuneflow.models import ADAPTER_CONFIG, adapter_base, default_device, default_dtype, load_model
-from finetuneflow.paths import require, resolve
-from finetuneflow.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.model.loading import ADAPTER_CONFIG, adapter_base, default_device, default_dtype, load_model
+from finetuneflow.contract.paths import require, resolve
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 CARRIED = ("family", "instruction", "prompt_style", "generation", "max_input_length", "max_target_length",
            "dataset", "lora", "load_in_4bit")

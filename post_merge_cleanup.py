@@ -31,14 +31,14 @@ import shutil
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from finetuneflow.config import configure, read_run_config, write_run_config
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.io import atomic_dir, atomic_write_json, atomic_write_text
-from finetuneflow.merging import clean_configs, has_model_weights, probe_dialogues, verify_clean
-from finetuneflow.models import default_device, is_adapter_dir, load_tokenizer, model_family
-from finetuneflow.paths import require, resolve
-from finetuneflow.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.contract.settings import configure, read_run_config, write_run_config
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.contract.io import atomic_dir, atomic_write_json, atomic_write_text
+from finetuneflow.ship.merging import clean_configs, has_model_weights, probe_dialogues, verify_clean
+from finetuneflow.model.loading import default_device, is_adapter_dir, load_tokenizer, model_family
+from finetuneflow.contract.paths import require, resolve
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 REWRITTEN = {"config.json", "generation_config.json", "run_config.json", "README.md", "cleanup_report.json"}
 CARRIED = ("family", "instruction", "prompt_style", "max_input_length", "max_target_length", "base_model",
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         atomic_write_text(tmp / "README.md", card.rstrip() + "\n\n## Generation defaults (post_merge_cleanup.py)\n"
                           "`generation_config.json` holds the evaluated settings, so a plain `generate()` "
                           "reproduces the evaluated summaries"
-                          + (" (decoder-only with a no-repeat rule: pass finetuneflow.generation.GeneratedNoRepeatNGram "
+                          + (" (decoder-only with a no-repeat rule: pass finetuneflow.engine.generation.GeneratedNoRepeatNGram "
                              "as a logits processor, see cleanup_report.json)" if family != "seq2seq"
                              and evaluated.get("no_repeat_ngram_size") else "")
                           + f":\n\n```json\n{json.dumps(defaults, indent=2)}\n```\n")

@@ -41,11 +41,11 @@ import math
 import re
 from pathlib import Path
 
-from finetuneflow import planning
-from finetuneflow.config import declared_settings, configure, read_run_config, write_run_config
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.io import atomic_write_json, atomic_write_text
-from finetuneflow.paths import output_dir, require, resolve
+from finetuneflow.plan import planning
+from finetuneflow.contract.settings import declared_settings, configure, read_run_config, write_run_config
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.io import atomic_write_json, atomic_write_text
+from finetuneflow.contract.paths import output_dir, require, resolve
 
 REPO = Path(__file__).resolve().parent
 

@@ -49,11 +49,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 
-from finetuneflow.config import configure
-from finetuneflow.errors import UserError, run_cli
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.long_input import MODES, input_limit, summarize_long
-from finetuneflow.serving import (ApiError, MicroBatcher, Overloaded, SummarizeRequest, bearer_token, error_response,
+from finetuneflow.contract.settings import configure
+from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.engine.long_input import MODES, input_limit, summarize_long
+from finetuneflow.serve.serving import (ApiError, MicroBatcher, Overloaded, SummarizeRequest, bearer_token, error_response,
                                   inherit_defaults, inline_schema, load_for_inference, model_info, parse_request)
 
 

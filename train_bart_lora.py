@@ -56,7 +56,7 @@ TARGET_MODULES = None         # None: auto (BART q_proj,v_proj; T5 q,v; Llama-st
 LOAD_IN_4BIT = False          # QLoRA: nf4 4-bit base with double quantization (bitsandbytes)
 ALLOW_CPU_FALLBACK = False    # when 4-bit is unavailable here, train the full-precision model instead of failing
 GRADIENT_CHECKPOINTING = False  # trade compute for memory (long inputs, small GPUs)
-INSTRUCTION = None            # causal prompt instruction; None: finetuneflow.prompts.DEFAULT_INSTRUCTION
+INSTRUCTION = None            # causal prompt instruction; None: finetuneflow.model.prompts.DEFAULT_INSTRUCTION
 NUM_BEAMS = 4                 # generation for eval ROUGE, recorded for later stages (None: model default)
 MAX_NEW_TOKENS = 192          # longest generated summary, tokens
 MIN_NEW_TOKENS = None         # shortest generated summary, tokens (None: model default)
@@ -80,14 +80,15 @@ import json
 
 from transformers import set_seed
 
-from finetuneflow import tracking, training
-from finetuneflow.config import configure
-from finetuneflow.data import load_dialogues
-from finetuneflow.errors import run_cli
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.models import SEQ2SEQ, load_config, local_or_hub, model_family
-from finetuneflow.paths import ROOT, resolve
-from finetuneflow.prompts import DEFAULT_INSTRUCTION, prompt_style, seq2seq_prefix
+from finetuneflow.quality import tracking
+from finetuneflow.train import training
+from finetuneflow.contract.settings import configure
+from finetuneflow.contract.data import load_dialogues
+from finetuneflow.contract.errors import run_cli
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.model.loading import SEQ2SEQ, load_config, local_or_hub, model_family
+from finetuneflow.contract.paths import ROOT, resolve
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, prompt_style, seq2seq_prefix
 
 
 def run_record(cfg, loaded, family, targets, in_4bit, instruction, data, train_rows, val_rows) -> dict:

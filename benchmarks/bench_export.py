@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from finetuneflow.config import configure, write_run_config
-from finetuneflow.errors import run_cli
-from finetuneflow.io import atomic_dir, atomic_write_json
-from finetuneflow.paths import resolve
+from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.errors import run_cli
+from finetuneflow.contract.io import atomic_dir, atomic_write_json
+from finetuneflow.contract.paths import resolve
 
 
 def ct2_export(model: Path, out: Path, quantization: str) -> Path:
-    from finetuneflow.ct2 import BACKEND, convert_to_ct2
+    from finetuneflow.model.backends.ct2 import BACKEND, convert_to_ct2
     if not (out / "model.bin").is_file():
         with atomic_dir(out) as tmp:
             convert_to_ct2(model, tmp, quantization)
@@ -56,8 +56,8 @@ def llama_cpp_row(model: Path, work: Path, outtype: str, prompts: list[list[int]
         from llama_cpp import Llama
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
-    from finetuneflow.export import run_converter
-    from finetuneflow.io import atomic_path
+    from finetuneflow.ship.export import run_converter
+    from finetuneflow.contract.io import atomic_path
     gguf = work / f"{model.name}-{outtype}.gguf"
     if not gguf.is_file():
         with atomic_path(gguf) as tmp:
@@ -80,12 +80,12 @@ def main(argv=None) -> dict:
     if cfg.THREADS:   # equal threads for both runtimes; 1 is the fair choice on a machine shared with other jobs
         torch.set_num_threads(cfg.THREADS)
         os.environ["FTF_CT2_THREADS"] = str(cfg.THREADS)
-    from finetuneflow.data import get_split, load_dialogues, subset
-    from finetuneflow.export import REPO
-    from finetuneflow.generation import GenerationSettings, encode, summarize
-    from finetuneflow.models import load_model
-    from finetuneflow.paths import require
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION, stop_token_ids
+    from finetuneflow.contract.data import get_split, load_dialogues, subset
+    from finetuneflow.contract.paths import CODE_ROOT as REPO
+    from finetuneflow.engine.generation import GenerationSettings, encode, summarize
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.contract.paths import require
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, stop_token_ids
     model = require(cfg.MODEL, produced_by="import_gguf.py", what="model folder")
     dataset = cfg.DATASET if resolve(cfg.DATASET).exists() or not (REPO / cfg.DATASET).exists() else str(REPO / cfg.DATASET)
     dialogues = [r["dialogue"] for r in subset(get_split(load_dialogues(dataset, seed=cfg.SEED), cfg.SPLIT), cfg.N_SAMPLES, cfg.SEED)]

@@ -33,14 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetuneflow.config import configure  # noqa: E402
-from finetuneflow.errors import run_cli  # noqa: E402
+from finetuneflow.contract.settings import configure  # noqa: E402
+from finetuneflow.contract.errors import run_cli  # noqa: E402
 
 
 def seed_loop(loaded, dialogues, effective, instruction, max_input_length) -> tuple[list[str], int, float]:
     """The seed's way: one dialogue per generate() call, no sorting, no padding."""
     import torch
-    from finetuneflow import generation as G
+    from finetuneflow.engine import generation as G
     summaries, generated = [], 0
     stops = set(G.stop_token_ids(loaded.tokenizer)) | {loaded.tokenizer.pad_token_id}
     start = time.perf_counter()
@@ -57,9 +57,9 @@ def seed_loop(loaded, dialogues, effective, instruction, max_input_length) -> tu
 
 
 def bench_model(name: str, dialogues: list[str], cfg) -> dict:
-    from finetuneflow.generation import GenerationSettings, effective_settings, summarize
-    from finetuneflow.models import load_model
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION
+    from finetuneflow.engine.generation import GenerationSettings, effective_settings, summarize
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     loaded = load_model(name, device="cpu")
     settings = GenerationSettings(num_beams=cfg.NUM_BEAMS, max_new_tokens=cfg.MAX_NEW_TOKENS)
     effective = effective_settings(loaded, settings)
@@ -91,7 +91,7 @@ def bench_model(name: str, dialogues: list[str], cfg) -> dict:
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
     import torch
-    from finetuneflow.data import get_split, load_dialogues, subset
+    from finetuneflow.contract.data import get_split, load_dialogues, subset
     if cfg.THREADS:
         torch.set_num_threads(cfg.THREADS)
     data = load_dialogues(cfg.DATASET, val_fraction=0, test_fraction=0)   # a single file stays one "train" split
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     models = list(cfg.MODELS)
     temp = None
     if "tiny" in models:
-        from finetuneflow.tiny import build_tiny_bart, build_tiny_llama
+        from finetuneflow.model.tiny import build_tiny_bart, build_tiny_llama
         temp = tempfile.TemporaryDirectory()
         i = models.index("tiny")
         models[i:i + 1] = [str(build_tiny_bart(temp.name)), str(build_tiny_llama(temp.name))]
@@ -122,8 +122,8 @@ def main(argv=None) -> dict:
                   f"decoding alone {result['decode_speedup']:.2f}x")
     record = {"dataset": data.source, "samples": len(dialogues), "threads": torch.get_num_threads(), "results": results}
     if cfg.OUTPUT_JSON:
-        from finetuneflow.io import atomic_write_json
-        from finetuneflow.paths import resolve
+        from finetuneflow.contract.io import atomic_write_json
+        from finetuneflow.contract.paths import resolve
         atomic_write_json(resolve(cfg.OUTPUT_JSON), record)
     if temp is not None:
         temp.cleanup()

@@ -34,10 +34,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from finetuneflow.config import configure  # noqa: E402
-from finetuneflow.errors import UserError, run_cli  # noqa: E402
-from finetuneflow.io import atomic_write_json  # noqa: E402
-from finetuneflow.paths import resolve  # noqa: E402
+from finetuneflow.contract.settings import configure  # noqa: E402
+from finetuneflow.contract.errors import UserError, run_cli  # noqa: E402
+from finetuneflow.contract.io import atomic_write_json  # noqa: E402
+from finetuneflow.contract.paths import resolve  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model = cfg.MODEL
         if not model:
-            from finetuneflow.tiny import build_tiny_llama
+            from finetuneflow.model.tiny import build_tiny_llama
             model = str(build_tiny_llama(scratch))
         results = {}
         for name, enabled in (("one request at a time", False), ("micro-batching", True)):

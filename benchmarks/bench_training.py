@@ -42,19 +42,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from finetuneflow import training  # noqa: E402
-from finetuneflow.config import configure  # noqa: E402
-from finetuneflow.errors import run_cli  # noqa: E402
-from finetuneflow.io import atomic_write_json  # noqa: E402
-from finetuneflow.paths import resolve  # noqa: E402
+from finetuneflow.train import training  # noqa: E402
+from finetuneflow.contract.settings import configure  # noqa: E402
+from finetuneflow.contract.errors import run_cli  # noqa: E402
+from finetuneflow.contract.io import atomic_write_json  # noqa: E402
+from finetuneflow.contract.paths import resolve  # noqa: E402
 
 RECIPES = ("seed_max_length", "dynamic")
 
 
 def seed_batches(rows, tokenizer, spec):
     """The seed's tokenization: pad everything to full length in map; label pads are NOT -100."""
-    from finetuneflow.models import CAUSAL
-    from finetuneflow.prompts import encode_causal_prompt
+    from finetuneflow.model.loading import CAUSAL
+    from finetuneflow.model.prompts import encode_causal_prompt
 
     if spec.family == CAUSAL:
         total = spec.max_input_length + spec.max_target_length
@@ -114,9 +114,9 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
     import transformers
     from transformers import PrinterCallback, TrainingArguments, default_data_collator, set_seed
 
-    from finetuneflow.data import load_dialogues, subset
-    from finetuneflow.models import SEQ2SEQ, load_model
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
+    from finetuneflow.contract.data import load_dialogues, subset
+    from finetuneflow.model.loading import SEQ2SEQ, load_model
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
         if cfg.MODEL_NAME:
             models = [str(resolve(cfg.MODEL_NAME)) if resolve(cfg.MODEL_NAME).exists() else cfg.MODEL_NAME]
         else:
-            from finetuneflow.tiny import build_tiny_bart, build_tiny_llama
+            from finetuneflow.model.tiny import build_tiny_bart, build_tiny_llama
             # the tiny models hold 512 positions: the seed lengths are scaled down to fit
             settings.update(MAX_INPUT_LENGTH=min(cfg.MAX_INPUT_LENGTH, 384),
                             MAX_TARGET_LENGTH=min(cfg.MAX_TARGET_LENGTH, 96))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from finetuneflow.paths import ROOT  # noqa: E402
+from finetuneflow.contract.paths import ROOT  # noqa: E402
 
 
 def size(path: Path) -> str:

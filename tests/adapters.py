@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.config import write_run_config
-from finetuneflow.models import SEQ2SEQ, load_model
-from finetuneflow.prompts import DEFAULT_INSTRUCTION, prompt_style
+from finetuneflow.contract.settings import write_run_config
+from finetuneflow.model.loading import SEQ2SEQ, load_model
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, prompt_style
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples" / "dialogues.jsonl"

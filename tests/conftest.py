@@ -25,7 +25,7 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shar
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{"bart": folder, "llama": folder}: tiny random models with real tokenizers."""
-    from finetuneflow.tiny import build_tiny_bart, build_tiny_llama
+    from finetuneflow.model.tiny import build_tiny_bart, build_tiny_llama
     root = tmp_path_factory.mktemp("tiny")
     return {"bart": build_tiny_bart(root), "llama": build_tiny_llama(root)}
 

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from conftest import SAMPLES, error_line, files_under, run_stage
-from finetuneflow import ranking
+from finetuneflow.plan import ranking
 
 
 # ----------------------------------------------------------------------------- unit tests
@@ -23,7 +23,7 @@ def test_reference_entries_are_parsed():
 
 
 def test_model_entries_resolve_or_fail_clearly(tmp_path):
-    from finetuneflow.errors import UserError
+    from finetuneflow.contract.errors import UserError
     assert ranking.model_source("facebook/bart-large-cnn", "imports") == "facebook/bart-large-cnn"
     assert ranking.model_source(str(tmp_path), "imports") == str(tmp_path)
     with pytest.raises(UserError, match="GGUF file not found"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from finetuneflow.config import configure, help_text, inherit, parse_value, read_run_config, write_run_config
-from finetuneflow.errors import UserError
+from finetuneflow.contract.settings import configure, help_text, inherit, parse_value, read_run_config, write_run_config
+from finetuneflow.contract.errors import UserError
 
 SCRIPT = '''"""Demo stage.
 

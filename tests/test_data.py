@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import SAMPLES
-from finetuneflow.data import (get_split, load_dialogues, normalize_dialogue, split_deterministic, subset)
-from finetuneflow.errors import UserError
+from finetuneflow.contract.data import (get_split, load_dialogues, normalize_dialogue, split_deterministic, subset)
+from finetuneflow.contract.errors import UserError
 
 ROWS = [{"fname": f"r{i}", "dialog": f"A: hello {i}\nB: hi {i}", "highlights": f"They greet {i}."} for i in range(20)]
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, SAMPLES, SHARED_DATA, error_line, files_under, needs_shared_data, run_stage
 
 sys.path.insert(0, str(REPO))
-from finetuneflow.errors import UserError  # noqa: E402
+from finetuneflow.contract.errors import UserError  # noqa: E402
 from tests.adapters import make_adapter  # noqa: E402
 
 EVAL, METRICS = "eval_bart_lora.py", "eval_metrics_bart_lora.py"
@@ -83,7 +83,7 @@ def test_eval_adapter_inherits_settings_and_batch_size_does_not_matter(tiny_mode
 
 
 def test_eval_long_input_chunk(tiny_models, project, tmp_path):
-    pytest.importorskip("finetuneflow.long_input")
+    pytest.importorskip("finetuneflow.engine.long_input")
     rows = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
     long = next(r for r in rows if r["id"] == "sample-long-meeting")
     data = tmp_path / "two.jsonl"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, error_line, files_under, run_stage
-from finetuneflow.errors import UserError
+from finetuneflow.contract.errors import UserError
 
 sys.path.insert(0, str(REPO))   # the stage scripts, for in-process calls of main()
 
@@ -25,7 +25,7 @@ FAST = ["--n_probes=2", "--batch_size=2"]
 @pytest.fixture(scope="module")
 def converter():
     """llama.cpp's converter, installed on first use into the private tools folder."""
-    from finetuneflow.export import ensure_converter
+    from finetuneflow.ship.export import ensure_converter
     try:
         return ensure_converter()
     except UserError as exc:
@@ -92,7 +92,7 @@ def test_gguf_f32_is_exact_and_ships_a_modelfile(converter, merged_llama, projec
 
 def test_gguf_q8_0_reloads_within_its_thresholds(converter, merged_llama, tmp_path):
     from export_gguf import main
-    from finetuneflow.export import GGUF_THRESHOLDS
+    from finetuneflow.ship.export import GGUF_THRESHOLDS
     report = main([f"--model={merged_llama}", "--outtype=q8_0", f"--output_dir={tmp_path}", *FAST])
     check = report["verification"]["transformers"]
     assert report["verification"]["passed"] is True
@@ -105,7 +105,7 @@ def test_gguf_q8_0_reloads_within_its_thresholds(converter, merged_llama, tmp_pa
 def test_modelfile_keeps_a_default_system_prompt(tiny_models):
     """SmolLM2's template adds a system prompt when none is given: the Modelfile must too."""
     from transformers import AutoTokenizer
-    from finetuneflow.export import ollama_template
+    from finetuneflow.ship.export import ollama_template
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     tokenizer.chat_template = (
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -144,9 +144,9 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     assert "ctranslate2 vs transformers" in result.stdout
 
     # load_model + the shared engine run the CT2 folder: greedy output equals transformers'
-    from finetuneflow.generation import GenerationSettings, summarize
-    from finetuneflow.models import load_model
-    from finetuneflow.export import load_probes
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.ship.export import load_probes
     dialogues = [p["dialogue"] for p in load_probes("data/samples/dialogues.jsonl", "test", 3, 0)]
     exported, reference = load_model(str(out)), load_model(str(tiny_models["bart"]), dtype=torch.float32)
     assert exported.backend == "ct2" and exported.family == "seq2seq"
@@ -159,8 +159,8 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
 def test_ct2_int8_bart_and_llama(tiny_models, merged_llama, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
     from export_gguf import main
-    from finetuneflow.generation import GenerationSettings, summarize
-    from finetuneflow.models import load_model
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.model.loading import load_model
     # a BART whose embedding matrix is larger than its tokenizer (resized embeddings): CT2 needs
     # vocabulary == embedding rows, so the export pads the vocabulary
     resized = tmp_path / "bart_resized"

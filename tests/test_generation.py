@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from finetuneflow import generation as G
-from finetuneflow.generation import GenerationSettings, summarize
-from finetuneflow.models import load_model
+from finetuneflow.engine import generation as G
+from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.model.loading import load_model
 
 from conftest import SAMPLES
 
@@ -115,7 +115,7 @@ def test_no_repeat_ngram_ignores_the_prompt_of_a_causal_model():
     import torch
     from transformers import NoRepeatNGramLogitsProcessor
 
-    from finetuneflow.generation import GeneratedNoRepeatNGram
+    from finetuneflow.engine.generation import GeneratedNoRepeatNGram
     ids = torch.tensor([[5, 6, 7, 9, 5, 6]])          # prompt 5 6 7 9, generated so far 5 6
     scores = torch.zeros(1, 10)
     assert NoRepeatNGramLogitsProcessor(3)(ids, scores.clone())[0, 7] == float("-inf")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import error_line, files_under, run_stage
-from finetuneflow.errors import UserError
+from finetuneflow.contract.errors import UserError
 
 IMPORTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "chat_template.jinja", "run_config.json"}
@@ -18,7 +18,7 @@ IMPORTED_FILES = {"config.json", "generation_config.json", "model.safetensors", 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_models, tmp_path_factory):
     """The tiny Llama as an f32 GGUF, written by llama.cpp's converter (installed on first use)."""
-    from finetuneflow.export import run_converter
+    from finetuneflow.ship.export import run_converter
     out = tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf"
     try:
         run_converter(tiny_models["llama"], out, "f32", None)
@@ -58,7 +58,7 @@ def test_import_script_writes_a_folder_with_identical_logits(tiny_gguf, tiny_mod
     assert str(tiny_gguf) in record["inputs"]
 
     # every stage's loader takes it as a base model
-    from finetuneflow.models import load_model
+    from finetuneflow.model.loading import load_model
     loaded = load_model(str(out), device="cpu")
     assert loaded.family == "causal" and loaded.tokenizer.padding_side == "left"
 

@@ -16,11 +16,11 @@ from tests.adapters import make_adapter
 import inference_bart_lora
 import merge_bart_lora
 import post_merge_cleanup
-from finetuneflow.errors import UserError
-from finetuneflow.generation import GenerationSettings, summarize
-from finetuneflow.long_input import input_tokens, split_into_windows, summarize_long
-from finetuneflow.merging import capture_warnings
-from finetuneflow.models import load_model
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.engine.long_input import input_tokens, split_into_windows, summarize_long
+from finetuneflow.ship.merging import capture_warnings
+from finetuneflow.model.loading import load_model
 
 ROWS = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
 LONG = next(r["dialogue"] for r in ROWS if r["id"] == "sample-long-meeting")

@@ -13,8 +13,8 @@ from tests.adapters import make_adapter
 
 import merge_bart_lora
 import post_merge_cleanup
-from finetuneflow.errors import UserError
-from finetuneflow.merging import capture_warnings
+from finetuneflow.contract.errors import UserError
+from finetuneflow.ship.merging import capture_warnings
 
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}   # 2 shared cores: torch's thread pool only adds contention
 

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from finetuneflow import metrics as M
-from finetuneflow.errors import UserError
-from finetuneflow.predictions import COLUMNS, check_same_samples, read_predictions, write_predictions
+from finetuneflow.quality import metrics as M
+from finetuneflow.contract.errors import UserError
+from finetuneflow.quality.predictions import COLUMNS, check_same_samples, read_predictions, write_predictions
 
 
 # --- sentences and ROUGE --------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from finetuneflow.errors import UserError
-from finetuneflow.models import CAUSAL, SEQ2SEQ, adapter_base, is_adapter_dir, load_model
-from finetuneflow.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, stop_token_ids
+from finetuneflow.contract.errors import UserError
+from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, adapter_base, is_adapter_dir, load_model
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, stop_token_ids
 
 
 def test_families_and_padding_rules(tiny_models):

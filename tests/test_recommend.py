@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLES, error_line, files_under, run_stage
-from finetuneflow import planning
+from finetuneflow.plan import planning
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seed_ranking.csv"   # the seed's published T4 benchmark table,
 # with each model's real parameter count and architecture from its config (the seed's table has no sizes)
@@ -119,7 +119,7 @@ def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
 
 def test_bad_inputs_are_one_clear_line(project, tmp_path):
     import recommend_finetune
-    from finetuneflow.errors import UserError
+    from finetuneflow.contract.errors import UserError
     with pytest.raises(UserError, match="benchmark_models.py"):
         recommend_finetune.main([f"--ranking={tmp_path / 'absent.csv'}", f"--output_dir={tmp_path / 'out'}"])
     only_failures = write_ranking(tmp_path / "bad.csv", [

@@ -19,9 +19,9 @@ import pytest
 from conftest import OFFLINE_ENV, REPO, SAMPLES
 from tests.adapters import make_adapter
 
-from finetuneflow.errors import UserError
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.serving import MicroBatcher
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.serve.serving import MicroBatcher
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
-from finetuneflow import training
-from finetuneflow.data import load_dialogues
-from finetuneflow.errors import UserError
-from finetuneflow.models import CAUSAL, SEQ2SEQ, load_model, load_tokenizer
-from finetuneflow.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.train import training
+from finetuneflow.contract.data import load_dialogues
+from finetuneflow.contract.errors import UserError
+from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, load_model, load_tokenizer
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 SCRIPT = "train_bart_lora.py"
 CONTRACT = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",

@@ -5,7 +5,7 @@ BART (configured like bart-large-cnn: forced BOS, beam search, no-repeat n-grams
 Llama with a ChatML chat template and no pad token (like SmolLM2). The tokenizers are byte-level
 BPE trained with the `tokenizers` library on the bundled sample dialogues.
 
-Run as: python -m finetuneflow.tiny OUT_DIR   (writes OUT_DIR/tiny-bart and OUT_DIR/tiny-llama)
+Run as: python -m finetuneflow.model.tiny OUT_DIR   (writes OUT_DIR/tiny-bart and OUT_DIR/tiny-llama)
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from finetuneflow.paths import ROOT
+from finetuneflow.contract.paths import ROOT
 
 SAMPLES = ROOT / "data" / "samples" / "dialogues.jsonl"
 CHATML_TEMPLATE = (

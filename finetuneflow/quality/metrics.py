@@ -183,7 +183,7 @@ def bertscore(predictions: list[str], references: list[str], model: str | None =
         return BertScoreResult(False, model, note="not computed: no samples")
     local_path = Path(model).expanduser()
     if not local_path.is_absolute():
-        from finetuneflow.paths import resolve
+        from finetuneflow.contract.paths import resolve
         local_path = resolve(model)
     local = local_path if local_path.is_dir() else None
     if local is None:

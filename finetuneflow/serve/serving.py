@@ -17,14 +17,14 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from finetuneflow.config import inherit
-from finetuneflow.data import DIALOGUE_CANDIDATES, ID_CANDIDATES
-from finetuneflow.errors import UserError
-from finetuneflow.generation import GenerationSettings
-from finetuneflow.io import atomic_write_text
-from finetuneflow.models import LoadedModel, is_adapter_dir, load_model
-from finetuneflow.paths import resolve
-from finetuneflow.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.contract.settings import inherit
+from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings
+from finetuneflow.contract.io import atomic_write_text
+from finetuneflow.model.loading import LoadedModel, is_adapter_dir, load_model
+from finetuneflow.contract.paths import resolve
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 GENERATION_NAMES = tuple(name.upper() for name in GenerationSettings.__dataclass_fields__)
 INPUT_FORMATS = (".txt", ".jsonl", ".json", ".csv")

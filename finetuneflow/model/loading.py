@@ -15,8 +15,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from finetuneflow.errors import UserError
-from finetuneflow.paths import resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.paths import resolve
 
 ADAPTER_CONFIG = "adapter_config.json"
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
@@ -130,7 +130,7 @@ def load_model(name: str, adapter: str | None = None, load_in_4bit: bool = False
     An adapter folder is recognised by its adapter_config.json; its base comes from the folder's
     run_config.json (written by train_bart_lora.py) or from adapter_config.json."""
     device = torch.device(device) if device else default_device()
-    from finetuneflow.ct2 import is_ct2_dir, load_ct2   # a CTranslate2 export (export_gguf.py --FORMAT=ct2)
+    from finetuneflow.model.backends.ct2 import is_ct2_dir, load_ct2   # a CTranslate2 export (export_gguf.py --FORMAT=ct2)
     if adapter is None and is_ct2_dir(name):
         if load_in_4bit or for_training:
             raise UserError(f"{name} is a CTranslate2 export: it runs inference only (no 4-bit, no training)")

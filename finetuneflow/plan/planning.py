@@ -54,7 +54,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetuneflow.errors import UserError
+from finetuneflow.contract.errors import UserError
 
 GB = 1e9
 MEMORY_MARGIN = 0.8            # share of the memory a plan may use
@@ -416,7 +416,7 @@ def as_dict(obj) -> dict:
 def shape_for(row: dict) -> tuple[ModelShape, str]:
     """The model's shape from its config (local folder, Hub or cache), else from the ranking row,
     and a note saying which."""
-    from finetuneflow.models import load_config
+    from finetuneflow.model.loading import load_config
     source = row.get("source") or row.get("entry") or row["model"]
     try:
         return shape_from_config(load_config(source)), f"model config ({source})"

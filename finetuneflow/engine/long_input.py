@@ -22,11 +22,11 @@ import re
 import time
 from dataclasses import dataclass, field, fields
 
-from finetuneflow.errors import UserError
-from finetuneflow.generation import (GenerationResult, GenerationSettings, default_input_limit, effective_settings,
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import (GenerationResult, GenerationSettings, default_input_limit, effective_settings,
                                      summarize)
-from finetuneflow.models import CAUSAL, LoadedModel
-from finetuneflow.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, seq2seq_prefix
+from finetuneflow.model.loading import CAUSAL, LoadedModel
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, seq2seq_prefix
 
 MODES = ("truncate", "chunk", "error")
 MAX_LEVELS = 4              # map-reduce depth; beyond it the joined summaries are truncated

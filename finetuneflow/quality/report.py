@@ -10,9 +10,9 @@ import datetime as _dt
 import html
 from pathlib import Path
 
-from finetuneflow import metrics as M
-from finetuneflow.evaluation import METRIC_LABELS, VersionScores
-from finetuneflow.io import atomic_path
+from finetuneflow.quality import metrics as M
+from finetuneflow.quality.evaluation import METRIC_LABELS, VersionScores
+from finetuneflow.contract.io import atomic_path
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 

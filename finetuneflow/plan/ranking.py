@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from finetuneflow.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
 
 COLUMNS = ["rank", "model", "kind", "status", "rougeL", "rouge1", "rouge2", "rougeLsum", "bertscore_f1",
            "composite", "quality_norm", "speed_norm", "pareto", "samples_per_s", "tokens_per_s", "seconds",
@@ -346,7 +346,7 @@ get no composite; they show what a model must beat.</p>
 # ----------------------------------------------------------------------------- running models
 def first_line(exc: BaseException) -> str:
     """One line for an error row: a UserError's message as is, anything else with its type."""
-    from finetuneflow.errors import UserError
+    from finetuneflow.contract.errors import UserError
     text = str(exc).strip()
     text = text.splitlines()[0][:300] if text else ""
     return text if isinstance(exc, UserError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -354,14 +354,14 @@ def first_line(exc: BaseException) -> str:
 
 def model_source(entry: str, import_dir: str) -> str:
     """What load_model gets: a folder, a Hub id, or the folder a .gguf file is imported into
-    (finetuneflow.gguf_import; an existing import of the same file is reused)."""
-    from finetuneflow.errors import UserError
-    from finetuneflow.paths import resolve
+    (finetuneflow.ship.gguf_import; an existing import of the same file is reused)."""
+    from finetuneflow.contract.errors import UserError
+    from finetuneflow.contract.paths import resolve
     path = resolve(entry)
     if entry.lower().endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
-        from finetuneflow.gguf_import import import_gguf   # only needed for .gguf entries
+        from finetuneflow.ship.gguf_import import import_gguf   # only needed for .gguf entries
         target = resolve(import_dir) / re.sub(r"[^\w.-]+", "_", path.stem)
         import_gguf(path, target)
         return str(target)
@@ -408,8 +408,8 @@ def measure_model(source: str, dialogues: list[str], settings: dict, batch_size:
     (timed), and report speed, peak memory (GPU: max allocated; CPU: peak RSS) and size."""
     import resource
     import torch
-    from finetuneflow.generation import GenerationSettings, summarize
-    from finetuneflow.models import load_model, max_input_tokens, parameter_count
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.model.loading import load_model, max_input_tokens, parameter_count
     if isolated:   # the parent's run_cli quieted these bars; a fresh process must do it again
         import transformers
         transformers.utils.logging.disable_progress_bar()
@@ -460,7 +460,7 @@ def score_predictions(row: dict, ids: list, dialogues: list[str], refs: list[str
                       pred_dir: Path, bertscore_model: str) -> None:
     """ROUGE and BERTScore (or why not) into `row`, and <model>_predictions.csv in eval_bart_lora.py's columns."""
     import pandas as pd
-    from finetuneflow import metrics
+    from finetuneflow.quality import metrics
     per_sample = metrics.rouge_per_sample(predictions, refs)
     row.update({k: round(v, 4) for k, v in metrics.mean_scores(per_sample).items()})
     bert = metrics.bertscore(predictions, refs, model=bertscore_model or None)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.errors import UserError
-from finetuneflow.io import atomic_dir
-from finetuneflow.paths import resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.io import atomic_dir
+from finetuneflow.contract.paths import resolve
 
 GGUF_MAGIC = b"GGUF"
 PROBE_DIALOGUE = ("Anna: Are we still on for the budget review tomorrow at ten?\n"
@@ -139,7 +139,7 @@ def fix_imported_tokenizer(tokenizer, config) -> None:
 
 def probe_ids(tokenizer, config) -> dict:
     """Model inputs for the probe dialogue, asked the way every stage asks (prompts.py)."""
-    from finetuneflow.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input, seq2seq_prefix
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input, seq2seq_prefix
     if getattr(config, "is_encoder_decoder", False):
         ids, _ = encode_seq2seq_input(tokenizer, PROBE_DIALOGUE, seq2seq_prefix(config), 512)
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
@@ -181,8 +181,8 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool =
 
     An existing folder holding an import of the same file (same sha256) is kept and reported
     as skipped; anything else already there needs `overwrite=True`."""
-    from finetuneflow.config import sha256_file, write_run_config
-    from finetuneflow.models import SEQ2SEQ, CAUSAL
+    from finetuneflow.contract.settings import sha256_file, write_run_config
+    from finetuneflow.model.loading import SEQ2SEQ, CAUSAL
 
     path = check_gguf_file(gguf_path)
     out = resolve(output_dir)

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.errors import UserError
-from finetuneflow.generation import GenerationSettings, encode, summarize
-from finetuneflow.models import SEQ2SEQ, LoadedModel
-from finetuneflow.paths import resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings, encode, summarize
+from finetuneflow.model.loading import SEQ2SEQ, LoadedModel
+from finetuneflow.contract.paths import BUNDLED_SAMPLES, resolve
 
-BUNDLED_SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "dialogues.jsonl"
 # fp32 must be exact to rounding; half precision rounds the merged weights (W + BA) once more.
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -38,7 +37,7 @@ def probe_dialogues(dataset: str | None, n: int) -> tuple[list[dict], str]:
     path = resolve(dataset) if dataset else None
     if not path or not path.is_file():
         path = BUNDLED_SAMPLES
-    from finetuneflow.data import load_dialogues
+    from finetuneflow.contract.data import load_dialogues
     data = load_dialogues(str(path), None, None, None, 42, 0.0, 0.0, False, None)
     rows = [dict(r) for split in data.splits.values() for r in split]
     rows.sort(key=lambda r: (len(r["dialogue"]), r["id"]))
@@ -237,8 +236,8 @@ def clean_configs(raw_config: dict, config, generation, tokenizer, family: str, 
     generation config, special tokens matching the tokenizer, the evaluated decoding settings as
     the defaults, no flags that the chosen decoding ignores, no task_specific_params that fight them."""
     from transformers import GenerationConfig
-    from finetuneflow.generation import CAUSAL_DEFAULTS
-    from finetuneflow.prompts import stop_token_ids
+    from finetuneflow.engine.generation import CAUSAL_DEFAULTS
+    from finetuneflow.model.prompts import stop_token_ids
     changes, gen_file = Changes(), "generation_config.json"
     generation_keys = set(GenerationConfig._get_default_generation_params()) - {"use_cache"}
     declared = set(type(config).__dataclass_fields__) if hasattr(type(config), "__dataclass_fields__") else set()
@@ -288,7 +287,7 @@ def clean_configs(raw_config: dict, config, generation, tokenizer, family: str, 
         # transformers would apply it to prompt + summary, forbidding copying names from the
         # dialogue; the engine applies it to the summary only (generation.GeneratedNoRepeatNGram).
         changes.note(gen_file, "no_repeat_ngram_size", settings.pop("no_repeat_ngram_size"), None,
-                     "decoder-only: generate() needs finetuneflow.generation.GeneratedNoRepeatNGram for "
+                     "decoder-only: generate() needs finetuneflow.engine.generation.GeneratedNoRepeatNGram for "
                      "the evaluated no-repeat rule (transformers' own counts the prompt)")
         changes.set(generation, gen_file, "no_repeat_ngram_size", None, "see the note above")
     for key, value in settings.items():
@@ -346,8 +345,8 @@ def verify_clean(folder: Path, rows: list[dict], instruction: str, max_input_len
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                               LogitsProcessorList)
     import tempfile
-    from finetuneflow.generation import GeneratedNoRepeatNGram
-    from finetuneflow.models import model_family
+    from finetuneflow.engine.generation import GeneratedNoRepeatNGram
+    from finetuneflow.model.loading import model_family
     with capture_warnings() as found:
         config = AutoConfig.from_pretrained(folder)
         family = model_family(config)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import datasets
 
-from finetuneflow.errors import UserError
-from finetuneflow.paths import resolve
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.paths import resolve
 
 DIALOGUE_CANDIDATES = ("dialogue", "dialog", "conversation", "text", "source", "document", "input")
 SUMMARY_CANDIDATES = ("summary", "highlights", "target", "human_summary", "reference", "output")

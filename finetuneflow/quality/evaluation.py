@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from finetuneflow import metrics as M
-from finetuneflow.errors import UserError
-from finetuneflow.predictions import Predictions, write_predictions
+from finetuneflow.quality import metrics as M
+from finetuneflow.contract.errors import UserError
+from finetuneflow.quality.predictions import Predictions, write_predictions
 
 if TYPE_CHECKING:   # torch and transformers load only when generating, not for scoring CSVs
-    from finetuneflow.generation import GenerationSettings
-    from finetuneflow.models import LoadedModel
+    from finetuneflow.engine.generation import GenerationSettings
+    from finetuneflow.model.loading import LoadedModel
 
 
 # --- eval_bart_lora.py ----------------------------------------------------------------------------
@@ -42,10 +42,10 @@ def generate(loaded: LoadedModel, dialogues: list[str], settings: GenerationSett
              progress: bool = True, ids: list[str] | None = None):
     """The engine for LONG_INPUT=truncate; the long-input wrapper (finetuneflow/long_input.py) for
     chunk/error. The result has `.chunked` (0 when nothing was chunked)."""
-    from finetuneflow.generation import summarize
+    from finetuneflow.engine.generation import summarize
     if long_input == "truncate":
         return summarize(loaded, dialogues, settings, batch_size, max_input_length, instruction, progress)
-    from finetuneflow.long_input import summarize_long
+    from finetuneflow.engine.long_input import summarize_long
     return summarize_long(loaded, dialogues, settings, batch_size=batch_size, max_input_length=max_input_length,
                           instruction=instruction, mode=long_input, progress=progress, ids=ids)
 
@@ -54,8 +54,8 @@ def evaluate_rows(loaded: LoadedModel, rows: list[dict], settings: GenerationSet
                   max_input_length: int | None, instruction: str, long_input: str, out_dir: Path, tag: str,
                   progress: bool = True) -> EvalReport:
     """Summarize `rows` ({id, dialogue, summary}), score them and write `<tag>_predictions.csv`."""
-    from finetuneflow.generation import default_input_limit, effective_settings
-    from finetuneflow.models import CAUSAL
+    from finetuneflow.engine.generation import default_input_limit, effective_settings
+    from finetuneflow.model.loading import CAUSAL
     if not rows:
         raise UserError("no rows to evaluate: the split is empty or N_SAMPLES selected nothing")
     ids = [str(r["id"]) for r in rows]

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetuneflow.errors import UserError
-from finetuneflow.io import atomic_write_json
-from finetuneflow.paths import ROOT
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.io import atomic_write_json
+from finetuneflow.contract.paths import ROOT
 
 RUN_CONFIG = "run_config.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes",

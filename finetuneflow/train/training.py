@@ -37,15 +37,15 @@ import torch
 from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState,
                           TrainingArguments)
 
-from finetuneflow.config import describe_inputs, read_run_config, write_run_config
-from finetuneflow.data import LoadedData, split_deterministic, subset
-from finetuneflow.errors import UserError
-from finetuneflow.generation import GenerationSettings, summarize
-from finetuneflow.io import atomic_path, atomic_write_json
-from finetuneflow.metrics import ROUGE_KEYS, mean_scores, rouge_per_sample
-from finetuneflow.models import (CAUSAL, SEQ2SEQ, LoadedModel, disable_cpu_bf16_kernels, is_adapter_dir,
+from finetuneflow.contract.settings import describe_inputs, read_run_config, write_run_config
+from finetuneflow.contract.data import LoadedData, split_deterministic, subset
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.contract.io import atomic_path, atomic_write_json
+from finetuneflow.quality.metrics import ROUGE_KEYS, mean_scores, rouge_per_sample
+from finetuneflow.model.loading import (CAUSAL, SEQ2SEQ, LoadedModel, disable_cpu_bf16_kernels, is_adapter_dir,
                                  load_model)
-from finetuneflow.prompts import encode_causal_prompt, encode_seq2seq_input
+from finetuneflow.model.prompts import encode_causal_prompt, encode_seq2seq_input
 
 STAGE = "train_bart_lora"
 CHECKPOINTS = "checkpoints"

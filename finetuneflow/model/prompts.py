@@ -8,7 +8,7 @@ prefix when its config declares one (T5's "summarize: ").
 """
 from __future__ import annotations
 
-from finetuneflow.errors import UserError
+from finetuneflow.contract.errors import UserError
 
 DEFAULT_INSTRUCTION = "Summarize the following dialogue in one to three sentences."
 PLAIN_TEMPLATE = "{instruction}\n\nDialogue:\n{dialogue}\n\nSummary:\n"

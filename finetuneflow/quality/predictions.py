@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetuneflow.errors import UserError
-from finetuneflow.io import atomic_write_text
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.io import atomic_write_text
 
 COLUMNS = ("id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
            "pred_words", "ref_words")
