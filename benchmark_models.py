@@ -21,34 +21,34 @@ MODELS = ["facebook/bart-large-cnn", "google/flan-t5-large", "meta-llama/Llama-3
           "meta-llama/Llama-3.2-3B-Instruct", "microsoft/Phi-3-mini-4k-instruct",
           "lead-3", "extractive"]      # Hub ids, folders, .gguf files, lead-k, extractive
 DATASET = "knkarthick/highlightsum"    # Hub id or local .jsonl/.json/.csv/.parquet file or folder
-HUB_CONFIG = None                      # Hub dataset configuration name, if it has several
+HUB_CONFIG = None                      # [str | None] Hub dataset configuration name, if it has several
 SPLIT = "validation"                   # split to score on; "all" = every row (e.g. a file that is one split already)
-VAL_FRACTION = 0.1                     # share of a single local file used as validation (as in training and eval)
-TEST_FRACTION = 0.1                    # share of a single local file used as test (as in training and eval)
-DIALOGUE_COLUMN = None                 # None: auto-detect
-SUMMARY_COLUMN = None                  # None: auto-detect
-ID_COLUMN = None                       # None: auto-detect; row numbers when absent
-N_SAMPLES = 200                        # rows scored per model (0 = all); the seed used the first 200
+VAL_FRACTION = 0.1                     # [0 <= float < 1] share of a single local file used as validation (as in training and eval)
+TEST_FRACTION = 0.1                    # [0 <= float < 1] share of a single local file used as test (as in training and eval)
+DIALOGUE_COLUMN = None                 # [str | None] None: auto-detect
+SUMMARY_COLUMN = None                  # [str | None] None: auto-detect
+ID_COLUMN = None                       # [str | None] None: auto-detect; row numbers when absent
+N_SAMPLES = 200                        # [int >= 0] rows scored per model (0 = all); the seed used the first 200
 SHUFFLE = False                        # False: the first N_SAMPLES rows (as the seed); True: a seeded sample
-SEED = 42                              # shuffling seed when SHUFFLE
-INSTRUCTION = None                     # prompt for causal models; None = finetuneflow.model.prompts.DEFAULT_INSTRUCTION
-NUM_BEAMS = None                       # None = the model's default (BART-cnn 4, causal models 1)
-MAX_NEW_TOKENS = 128                   # generated tokens per summary
-MIN_NEW_TOKENS = None                  # None = the model's default
-NO_REPEAT_NGRAM_SIZE = None            # None = the model's default (BART-cnn 3)
-LENGTH_PENALTY = None                  # None = the model's default
-BATCH_SIZE = 8                         # dialogues per generate() call
-MAX_INPUT_LENGTH = 1024                # input tokens (longer dialogues are cut); None = the model's limit
-WARMUP_SAMPLES = 2                     # untimed generations before timing (the shortest dialogues)
-LOAD_IN_4BIT = False                   # load models in 4-bit (bitsandbytes) to fit a small GPU
+SEED = 42                              # [int >= 0] shuffling seed when SHUFFLE
+INSTRUCTION = None                     # [str | None] prompt for causal models; None = finetuneflow.model.prompts.DEFAULT_INSTRUCTION
+NUM_BEAMS = None                       # [int >= 1 | None] None = the model's default (BART-cnn 4, causal models 1)
+MAX_NEW_TOKENS = 128                   # [int >= 1 | None] generated tokens per summary
+MIN_NEW_TOKENS = None                  # [int >= 0 | None] None = the model's default
+NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None = the model's default (BART-cnn 3)
+LENGTH_PENALTY = None                  # [float | None] None = the model's default
+BATCH_SIZE = 8                         # [int >= 1] dialogues per generate() call
+MAX_INPUT_LENGTH = 1024                # [int >= 16] input tokens (longer dialogues are cut); None = the model's limit
+WARMUP_SAMPLES = 2                     # [int >= 0] untimed generations before timing (the shortest dialogues)
+LOAD_IN_4BIT = False                   # [bool | None] load models in 4-bit (bitsandbytes) to fit a small GPU
 TRUST_REMOTE_CODE = False              # allow models that need their own code from the Hub
 ISOLATE = True                         # each model in a fresh process: clean peak memory; a crash cannot stop the run
-LEAD_K = 3                             # turns in a "lead-k" baseline
-EXTRACTIVE_K = 3                       # turns (or sentences) in the "extractive" baseline
-REFERENCE_MAX_WORDS = 100              # cut baseline outputs to this many words, as models are cut (0 = no cut)
+LEAD_K = 3                             # [int >= 1] turns in a "lead-k" baseline
+EXTRACTIVE_K = 3                       # [int >= 1] turns (or sentences) in the "extractive" baseline
+REFERENCE_MAX_WORDS = 100              # [int >= 0] cut baseline outputs to this many words, as models are cut (0 = no cut)
 BERTSCORE_MODEL = "roberta-large"      # BERTScore model (Hub id or local folder); "" = skip BERTScore
-QUALITY_WEIGHT = 0.7                   # composite weight of min-max normalised ROUGE-L
-SPEED_WEIGHT = 0.3                     # composite weight of min-max normalised log10 samples/s
+QUALITY_WEIGHT = 0.7                   # [float >= 0] composite weight of min-max normalised ROUGE-L
+SPEED_WEIGHT = 0.3                     # [float >= 0] composite weight of min-max normalised log10 samples/s
 GGUF_IMPORT_DIR = "ft_outputs/imported"  # where .gguf entries are imported as model folders
 OUTPUT_DIR = "outputs/benchmarks"      # ranking, charts, predictions
 
@@ -60,7 +60,8 @@ from pathlib import Path
 from datasets import concatenate_datasets
 
 from finetuneflow.plan import ranking
-from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.settings import configure
 from finetuneflow.contract.data import get_split, load_dialogues, subset
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.engine.generation import GenerationSettings
@@ -140,10 +141,11 @@ def main(argv=None) -> dict:
     ranking.rouge_chart(rows, charts[0])
     ranking.tradeoff_chart(rows, charts[1])
     ranking.write_html(rows, out / "final_ranking.html", charts, meta, winner)
-    write_run_config(out, "benchmark_models", cfg, data.local_files + local_inputs,
-                     extra={"dataset": cfg.DATASET, "split": split_used, "n_samples": len(dialogues),
-                            "instruction": instruction, "winner": rows[0]["model"] if ranking.is_candidate(rows[0]) else None,
-                            "composite_formula": meta["composite_formula"], "bertscore": meta["bertscore"]})
+    record = RunRecord("benchmark_models", instruction=instruction, extra={
+        "dataset": cfg.DATASET, "data_split": split_used, "n_samples": len(dialogues),
+        "winner": rows[0]["model"] if ranking.is_candidate(rows[0]) else None,
+        "composite_formula": meta["composite_formula"], "bertscore": meta["bertscore"]})
+    write_record(out, record, cfg, data.local_files + local_inputs)
     print(f"\n{'model':<28}{'ROUGE-L':>9}{'samples/s':>11}{'composite':>11}  status")
     for r in rows:
         composite = f"{r['composite']:.3f}" if r.get("composite") is not None else "-"

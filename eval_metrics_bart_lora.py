@@ -20,16 +20,17 @@ PREDICTIONS = ["metrics/baseline_predictions.csv", "metrics/lora_predictions.csv
                "metrics/merged_predictions.csv"]  # CSV paths; the default list uses those that exist
 NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions.csv -> lora)
 BERTSCORE_MODEL = "roberta-large"      # bert-score model id (rescaled with its baseline) or local folder; "" = skip
-BERTSCORE_BATCH_SIZE = 32              # pairs per BERTScore forward pass
-BOOTSTRAP_SAMPLES = 1000               # resamples for the ROUGE bootstrap aggregate and the paired CIs
-CONFIDENCE = 0.95                      # confidence level of every interval
-BOOTSTRAP_SEED = 42                    # makes every interval reproducible
+BERTSCORE_BATCH_SIZE = 32              # [int >= 1] pairs per BERTScore forward pass
+BOOTSTRAP_SAMPLES = 1000               # [int >= 1] resamples for the ROUGE bootstrap aggregate and the paired CIs
+CONFIDENCE = 0.95                      # [0 < float < 1] confidence level of every interval
+BOOTSTRAP_SEED = 42                    # [int >= 0] makes every interval reproducible
 ALLOW_DIFFERENT_SAMPLES = False        # True: compare versions on their shared ids instead of failing
-TRUNCATION_WORDS = 560                 # inputs without an eval record count as truncated above this many words (~768 BART tokens)
-EXAMPLES = 6                           # example predictions shown side by side in the report
+TRUNCATION_WORDS = 560                 # [int >= 1] inputs without an eval record count as truncated above this many words (~768 BART tokens)
+EXAMPLES = 6                           # [int >= 0] example predictions shown side by side in the report
 OUTPUT_DIR = "metrics"                 # where everything is written
 
-from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.settings import configure
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import output_dir, resolve
@@ -94,8 +95,8 @@ def main(argv=None) -> dict:
     charts["distribution"] = report.distribution_chart(versions, out / "score_distribution.png")
     atomic_write_text(out / "report.html", report.html_report(versions, pairs, shared_ids, charts, cfg.EXAMPLES,
                                                               record["settings"]))
-    write_run_config(out, "eval_metrics", cfg, files, extra={"versions": names, "shared_samples": len(shared_ids)},
-                     name="eval_metrics.run_config.json")
+    write_record(out, RunRecord("eval_metrics", extra={"compared": names, "shared_samples": len(shared_ids)}), cfg,
+                 files, name="eval_metrics.run_config.json")
 
     for v in versions:
         s = v.summary

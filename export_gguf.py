@@ -21,34 +21,31 @@ ctranslate2) and compares logits and greedy summaries with the Hugging Face mode
 dialogues; thresholds per type are in finetuneflow/export.py (f32 exact, q8_0 looser).
 """
 MODEL = "ft_outputs/bart_merged_clean"  # merged model folder (post_merge_cleanup.py) or a Hub id
-FORMAT = "gguf"                        # gguf (llama.cpp/Ollama/LM Studio) | ct2 (CTranslate2)
-OUTTYPE = "q8_0"                       # GGUF weights: f32 | f16 | bf16 | q8_0
-QUANTIZATION = "int8"                  # CT2 weights: int8 | int8_float32 | float32 (GPU: float16, int8_float16)
-NAME = None                            # output name stem; None = the model folder's name
-OUTPUT_DIR = None                      # None: ft_outputs/gguf (GGUF) or ft_outputs/ct2/<name>-<quantization>
-PRE_TOKENIZER = None                   # llama.cpp pre-tokenizer for a tokenizer the converter does not know (None: gpt2 if it splits like GPT-2)
+FORMAT = "gguf"                        # [gguf | ct2] gguf (llama.cpp/Ollama/LM Studio) | ct2 (CTranslate2)
+OUTTYPE = "q8_0"                       # [f32 | f16 | bf16 | q8_0] GGUF weights: f32 | f16 | bf16 | q8_0
+QUANTIZATION = "int8"                  # [int8 | int8_float32 | float32 | int8_float16 | int8_bfloat16 | float16 | bfloat16] CT2 weights: int8 | int8_float32 | float32 (GPU: float16, int8_float16)
+NAME = None                            # [str | None] output name stem; None = the model folder's name
+OUTPUT_DIR = None                      # [str | None] None: ft_outputs/gguf (GGUF) or ft_outputs/ct2/<name>-<quantization>
+PRE_TOKENIZER = None                   # [str | None] llama.cpp pre-tokenizer for a tokenizer the converter does not know (None: gpt2 if it splits like GPT-2)
 VERIFY = True                          # reload the export and compare it with the Hugging Face model
 PROBE_DATASET = "data/samples/dialogues.jsonl"  # dialogues for the verification (file or Hub id)
 PROBE_SPLIT = "test"                   # split of PROBE_DATASET to take the probes from
-N_PROBES = 4                           # probe dialogues
-SEED = 42                              # probe selection seed
-INSTRUCTION = None                     # None: inherit from MODEL's run_config.json (else the default)
-MAX_INPUT_LENGTH = None                # tokens; None: inherit, else min(model limit, 1024)
-MAX_NEW_TOKENS = None                  # summary tokens in the verification/Modelfile; None: inherit, else 128
-BATCH_SIZE = 4                         # verification batch size
+N_PROBES = 4                           # [int >= 1] probe dialogues
+SEED = 42                              # [int >= 0] probe selection seed
+INSTRUCTION = None                     # [str | None] None: inherit from MODEL's run_config.json (else the default)
+MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens; None: inherit, else min(model limit, 1024)
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens in the verification/Modelfile; None: inherit, else 128
+BATCH_SIZE = 4                         # [int >= 1] verification batch size
 
 from finetuneflow.contract.settings import configure
-from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.errors import run_cli
 from finetuneflow.ship.export import export_ct2, export_gguf, inspect_source
 
 
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
-    fmt = cfg.FORMAT.lower()
-    if fmt not in ("gguf", "ct2"):
-        raise UserError(f"FORMAT={cfg.FORMAT!r} is not gguf or ct2")
     source = inspect_source(cfg.MODEL)
-    return export_gguf(source, cfg) if fmt == "gguf" else export_ct2(source, cfg)
+    return export_gguf(source, cfg) if cfg.FORMAT == "gguf" else export_ct2(source, cfg)
 
 
 if __name__ == "__main__":

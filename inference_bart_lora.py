@@ -15,43 +15,52 @@ turn boundaries and then summarizes the partial summaries; truncate cuts them; e
 Settings left at None come from the model folder's run_config.json (what was evaluated).
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
-BASE_MODEL = None                      # adapter folders only: the base, when its recorded path is gone
+BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
 TEXT = ""                              # one dialogue on the command line
 INPUT_FILE = ""                        # .txt (one dialogue), .jsonl, .json or .csv; "" with no TEXT reads stdin
-TEXT_COLUMN = None                     # column/key holding the dialogue (None: dialogue, dialog, text, ...)
-ID_COLUMN = None                       # column/key holding the id (None: id, sample_id, fname, ...; else row numbers)
+DIALOGUE_COLUMN = None                 # [str | None] column/key holding the dialogue (None: dialogue, dialog, text, ...)
+ID_COLUMN = None                       # [str | None] column/key holding the id (None: id, sample_id, fname, ...; else row numbers)
 OUTPUT_FILE = ""                       # .jsonl or .csv; "" prints to stdout
-LONG_INPUT = "chunk"                   # chunk, truncate or error: what to do with dialogues over MAX_INPUT_LENGTH
-MAX_INPUT_LENGTH = None                # tokens per model input; None: from run_config.json, else the model's limit
-INSTRUCTION = None                     # causal models' instruction; None: the one the model was trained with
-NUM_BEAMS = None                       # None: inherited (run_config.json generation, else the model's config)
-MAX_NEW_TOKENS = None                  # tokens per summary; None: inherited
-MIN_NEW_TOKENS = None                  # None: inherited
-NO_REPEAT_NGRAM_SIZE = None            # None: inherited
-LENGTH_PENALTY = None                  # None: inherited (beam search only)
-BATCH_SIZE = 8                         # dialogues (or windows) generated together
-DEVICE = None                          # None: cuda when available, else cpu
-LOAD_IN_4BIT = None                    # adapter folders: None = as the adapter was trained
+LONG_INPUT = "chunk"                   # [truncate | chunk | error] chunk, truncate or error: what to do with dialogues over MAX_INPUT_LENGTH
+MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens per model input; None: from run_config.json, else the model's limit
+INSTRUCTION = None                     # [str | None] causal models' instruction; None: the one the model was trained with
+NUM_BEAMS = None                       # [int >= 1 | None] None: inherited (run_config.json generation, else the model's config)
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] tokens per summary; None: inherited
+MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: inherited
+NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: inherited
+LENGTH_PENALTY = None                  # [float | None] None: inherited (beam search only)
+BATCH_SIZE = 8                         # [int >= 1] dialogues (or windows) generated together
+DEVICE = None                          # [str | None] None: cuda when available, else cpu
+LOAD_IN_4BIT = None                    # [bool | None] adapter folders: None = as the adapter was trained
 
 import sys
 
-from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, run_cli
-from finetuneflow.engine.generation import GenerationSettings
-from finetuneflow.engine.long_input import MODES, summarize_long
+from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.safety import check_output_file
+from finetuneflow.contract.settings import configure
+from finetuneflow.engine.long_input import summarize_long
 from finetuneflow.contract.paths import resolve
 from finetuneflow.serve.serving import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info, read_inputs,
                                   write_outputs)
 
 
+RENAMED = {"TEXT_COLUMN": "DIALOGUE_COLUMN"}
+STAGE = "inference_bart_lora"
+
+
 def main(argv=None) -> dict:
-    cfg = configure(globals(), argv)
-    if cfg.LONG_INPUT not in MODES:
-        raise UserError(f"--LONG_INPUT={cfg.LONG_INPUT!r}: use one of {', '.join(MODES)}")
-    output = resolve(cfg.OUTPUT_FILE) if cfg.OUTPUT_FILE else None
-    if output and output.suffix.lower() not in OUTPUT_FORMATS:
-        raise UserError(f"--OUTPUT_FILE={cfg.OUTPUT_FILE}: use a .jsonl or .csv file")
-    inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.TEXT_COLUMN, cfg.ID_COLUMN, sys.stdin)
+    cfg = configure(globals(), argv, renamed=RENAMED)
+    output = None
+    if cfg.OUTPUT_FILE:
+        output = resolve(cfg.OUTPUT_FILE)
+        if output.suffix.lower() not in OUTPUT_FORMATS:
+            raise UserError(f"--OUTPUT_FILE={cfg.OUTPUT_FILE}: use a .jsonl or .csv file")
+        output = check_output_file(output, stage=STAGE, setting="OUTPUT_FILE",
+                                   marker=output.with_name(f"{output.name}.run_config.json"),
+                                   inputs=[cfg.INPUT_FILE or None, cfg.MODEL, cfg.BASE_MODEL])
+    inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.DIALOGUE_COLUMN, cfg.ID_COLUMN, sys.stdin)
     if inputs.skipped:
         print(f"skipped {len(inputs.skipped)} rows with an empty dialogue (ids: {', '.join(inputs.skipped[:10])}"
               f"{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
@@ -76,11 +85,14 @@ def main(argv=None) -> dict:
     rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings}
             for i, s, w, t in zip(inputs.ids, result.summaries, result.windows, result.truncated)]
     if output:
+        record = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name,
+                           generation=settings, instruction=cfg.INSTRUCTION, max_input_length=result.max_input_length,
+                           lineage=loaded.record.lineage if loaded.record else RunRecord(STAGE).lineage,
+                           extra={"model": info, "decoding": result.settings, "chunked": result.chunked,
+                                  "truncated": truncated, "skipped": inputs.skipped, "timing": result.timing()})
+        write_record(output.parent, record, cfg, [cfg.INPUT_FILE] if cfg.INPUT_FILE else [],
+                     name=f"{output.name}.run_config.json")
         write_outputs(output, rows)
-        write_run_config(output.parent, "inference_bart_lora", cfg,
-                         [resolve(cfg.INPUT_FILE)] if cfg.INPUT_FILE else [], name=f"{output.name}.run_config.json",
-                         extra={**info, "generation": result.settings, "chunked": result.chunked,
-                                "truncated": truncated, "skipped": inputs.skipped, "timing": result.timing()})
         print(f"wrote {len(rows)} summaries to {output}", file=sys.stderr)
     elif len(rows) == 1:
         print(rows[0]["summary"])

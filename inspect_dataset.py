@@ -12,19 +12,19 @@ Run as:
 A single local file is split into train/validation/test (VAL_FRACTION, TEST_FRACTION, SEED).
 """
 DATASET = "knkarthick/highlightsum"    # Hub id or local file/folder
-HUB_CONFIG = None                      # Hub dataset configuration name, if it has several
-DIALOGUE_COLUMN = None                 # None: auto-detect (dialogue, dialog, text, source, document, ...)
-SUMMARY_COLUMN = None                  # None: auto-detect (summary, highlights, target, human_summary, ...)
-ID_COLUMN = None                       # None: auto-detect (id, sample_id, fname); row numbers when absent
-VAL_FRACTION = 0.1                     # share of a single local file kept for validation
-TEST_FRACTION = 0.1                    # share of a single local file kept for test
-SEED = 42                              # shuffling seed for splits and subsets
-NORMALIZE = False                      # rewrite DialogSum '#Person1#' tags and \r\n (see finetuneflow/data.py)
-MODEL_NAME = "facebook/bart-large-cnn"  # tokenizer for token statistics ("" skips them)
-MAX_INPUT_LENGTH = 768                 # tokens; reports how many dialogues would be truncated
-MAX_TARGET_LENGTH = 192                # tokens; reports how many summaries would be truncated
+HUB_CONFIG = None                      # [str | None] Hub dataset configuration name, if it has several
+DIALOGUE_COLUMN = None                 # [str | None] None: auto-detect (dialogue, dialog, text, source, document, ...)
+SUMMARY_COLUMN = None                  # [str | None] None: auto-detect (summary, highlights, target, human_summary, ...)
+ID_COLUMN = None                       # [str | None] None: auto-detect (id, sample_id, fname); row numbers when absent
+VAL_FRACTION = 0.1                     # [0 <= float < 1] share of a single local file kept for validation
+TEST_FRACTION = 0.1                    # [0 <= float < 1] share of a single local file kept for test
+SEED = 42                              # [int >= 0] shuffling seed for splits and subsets
+NORMALIZE = False                      # [bool | None] rewrite DialogSum '#Person1#' tags and \r\n (see finetuneflow/data.py)
+MODEL = "facebook/bart-large-cnn"       # tokenizer for token statistics ("" skips them)
+MAX_INPUT_LENGTH = 768                 # [int >= 16] tokens; reports how many dialogues would be truncated
+MAX_TARGET_LENGTH = 192                # [int >= 2] tokens; reports how many summaries would be truncated
 SPLIT = "train"                        # split to subset and export
-N_SAMPLES = 2000                       # rows in the exported subset (0 = all)
+N_SAMPLES = 2000                       # [int >= 0] rows in the exported subset (0 = all)
 EXPORT_JSONL = ""                      # path for the subset as JSONL ("" = no export)
 OUTPUT_DIR = "metrics"                 # where the overview and the histogram go
 
@@ -32,11 +32,15 @@ import json
 
 import numpy as np
 
-from finetuneflow.contract.settings import configure, write_run_config
-from finetuneflow.contract.data import get_split, load_dialogues, subset
+from finetuneflow.contract.data import DataSpec, get_split, load_data, subset
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.contract.paths import output_dir, resolve
+from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import RunRecord, portable, write_record
+from finetuneflow.contract.safety import check_output_file
+from finetuneflow.contract.settings import configure
+
+STAGE = "inspect_dataset"
 
 
 def length_stats(values: list[int]) -> dict:
@@ -49,7 +53,7 @@ def length_stats(values: list[int]) -> dict:
 
 def try_tokenizer(name: str):
     if not name:
-        return None, "no MODEL_NAME given"
+        return None, "no MODEL given"
     try:
         from transformers import AutoTokenizer
         from finetuneflow.model.loading import local_or_hub
@@ -75,11 +79,19 @@ def histogram(words_dialogue: list[int], words_summary: list[int], path) -> None
 
 
 def main(argv=None) -> dict:
-    cfg = configure(globals(), argv)
-    data = load_dialogues(cfg.DATASET, cfg.DIALOGUE_COLUMN, cfg.SUMMARY_COLUMN, cfg.ID_COLUMN, cfg.SEED,
-                          cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.NORMALIZE, cfg.HUB_CONFIG)
+    cfg = configure(globals(), argv, renamed={"MODEL_NAME": "MODEL"})
+    out = resolve(cfg.OUTPUT_DIR)
+    marker = out / "inspect_dataset.run_config.json"
+    for name in ("dataset_overview.json", "dataset_lengths.png", marker.name):
+        check_output_file(out / name, stage=STAGE, setting="OUTPUT_DIR", marker=marker, inputs=[cfg.DATASET])
+    export = None
+    if cfg.EXPORT_JSONL:
+        export = resolve(cfg.EXPORT_JSONL)
+        export = check_output_file(export, stage=STAGE, setting="EXPORT_JSONL", inputs=[cfg.DATASET],
+                                   marker=export.with_name(f"{export.name}.run_config.json"))
+    data = load_data(DataSpec.from_config(cfg))
     selected = get_split(data, cfg.SPLIT)
-    tokenizer, tokenizer_note = try_tokenizer(cfg.MODEL_NAME)
+    tokenizer, tokenizer_note = try_tokenizer(cfg.MODEL)
     all_rows = [row for ds in data.splits.values() for row in ds]
     dialogues, summaries = [r["dialogue"] for r in all_rows], [r["summary"] for r in all_rows]
     stats = {"dialogue": {"chars": length_stats([len(d) for d in dialogues]),
@@ -103,19 +115,19 @@ def main(argv=None) -> dict:
         "split_fractions": {"validation": cfg.VAL_FRACTION, "test": cfg.TEST_FRACTION, "seed": cfg.SEED} if data.made_splits else None,
         "rows": {name: len(ds) for name, ds in data.splits.items()}, "total_rows": len(all_rows),
         "dropped_empty_rows": data.dropped, "lengths": stats, "truncation": truncation,
-        "tokenizer": cfg.MODEL_NAME if tokenizer is not None else None, "tokenizer_note": tokenizer_note,
+        "tokenizer": cfg.MODEL if tokenizer is not None else None, "tokenizer_note": tokenizer_note,
         "first_example": {"id": first["id"], "dialogue": first["dialogue"][:500], "summary": first["summary"][:300]},
     }
-    out = output_dir(cfg.OUTPUT_DIR)
     exported = None
-    if cfg.EXPORT_JSONL:
+    if export is not None:
         rows = subset(selected, cfg.N_SAMPLES, cfg.SEED)
-        exported = resolve(cfg.EXPORT_JSONL)
-        atomic_write_text(exported, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        overview["export"] = {"path": str(exported), "split": cfg.SPLIT, "rows": len(rows), "seed": cfg.SEED}
+        write_record(export.parent, RunRecord(STAGE, extra={"rows": len(rows), "data_split": cfg.SPLIT}), cfg,
+                     data.local_files, name=f"{export.name}.run_config.json")
+        exported = atomic_write_text(export, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        overview["export"] = {"path": portable(exported), "split": cfg.SPLIT, "rows": len(rows), "seed": cfg.SEED}
     histogram([len(d.split()) for d in dialogues], [len(s.split()) for s in summaries], out / "dataset_lengths.png")
     atomic_write_json(out / "dataset_overview.json", overview)
-    write_run_config(out, "inspect_dataset", cfg, data.local_files, name="inspect_dataset.run_config.json")
+    write_record(out, RunRecord(STAGE), cfg, data.local_files, name=marker.name)
     print(f"dataset {data.source}: " + ", ".join(f"{k} {v}" for k, v in overview["rows"].items())
           + f" rows ({sum(data.dropped.values())} empty rows dropped)")
     for role in ("dialogue", "summary"):

@@ -1,6 +1,6 @@
 """Stage 6 - give the merged model one consistent generation config: the evaluated settings as defaults.
 
-Reads:  MERGED_DIR (from merge_bart_lora.py: weights, config.json, generation_config.json,
+Reads:  MODEL (the merged folder from merge_bart_lora.py: weights, config.json, generation_config.json,
         tokenizer, run_config.json with the evaluated "generation" settings)
 Writes: OUTPUT_DIR/ the same weights and tokenizer (copied, unchanged) with
         config.json             generation parameters and stale task_specific_params removed
@@ -10,71 +10,73 @@ Writes: OUTPUT_DIR/ the same weights and tokenizer (copied, unchanged) with
 
 Run as:
     python post_merge_cleanup.py
-    python post_merge_cleanup.py --merged_dir=ft_outputs/smollm2_merged --output_dir=ft_outputs/smollm2_clean
+    python post_merge_cleanup.py --model=ft_outputs/smollm2_merged --output_dir=ft_outputs/smollm2_clean
 Afterwards a plain `model.generate(**inputs)` reproduces the evaluated summaries: the script checks
 that by loading the result with plain transformers, generating with no warnings allowed, and comparing
 with the shared engine. Safe to re-run: the output folder is rebuilt atomically.
 """
-MERGED_DIR = "ft_outputs/bart_merged_highlightsum"  # merged model folder from merge_bart_lora.py
+MODEL = "ft_outputs/bart_merged_highlightsum"  # merged model folder from merge_bart_lora.py
 OUTPUT_DIR = "ft_outputs/bart_merged_clean"  # where the cleaned model goes
-NUM_BEAMS = None                       # None: the evaluated value from MERGED_DIR/run_config.json
-MAX_NEW_TOKENS = None                  # None: evaluated value (tokens)
-MIN_NEW_TOKENS = None                  # None: evaluated value (tokens)
-NO_REPEAT_NGRAM_SIZE = None            # None: evaluated value
-LENGTH_PENALTY = None                  # None: evaluated value (beam search only)
-VERIFY_SAMPLES = 2                     # dialogues generated with plain generate() to verify the result
-DEVICE = None                          # None: cuda when available, else cpu
+OVERWRITE = False                      # True: replace an earlier cleaned folder in OUTPUT_DIR
+NUM_BEAMS = None                       # [int >= 1 | None] None: the evaluated value from MODEL/run_config.json
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] None: evaluated value (tokens)
+MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: evaluated value (tokens)
+NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: evaluated value
+LENGTH_PENALTY = None                  # [float | None] None: evaluated value (beam search only)
+VERIFY_SAMPLES = 2                     # [int >= 1] dialogues generated with plain generate() to verify the result
+DEVICE = None                          # [str | None] None: cuda when available, else cpu
 
 import json
 import shutil
 
-import torch
 from transformers import AutoConfig, GenerationConfig
 
-from finetuneflow.contract.settings import configure, read_run_config, write_run_config
+from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, run_cli
-from finetuneflow.engine.generation import GenerationSettings
-from finetuneflow.contract.io import atomic_dir, atomic_write_json, atomic_write_text
-from finetuneflow.ship.merging import clean_configs, has_model_weights, probe_dialogues, verify_clean
-from finetuneflow.model.loading import default_device, is_adapter_dir, load_tokenizer, model_family
-from finetuneflow.contract.paths import require, resolve
+from finetuneflow.contract.io import atomic_write_json, atomic_write_text
+from finetuneflow.contract.paths import require
+from finetuneflow.contract.record import RunRecord, portable, read_record, write_record
+from finetuneflow.contract.safety import check_output_dir, replace_dir
+from finetuneflow.contract.settings import configure
+from finetuneflow.model.backends.hf import parse_device
+from finetuneflow.model.family import family_of
+from finetuneflow.model.loading import is_adapter_dir, load_tokenizer
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.ship.merging import clean_configs, has_model_weights, probe_dialogues, verify_clean
 
+STAGE = "post_merge_cleanup"
+RENAMED = {"MERGED_DIR": "MODEL"}
 REWRITTEN = {"config.json", "generation_config.json", "run_config.json", "README.md", "cleanup_report.json"}
-CARRIED = ("family", "instruction", "prompt_style", "max_input_length", "max_target_length", "base_model",
-           "dataset", "lora", "load_in_4bit", "merged_from", "dtype")
 
 
 def main(argv=None) -> dict:
-    cfg = configure(globals(), argv)
-    source = require(cfg.MERGED_DIR, produced_by="merge_bart_lora.py", what="merged model folder")
+    cfg = configure(globals(), argv, renamed=RENAMED)
+    source = require(cfg.MODEL, produced_by="merge_bart_lora.py", what="merged model folder")
     if is_adapter_dir(source):
         raise UserError(f"{source} is a LoRA adapter, not a merged model; run `python merge_bart_lora.py "
-                        f"--adapter={cfg.MERGED_DIR}` first and clean its output")
+                        f"--adapter={cfg.MODEL}` first and clean its output")
     if not has_model_weights(source) or not (source / "config.json").is_file():
         raise UserError(f"{source} holds no model (config.json + safetensors); it is written by "
                         f"`python merge_bart_lora.py`")
-    out = resolve(cfg.OUTPUT_DIR)
-    if out == source:
-        raise UserError("OUTPUT_DIR must differ from MERGED_DIR: the merged folder is kept as it is")
-    upstream = read_run_config(source) or {}
-    if not upstream.get("generation"):
+    out = check_output_dir(cfg.OUTPUT_DIR, stage=STAGE, inputs=[source], overwrite=cfg.OVERWRITE)
+    upstream = read_record(source) or RunRecord("unknown")
+    if not upstream.generation:
         print(f"note: {source}/run_config.json records no evaluated generation settings; the model's own "
               f"generation config is kept except where set here")
-    evaluated = {k: v for k, v in (upstream.get("generation") or {}).items() if k in GenerationSettings.__dataclass_fields__}
+    evaluated = upstream.generation.overrides() if upstream.generation else {}
     evaluated.update(GenerationSettings.from_config(cfg).overrides())
     raw_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(source)
-    family = model_family(config)
+    family = family_of(config)
     generation = (GenerationConfig.from_pretrained(source) if (source / "generation_config.json").is_file()
                   else GenerationConfig())
     tokenizer = load_tokenizer(str(source), family, config)
     changes = clean_configs(raw_config, config, generation, tokenizer, family, evaluated)
-    instruction = upstream.get("instruction") or DEFAULT_INSTRUCTION
-    limit = int(upstream.get("max_input_length") or tokenizer.model_max_length)
+    instruction = upstream.instruction or DEFAULT_INSTRUCTION
+    limit = int(upstream.max_input_length or tokenizer.model_max_length)
     rows, _ = probe_dialogues(None, cfg.VERIFY_SAMPLES)
-    device = torch.device(cfg.DEVICE) if cfg.DEVICE else default_device()
-    with atomic_dir(out) as tmp:
+    device = parse_device(cfg.DEVICE)
+    with replace_dir(out) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name not in REWRITTEN:
                 shutil.copy2(item, tmp / item.name)
@@ -84,7 +86,7 @@ def main(argv=None) -> dict:
         except ValueError as exc:
             raise UserError(f"the cleaned generation config is still invalid: {str(exc).splitlines()[0]}") from None
         verification = verify_clean(tmp, rows, instruction, limit, evaluated, device)
-        report = {"source": str(source), "family": family, "evaluated_generation": evaluated,
+        report = {"source": portable(source), "family": family, "evaluated_generation": evaluated,
                   "changes": changes.items, "generation_config": generation.to_diff_dict(),
                   "verification": verification}
         print(f"{len(changes.items)} changes:")
@@ -101,15 +103,17 @@ def main(argv=None) -> dict:
         atomic_write_text(tmp / "README.md", card.rstrip() + "\n\n## Generation defaults (post_merge_cleanup.py)\n"
                           "`generation_config.json` holds the evaluated settings, so a plain `generate()` "
                           "reproduces the evaluated summaries"
-                          + (" (decoder-only with a no-repeat rule: pass finetuneflow.engine.generation.GeneratedNoRepeatNGram "
+                          + (" (decoder-only with a no-repeat rule: pass finetuneflow.model.backends.hf.GeneratedNoRepeatNGram "
                              "as a logits processor, see cleanup_report.json)" if family != "seq2seq"
                              and evaluated.get("no_repeat_ngram_size") else "")
                           + f":\n\n```json\n{json.dumps(defaults, indent=2)}\n```\n")
-        record = {key: upstream.get(key) for key in CARRIED}
-        record.update({"family": family, "instruction": instruction, "max_input_length": limit,
-                       "generation": {**{k: None for k in GenerationSettings.__dataclass_fields__}, **evaluated},
-                       "cleaned_from": str(source)})
-        write_run_config(tmp, "post_merge_cleanup", cfg, [source], extra=record)
+        carried = upstream.carried()
+        carried.update(family=family, instruction=instruction, max_input_length=limit,
+                       generation=GenerationSettings(**evaluated))
+        record = RunRecord(STAGE, **carried, dtype=upstream.dtype, backend="transformers",
+                           extra={"lora": upstream.extra.get("lora")})
+        record.lineage.cleaned_from = portable(source)
+        write_record(tmp, record, cfg, [source])
     print(f"verified: loads and generates with no warnings; plain generate() matches the evaluated outputs "
           f"on {len(rows)} dialogues")
     print(f"wrote {out} (cleanup_report.json lists every change); next: python inference_bart_lora.py "

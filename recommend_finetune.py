@@ -17,21 +17,21 @@ used. The memory formula, the method choice and the time scaling are documented 
 finetuneflow/planning.py; times are estimates (expect within ~2x).
 """
 RANKING = "outputs/benchmarks/final_ranking.csv"  # benchmark_models.py's ranking
-TOP_K = 2                              # plan the best K successful models
+TOP_K = 2                              # [int >= 1] plan the best K successful models
 GPU_NAME = ""                          # plan for this GPU: T4, L4, A10, A100, A100-80GB, H100, H200; "" = this machine
-GPU_MEMORY_GB = None                   # memory to plan with, GB; None = free memory detected, or the GPU's nominal
-MEMORY_MARGIN = 0.8                    # share of the memory a plan may fill (the rest: fragmentation, spikes)
+GPU_MEMORY_GB = None                   # [float > 0 | None] memory to plan with, GB; None = free memory detected, or the GPU's nominal
+MEMORY_MARGIN = 0.8                    # [0 < float <= 1] share of the memory a plan may fill (the rest: fragmentation, spikes)
 OVERVIEW = "metrics/dataset_overview.json"  # inspect_dataset.py output: p99 token lengths ("" = ignore)
-DATASET = None                         # training data for the script; None = the overview's, else the benchmark's
-TRAIN_SAMPLES = 2000                   # training rows (the seed's 2,000)
-VAL_SAMPLES = 200                      # validation rows evaluated each epoch
-EPOCHS = 3                             # passes over the training rows
-MICRO_BATCH = 4                        # planned micro-batch; halved when nothing fits
-EFFECTIVE_BATCH = 8                    # micro-batch x gradient accumulation (the seed's 4 x 2)
-MAX_INPUT_LENGTH = 768                 # tokens when there is no overview (the seed's)
-MAX_TARGET_LENGTH = 192                # tokens when there is no overview (the seed's)
-MAX_INPUT_CAP = 1024                   # longest input the plan allows, whatever the p99
-MAX_TARGET_CAP = 256                   # longest summary the plan allows
+DATASET = None                         # [str | None] training data for the script; None = the overview's, else the benchmark's
+TRAIN_SAMPLES = 2000                   # [int >= 0] training rows (the seed's 2,000)
+VAL_SAMPLES = 200                      # [int >= 0] validation rows evaluated each epoch
+EPOCHS = 3                             # [float > 0] passes over the training rows
+MICRO_BATCH = 4                        # [int >= 1] planned micro-batch; halved when nothing fits
+EFFECTIVE_BATCH = 8                    # [int >= 1] micro-batch x gradient accumulation (the seed's 4 x 2)
+MAX_INPUT_LENGTH = 768                 # [int >= 16] tokens when there is no overview (the seed's)
+MAX_TARGET_LENGTH = 192                # [int >= 2] tokens when there is no overview (the seed's)
+MAX_INPUT_CAP = 1024                   # [int >= 16] longest input the plan allows, whatever the p99
+MAX_TARGET_CAP = 256                   # [int >= 2] longest summary the plan allows
 TRAINER = "train_bart_lora.py"         # the stage the launch scripts run
 OUTPUT_DIR = "outputs/benchmarks"      # where the plan and scripts go
 
@@ -42,7 +42,8 @@ import re
 from pathlib import Path
 
 from finetuneflow.plan import planning
-from finetuneflow.contract.settings import declared_settings, configure, read_run_config, write_run_config
+from finetuneflow.contract.record import RunRecord, read_record, write_record
+from finetuneflow.contract.settings import configure, declared_settings
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.io import atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import output_dir, require, resolve
@@ -66,7 +67,7 @@ def read_candidates(path: Path, top_k: int) -> list[dict]:
 
 def trainer_flags(trainer: Path) -> set[str] | None:
     """The trainer's constant names, to check the launch script against (None if it is not there)."""
-    return {name for name, _ in declared_settings({"__file__": str(trainer)})} if trainer.is_file() else None
+    return {s.name for s in declared_settings({"__file__": str(trainer)})} if trainer.is_file() else None
 
 
 def plan_model(cfg, row: dict, target: planning.Target, overview: dict | None, dataset: str, n_train: int,
@@ -100,7 +101,7 @@ def plan_model(cfg, row: dict, target: planning.Target, overview: dict | None, d
     plan["time"] = planning.estimate_time(planning.number(row, "samples_per_s"), row.get("device"), target,
                                           plan["method"], n_train, n_val, cfg.EPOCHS, checkpointing)
     slug = re.sub(r"[^\w.-]+", "_", row["model"].lower()).strip("_") or "model"
-    flags = {"MODEL_NAME": plan["source"], "DATASET": dataset, "TRAIN_SAMPLES": n_train, "VAL_SAMPLES": n_val,
+    flags = {"MODEL": plan["source"], "DATASET": dataset, "TRAIN_SAMPLES": n_train, "VAL_SAMPLES": n_val,
              "EPOCHS": cfg.EPOCHS, "BATCH_SIZE": batch, "GRAD_ACCUM": plan["grad_accum"], "LEARNING_RATE": hyper["lr"],
              "MAX_INPUT_LENGTH": lengths["max_input_length"], "MAX_TARGET_LENGTH": lengths["max_target_length"],
              "LORA_R": hyper["r"], "LORA_ALPHA": hyper["alpha"], "LORA_DROPOUT": hyper["dropout"],
@@ -125,8 +126,8 @@ def main(argv=None) -> dict:
     target = planning.resolve_target(cfg.GPU_NAME, cfg.GPU_MEMORY_GB)
     overview_path = resolve(cfg.OVERVIEW) if cfg.OVERVIEW else None
     overview = json.loads(overview_path.read_text(encoding="utf-8")) if overview_path and overview_path.is_file() else None
-    bench = read_run_config(ranking_path.parent) or {}
-    dataset = cfg.DATASET or (overview or {}).get("dataset") or bench.get("dataset") or "knkarthick/highlightsum"
+    bench = read_record(ranking_path.parent)
+    dataset = cfg.DATASET or (overview or {}).get("dataset") or (bench.extra.get("dataset") if bench else None) or "knkarthick/highlightsum"
     n_train, n_val = cfg.TRAIN_SAMPLES, cfg.VAL_SAMPLES
     if overview and overview.get("dataset") == dataset:   # a small dataset has fewer rows than asked for
         rows = overview.get("rows", {})
@@ -160,8 +161,8 @@ def main(argv=None) -> dict:
               "recommendations": plans}
     atomic_write_json(out / "recommendations.json", result)
     atomic_write_text(out / "finetune_plan.md", planning.plan_markdown(plans, target, meta))
-    write_run_config(out, "recommend_finetune", cfg, [ranking_path] + ([overview_path] if overview else []),
-                     name="recommend_finetune.run_config.json")
+    write_record(out, RunRecord("recommend_finetune"), cfg, [ranking_path] + ([overview_path] if overview else []),
+                 name="recommend_finetune.run_config.json")
     print(f"wrote {out / 'recommendations.json'}, finetune_plan.md and "
           f"{sum(p['fits'] for p in plans)} launch script(s) in {out}")
     return result

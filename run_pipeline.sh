@@ -30,7 +30,7 @@ python eval_bart_lora.py --model="$MODEL" --tag=baseline --dataset="$DATASET" --
 python eval_bart_lora.py --model=$ADAPTER --tag=lora --dataset="$DATASET" --n_samples=$VAL
 # 5. Merge (with a parity check) and give the merged model the evaluated generation defaults.
 python merge_bart_lora.py --adapter=$ADAPTER --output_dir=$MERGED
-python post_merge_cleanup.py --merged_dir=$MERGED --output_dir=$CLEAN
+python post_merge_cleanup.py --model=$MERGED --output_dir=$CLEAN
 # 6. Evaluate the merged model; compare all three with confidence intervals, charts and an HTML report.
 python eval_bart_lora.py --model=$CLEAN --tag=merged --dataset="$DATASET" --n_samples=$VAL
 python eval_metrics_bart_lora.py

@@ -14,29 +14,29 @@ below. Concurrent requests are micro-batched: dialogues are collected for BATCH_
 BATCH_SIZE) and generated together in one worker thread. Each limit breach is a 4xx JSON error.
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
-BASE_MODEL = None                      # adapter folders only: the base, when its recorded path is gone
+BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
 HOST = "127.0.0.1"                     # bind address (loopback; 0.0.0.0 exposes the service: set a token)
-PORT = 8000                            # TCP port (0: any free port, printed at start)
-BATCH_SIZE = 8                         # most dialogues generated together
-BATCH_WAIT_MS = 10.0                   # how long to collect concurrent dialogues before generating (ms)
+PORT = 8000                            # [0 <= int <= 65535] TCP port (0: any free port, printed at start)
+BATCH_SIZE = 8                         # [int >= 1] most dialogues generated together
+BATCH_WAIT_MS = 10.0                   # [0 <= float <= 10000] how long to collect concurrent dialogues before generating (ms)
 MICRO_BATCHING = True                  # False: one request at a time (for comparison)
-MAX_BODY_BYTES = 1_000_000             # request body limit (bytes) -> 413
-MAX_DIALOGUES = 16                     # dialogues per request -> 422
-MAX_CHARS = 20_000                     # characters per dialogue -> 422
-MAX_NEW_TOKENS_LIMIT = 256             # the most new tokens a request may ask for -> 422
-MAX_BEAMS = 8                          # the most beams a request may ask for -> 422
-MAX_PENDING = 1024                     # dialogues waiting before new requests get 503
-LONG_INPUT = "chunk"                   # chunk, truncate or error for dialogues over MAX_INPUT_LENGTH tokens
-MAX_INPUT_LENGTH = None                # tokens per model input; None: from run_config.json, else the model's limit
-INSTRUCTION = None                     # causal models' instruction; None: the one the model was trained with
-NUM_BEAMS = None                       # default decoding settings; None: inherited from run_config.json
-MAX_NEW_TOKENS = None                  # tokens; None: inherited
-MIN_NEW_TOKENS = None                  # None: inherited
-NO_REPEAT_NGRAM_SIZE = None            # None: inherited
-LENGTH_PENALTY = None                  # None: inherited
+MAX_BODY_BYTES = 1_000_000             # [int >= 1024] request body limit (bytes) -> 413
+MAX_DIALOGUES = 16                     # [int >= 1] dialogues per request -> 422
+MAX_CHARS = 20_000                     # [int >= 1] characters per dialogue -> 422
+MAX_NEW_TOKENS_LIMIT = 256             # [int >= 1] the most new tokens a request may ask for -> 422
+MAX_BEAMS = 8                          # [int >= 1] the most beams a request may ask for -> 422
+MAX_PENDING = 1024                     # [int >= 1] dialogues waiting before new requests get 503
+LONG_INPUT = "chunk"                   # [truncate | chunk | error] chunk, truncate or error for dialogues over MAX_INPUT_LENGTH tokens
+MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens per model input; None: from run_config.json, else the model's limit
+INSTRUCTION = None                     # [str | None] causal models' instruction; None: the one the model was trained with
+NUM_BEAMS = None                       # [int >= 1 | None] default decoding settings; None: inherited from run_config.json
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] tokens; None: inherited
+MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: inherited
+NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: inherited
+LENGTH_PENALTY = None                  # [float | None] None: inherited
 TOKEN_ENV = "FTF_API_TOKEN"            # environment variable holding the optional bearer token
-DEVICE = None                          # None: cuda when available, else cpu
-LOG_LEVEL = "warning"                  # uvicorn log level ("info" also logs every request)
+DEVICE = None                          # [str | None] None: cuda when available, else cpu
+LOG_LEVEL = "warning"                  # [critical | error | warning | info | debug | trace] uvicorn log level ("info" also logs every request)
 
 import hmac
 import json
@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException
 from finetuneflow.contract.settings import configure
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.engine.generation import GenerationSettings
-from finetuneflow.engine.long_input import MODES, input_limit, summarize_long
+from finetuneflow.engine.long_input import input_limit, summarize_long
 from finetuneflow.serve.serving import (ApiError, MicroBatcher, Overloaded, SummarizeRequest, bearer_token, error_response,
                                   inherit_defaults, inline_schema, load_for_inference, model_info, parse_request)
 
@@ -146,8 +146,6 @@ def create_app(loaded, cfg) -> FastAPI:
 
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
-    if cfg.LONG_INPUT not in MODES:
-        raise UserError(f"--LONG_INPUT={cfg.LONG_INPUT!r}: use one of {', '.join(MODES)}")
     loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE)
     inherit_defaults(cfg, loaded)
     app = create_app(loaded, cfg)

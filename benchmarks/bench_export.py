@@ -16,14 +16,14 @@ llama.cpp, so the toolkit does not install it); otherwise its row says skipped.
 MODEL = "ft_outputs/base_smollm2"     # Hugging Face model folder to benchmark
 DATASET = "data/samples/dialogues.jsonl"  # dialogues (file or Hub id)
 SPLIT = "train"                        # split to take them from
-N_SAMPLES = 16                         # dialogues summarized by every runtime
-SEED = 42                              # dialogue selection seed
-BATCH_SIZE = 8                         # dialogues per generate call (llama.cpp: one at a time)
-MAX_INPUT_LENGTH = 512                 # prompt tokens
-MAX_NEW_TOKENS = 64                    # summary tokens (greedy)
+N_SAMPLES = 16                         # [int >= 0] dialogues summarized by every runtime
+SEED = 42                              # [int >= 0] dialogue selection seed
+BATCH_SIZE = 8                         # [int >= 1] dialogues per generate call (llama.cpp: one at a time)
+MAX_INPUT_LENGTH = 512                 # [int >= 16] prompt tokens
+MAX_NEW_TOKENS = 64                    # [int >= 1 | None] summary tokens (greedy)
 CT2_QUANTIZATION = "int8"              # CTranslate2 weights
 GGUF_OUTTYPE = "q8_0"                  # GGUF weights (measured with llama-cpp-python when installed)
-THREADS = 0                            # CPU threads for torch and CTranslate2 alike (0 = each library's default)
+THREADS = 0                            # [int >= 0] CPU threads for torch and CTranslate2 alike (0 = each library's default)
 WORK_DIR = "outputs/bench_export"      # where the exports are written (reused when present)
 OUTPUT = "metrics/bench_export.json"   # the results
 
@@ -36,18 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from finetuneflow.contract.settings import configure, write_run_config
+from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.settings import configure
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.io import atomic_dir, atomic_write_json
 from finetuneflow.contract.paths import resolve
 
 
 def ct2_export(model: Path, out: Path, quantization: str) -> Path:
-    from finetuneflow.model.backends.ct2 import BACKEND, convert_to_ct2
+    from finetuneflow.contract.record import Lineage
+    from finetuneflow.ship.ct2_export import convert_to_ct2
     if not (out / "model.bin").is_file():
         with atomic_dir(out) as tmp:
             convert_to_ct2(model, tmp, quantization)
-            atomic_write_json(tmp / "run_config.json", {"backend": BACKEND, "exported_from": str(model)})
+            write_record(tmp, RunRecord("bench_export", backend="ctranslate2", lineage=Lineage(exported_from=str(model))))
     return out
 
 
@@ -131,7 +133,7 @@ def main(argv=None) -> dict:
               "examples": [{name: texts[i] for name, texts in outputs.items()} for i in range(min(2, len(dialogues)))]}
     out = resolve(cfg.OUTPUT)
     atomic_write_json(out, report)
-    write_run_config(out.parent, "bench_export", cfg, [model], name=f"{out.stem}.run_config.json")
+    write_record(out.parent, RunRecord("bench_export"), cfg, [model], name=f"{out.stem}.run_config.json")
     print(f"wrote {out}")
     return report
 

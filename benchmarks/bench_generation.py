@@ -1,7 +1,7 @@
 """Benchmark: the seed's evaluation loop vs FineTuneFlow's generation engine, side by side.
 
 The seed's eval_bart_lora.py summarizes one dialogue at a time: tokenize with truncation,
-`generate`, decode. The engine (finetuneflow/generation.py) sorts inputs by length and
+`generate`, decode. The engine (finetuneflow/engine/generation.py) sorts inputs by length and
 generates BATCH_SIZE at a time with padding. Both run here on the same model, the same samples
 and the same decoding settings (greedy by default), in one process, one after the other; the
 script prints samples/s and generated tokens/s of each, the speed-up, and whether the
@@ -17,12 +17,12 @@ Run as:
 MODELS = ["tiny"]                      # model folders / Hub ids; "tiny" = tiny BART + tiny Llama (built in a temp folder)
 DATASET = "data/samples/dialogues.jsonl"  # local file or Hub id (rows: id, dialogue, summary)
 SPLIT = "train"                        # split to take the rows from (a single local file is all "train")
-N_SAMPLES = 24                         # dialogues summarized by each method
-BATCH_SIZE = 8                         # the engine's batch size
-NUM_BEAMS = 1                          # 1 = greedy; the same for both methods
-MAX_NEW_TOKENS = 64                    # summary token limit, the same for both methods
-MAX_INPUT_LENGTH = 768                 # input tokens (the seed truncated at 768)
-THREADS = 0                            # torch CPU threads (0 = torch's default; 1 is steadier on a shared, busy CPU)
+N_SAMPLES = 24                         # [int >= 0] dialogues summarized by each method
+BATCH_SIZE = 8                         # [int >= 1] the engine's batch size
+NUM_BEAMS = 1                          # [int >= 1 | None] 1 = greedy; the same for both methods
+MAX_NEW_TOKENS = 64                    # [int >= 1 | None] summary token limit, the same for both methods
+MAX_INPUT_LENGTH = 768                 # [int >= 16] input tokens (the seed truncated at 768)
+THREADS = 0                            # [int >= 0] torch CPU threads (0 = torch's default; 1 is steadier on a shared, busy CPU)
 PREFILL_SPLIT = True                   # also time 1-token runs of both methods to split prompt reading from decoding
 OUTPUT_JSON = ""                       # also write the results here ("" = print only)
 
@@ -40,18 +40,21 @@ from finetuneflow.contract.errors import run_cli  # noqa: E402
 def seed_loop(loaded, dialogues, effective, instruction, max_input_length) -> tuple[list[str], int, float]:
     """The seed's way: one dialogue per generate() call, no sorting, no padding."""
     import torch
-    from finetuneflow.engine import generation as G
+    from finetuneflow.engine.generation import encode
+    from finetuneflow.model.backends import finish
+    from finetuneflow.model.backends.hf import generation_config_for
+    from finetuneflow.model.prompts import stop_token_ids
     summaries, generated = [], 0
-    stops = set(G.stop_token_ids(loaded.tokenizer)) | {loaded.tokenizer.pad_token_id}
+    stops = set(stop_token_ids(loaded.tokenizer)) | {loaded.tokenizer.pad_token_id}
     start = time.perf_counter()
-    with G._generation_config(loaded, effective):
+    with generation_config_for(loaded, effective):
         for dialogue in dialogues:
-            ids, _ = G.encode(loaded, dialogue, instruction, max_input_length)
+            ids, _ = encode(loaded, dialogue, instruction, max_input_length)
             input_ids = torch.tensor([ids], device=loaded.device)
             with torch.inference_mode():
                 out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-            new = out[:, input_ids.shape[1]:] if loaded.family == G.CAUSAL else out[:, 1:]
-            generated += G._generated_lengths(new.tolist(), stops)[0]
+            new = loaded.family.new_tokens(out, input_ids.shape[1])
+            generated += finish(new.tolist(), stops, effective.get("max_new_tokens"))[0].counted
             summaries.append(loaded.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return summaries, generated, time.perf_counter() - start
 

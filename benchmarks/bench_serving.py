@@ -12,12 +12,12 @@ off means every request is generated alone; on, concurrent requests share a batc
 """
 MODEL = ""                             # model, merged or adapter folder; "" = tiny Llama built in a temp folder
 DATASET = "data/samples/dialogues.jsonl"  # .jsonl with a "dialogue" field; requests cycle through it
-MAX_CHARS = 1500                       # dialogues longer than this are skipped (keeps requests comparable)
-REQUESTS = 64                          # requests per mode
-CONCURRENCY = 16                       # requests in flight at once
-MAX_NEW_TOKENS = 16                    # tokens per summary (same in both modes)
-BATCH_SIZE = 8                         # micro-batch size of the service
-BATCH_WAIT_MS = 10.0                   # micro-batch collection window (ms)
+MAX_CHARS = 1500                       # [int >= 1] dialogues longer than this are skipped (keeps requests comparable)
+REQUESTS = 64                          # [int >= 1] requests per mode
+CONCURRENCY = 16                       # [int >= 1] requests in flight at once
+MAX_NEW_TOKENS = 16                    # [int >= 1 | None] tokens per summary (same in both modes)
+BATCH_SIZE = 8                         # [int >= 1] micro-batch size of the service
+BATCH_WAIT_MS = 10.0                   # [0 <= float <= 10000] micro-batch collection window (ms)
 OUTPUT_JSON = ""                       # optional path for the numbers
 
 import asyncio

@@ -24,15 +24,15 @@ Run as:
     python benchmarks/bench_training.py --model_name=ft_outputs/base_smollm2 \\
         --dataset=../shared/data/dialogsum_dev500.jsonl --steps=2
 """
-MODEL_NAME = None                    # model folder or Hub id; None: tiny BART and tiny Llama (built in a temp folder)
+MODEL_NAME = None                      # [str | None] model folder or Hub id; None: tiny BART and tiny Llama (built in a temp folder)
 DATASET = "data/samples/dialogues.jsonl"  # training rows come from its train split
-STEPS = 3                            # optimizer steps per recipe
-BATCH_SIZE = 4                       # micro-batch (the seed's)
-GRAD_ACCUM = 2                       # micro-batches per step (the seed's)
-MAX_INPUT_LENGTH = 768               # the seed's input padding length
-MAX_TARGET_LENGTH = 192              # the seed's label padding length
-SEED = 42                            # row subset and data order
-REPEATS = 1                          # runs per recipe, interleaved; the fastest counts (shared machines are noisy)
+STEPS = 3                              # [int >= 1] optimizer steps per recipe
+BATCH_SIZE = 4                         # [int >= 1] micro-batch (the seed's)
+GRAD_ACCUM = 2                         # [int >= 1] micro-batches per step (the seed's)
+MAX_INPUT_LENGTH = 768                 # [int >= 16] the seed's input padding length
+MAX_TARGET_LENGTH = 192                # [int >= 2] the seed's label padding length
+SEED = 42                              # [int >= 0] row subset and data order
+REPEATS = 1                            # [int >= 1] runs per recipe, interleaved; the fastest counts (shared machines are noisy)
 OUTPUT_JSON = ""                     # also write the results here ("" = print only)
 
 import multiprocessing
@@ -53,7 +53,7 @@ RECIPES = ("seed_max_length", "dynamic")
 
 def seed_batches(rows, tokenizer, spec):
     """The seed's tokenization: pad everything to full length in map; label pads are NOT -100."""
-    from finetuneflow.model.loading import CAUSAL
+    from finetuneflow.model.family import CAUSAL
     from finetuneflow.model.prompts import encode_causal_prompt
 
     if spec.family == CAUSAL:
@@ -115,7 +115,8 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
     from transformers import PrinterCallback, TrainingArguments, default_data_collator, set_seed
 
     from finetuneflow.contract.data import load_dialogues, subset
-    from finetuneflow.model.loading import SEQ2SEQ, load_model
+    from finetuneflow.model.family import SEQ2SEQ
+    from finetuneflow.model.loading import load_model
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
 
     datasets.disable_progress_bars()

@@ -49,7 +49,7 @@ $PY eval_bart_lora.py --model=$ADAPTER --tag=lora --dataset=$DATA --split=test -
 
 step "7. merge the adapter (with a parity check) and clean the generation config"
 $PY merge_bart_lora.py --adapter=$ADAPTER --output_dir=$MERGED --overwrite=True
-$PY post_merge_cleanup.py --merged_dir=$MERGED --output_dir=$CLEAN
+$PY post_merge_cleanup.py --model=$MERGED --output_dir=$CLEAN --overwrite=True
 
 step "8. evaluate the merged model and compare all three versions"
 $PY eval_bart_lora.py --model=$CLEAN --tag=merged --dataset=$DATA --split=test --n_samples=0

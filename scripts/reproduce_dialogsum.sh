@@ -23,7 +23,7 @@ python eval_bart_lora.py --model=$BASE --tag=zeroshot $SPLIT --max_input_length=
   --num_beams=1 --no_repeat_ngram_size=3 --output_dir=$OUT
 python eval_bart_lora.py --model=$RUN --tag=lora $SPLIT --output_dir=$OUT
 python merge_bart_lora.py --adapter=$RUN --output_dir=ft_outputs/smollm2_merged_dialogsum --overwrite=True
-python post_merge_cleanup.py --merged_dir=ft_outputs/smollm2_merged_dialogsum --output_dir=ft_outputs/smollm2_clean_dialogsum
+python post_merge_cleanup.py --model=ft_outputs/smollm2_merged_dialogsum --output_dir=ft_outputs/smollm2_clean_dialogsum
 python eval_bart_lora.py --model=ft_outputs/smollm2_clean_dialogsum --tag=merged $SPLIT --output_dir=$OUT
 python eval_metrics_bart_lora.py --predictions=$OUT/zeroshot_predictions.csv,$OUT/lora_predictions.csv,$OUT/merged_predictions.csv \
   --bertscore_model= --output_dir=$OUT

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from finetuneflow.contract.settings import write_run_config
-from finetuneflow.model.loading import SEQ2SEQ, load_model
+from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.record import Lineage, RunRecord, Split, write_record
+from finetuneflow.model.family import SEQ2SEQ
+from finetuneflow.model.loading import load_model
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, prompt_style
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,15 +52,15 @@ def make_adapter(base: str | Path, out_dir: str | Path, seed: int = 0, r: int = 
                        "length_penalty": 1.0} if loaded.family == SEQ2SEQ else
                       {"num_beams": 1, "max_new_tokens": 24, "min_new_tokens": None, "no_repeat_ngram_size": None,
                        "length_penalty": None})
-    record = {
-        "base_model": str(Path(base).resolve()), "family": loaded.family, "instruction": instruction,
-        "prompt_style": prompt_style(loaded.tokenizer) if loaded.family != SEQ2SEQ else "seq2seq",
-        "max_input_length": max_input_length, "max_target_length": 64, "load_in_4bit": load_in_4bit,
-        "lora": lora, "generation": generation, "dataset": str(dataset),
-    }
-    record.update(extra or {})
-    settings = {"MODEL_NAME": str(base), "DATASET": str(dataset), "LORA_R": r, "LORA_ALPHA": alpha,
+    record = RunRecord(
+        "train_bart_lora", family=loaded.family, instruction=instruction,
+        prompt_style=prompt_style(loaded.tokenizer) if loaded.family != SEQ2SEQ else "seq2seq",
+        max_input_length=max_input_length, max_target_length=64, load_in_4bit=load_in_4bit,
+        generation=GenerationSettings.from_record(generation), backend="transformers",
+        lineage=Lineage(base_model=str(Path(base).resolve()), adapter=str(out)),
+        split=Split(source=str(dataset)), extra={"lora": lora, **(extra or {})})
+    settings = {"MODEL": str(base), "DATASET": str(dataset), "LORA_R": r, "LORA_ALPHA": alpha,
                 "MAX_INPUT_LENGTH": max_input_length, "LOAD_IN_4BIT": load_in_4bit,
                 **{k.upper(): v for k, v in generation.items()}}
-    write_run_config(out, "train_bart_lora", settings, [], extra=record)
+    write_record(out, record, settings, [])
     return out

@@ -74,10 +74,10 @@ def test_eval_adapter_inherits_settings_and_batch_size_does_not_matter(tiny_mode
     assert [r["prediction"] for r in one] == [r["prediction"] for r in four]
     assert [r["id"] for r in one] == [r["id"] for r in four]
     record = json.loads((project / "metrics" / "lora_eval.json").read_text())
-    assert record["model"]["kind"] == "adapter" and record["model"]["adapter"] == str(adapter)
+    assert record["model"]["kind"] == "adapter" and record["model"]["adapter"] == "lora"   # relative to the project root
     assert record["generation"]["max_new_tokens"] == 7 and record["generation"]["max_input_length"] == 200
     assert record["generation"]["instruction"] == "Summarize briefly."
-    assert set(record["inherited_from_model_folder"]) >= {"NUM_BEAMS", "MAX_NEW_TOKENS", "INSTRUCTION", "MAX_INPUT_LENGTH"}
+    assert set(record["inherited_from_model_record"]) >= {"NUM_BEAMS", "MAX_NEW_TOKENS", "INSTRUCTION", "MAX_INPUT_LENGTH"}
     run_config = json.loads((project / "metrics" / "lora_run_config.json").read_text())
     assert run_config["config"]["MAX_NEW_TOKENS"] == 7 and run_config["tag"] == "lora"
 

@@ -149,7 +149,7 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     from finetuneflow.ship.export import load_probes
     dialogues = [p["dialogue"] for p in load_probes("data/samples/dialogues.jsonl", "test", 3, 0)]
     exported, reference = load_model(str(out)), load_model(str(tiny_models["bart"]), dtype=torch.float32)
-    assert exported.backend == "ct2" and exported.family == "seq2seq"
+    assert exported.backend.name == "ctranslate2" and exported.family == "seq2seq"
     greedy = GenerationSettings(num_beams=1, max_new_tokens=12)
     ours, theirs = summarize(exported, dialogues, greedy, 2, progress=False), summarize(reference, dialogues, greedy, 2, progress=False)
     assert ours.summaries == theirs.summaries and all(ours.summaries)
@@ -186,7 +186,7 @@ def test_ct2_int8_bart_and_llama(tiny_models, merged_llama, tmp_path):
     result = summarize(loaded, ["Anna: lunch at noon?\nBen: yes, at the cafe."], GenerationSettings(num_beams=1, max_new_tokens=6),
                        progress=False)
     assert len(result.summaries) == 1 and 0 < result.generated_tokens <= 6
-    with pytest.raises(UserError, match="CTranslate2 export: it runs inference only"):
+    with pytest.raises(UserError, match="is a ctranslate2 model: it runs inference only"):
         load_model(str(tmp_path / "llama"), for_training=True)
 
 
@@ -248,10 +248,10 @@ def test_bad_inputs_name_the_stage_to_run_first(tiny_models, project, tmp_path):
         main([f"--model={REPO / 'data'}"])
     with pytest.raises(UserError, match="model folder not found: .*bart_merged_clean.*post_merge_cleanup.py"):
         main([f"--model={tmp_path / 'ft_outputs' / 'bart_merged_clean'}"])
-    with pytest.raises(UserError, match="OUTTYPE='q4_k' is not one of f32, f16, bf16, q8_0"):
+    with pytest.raises(UserError, match="--OUTTYPE=q4_k: must be one of f32, f16, bf16, q8_0"):
         main([f"--model={tiny_models['llama']}", "--outtype=q4_k"])
-    with pytest.raises(UserError, match="QUANTIZATION='int4' is not one of"):
+    with pytest.raises(UserError, match="--QUANTIZATION=int4: must be one of"):
         main([f"--model={tiny_models['llama']}", "--format=ct2", "--quantization=int4"])
-    with pytest.raises(UserError, match="FORMAT='onnx' is not gguf or ct2"):
+    with pytest.raises(UserError, match="--FORMAT=onnx: must be one of gguf, ct2"):
         main([f"--model={tiny_models['llama']}", "--format=onnx"])
     assert not (project / "ft_outputs").exists()

@@ -10,6 +10,8 @@ import torch
 
 from finetuneflow.engine import generation as G
 from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.model.backends import finish
+from finetuneflow.model.family import CAUSAL_DEFAULTS
 from finetuneflow.model.loading import load_model
 
 from conftest import SAMPLES
@@ -64,9 +66,9 @@ def test_effective_settings_are_recorded(bart, llama):
     default = summarize(bart, DIALOGUES[:1], None, progress=False)
     assert default.settings["num_beams"] == 2 and default.settings["max_length"] == 40
     causal = summarize(llama, DIALOGUES[:1], GenerationSettings(), progress=False)
-    assert causal.settings["num_beams"] == 1 and causal.settings["max_new_tokens"] == G.CAUSAL_DEFAULTS["max_new_tokens"]
+    assert causal.settings["num_beams"] == 1 and causal.settings["max_new_tokens"] == CAUSAL_DEFAULTS["max_new_tokens"]
     # a causal prompt shares the 512-token context with the new tokens
-    assert causal.max_input_length == 512 - G.CAUSAL_DEFAULTS["max_new_tokens"]
+    assert causal.max_input_length == 512 - CAUSAL_DEFAULTS["max_new_tokens"]
     assert G.GenerationSettings.from_config({"NUM_BEAMS": 3, "MAX_NEW_TOKENS": None}).overrides() == {"num_beams": 3}
 
 
@@ -82,30 +84,33 @@ def test_truncation_flags_and_timing(llama):
 
 
 def test_generated_token_count_stops_at_the_first_stop_token():
-    assert G._generated_lengths([[5, 6, 2, 2], [5, 6, 7, 8], [2, 9, 9, 9]], {2}) == [3, 4, 1]
+    rows = finish([[5, 6, 2, 2], [5, 6, 7, 8], [2, 9, 9, 9]], {2}, max_new_tokens=4)
+    assert [r.counted for r in rows] == [3, 4, 1] and [r.ids for r in rows] == [[5, 6], [5, 6, 7, 8], []]
+    assert [r.finish_reason for r in rows] == ["stop", "length", "stop"]
 
 
 def test_out_of_memory_halves_the_batch_and_retries(llama, monkeypatch):
-    real = G._generate_batch
+    backend = type(llama.backend)
+    real = backend.generate_batch
     sizes = []
 
-    def flaky(loaded, batch, *rest):
+    def flaky(self, loaded, batch, effective):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(loaded, batch)
+        return real(self, loaded, batch, effective)
 
-    monkeypatch.setattr(G, "_generate_batch", flaky)
+    monkeypatch.setattr(backend, "generate_batch", flaky)
     result = summarize(llama, DIALOGUES, GREEDY, batch_size=8, max_input_length=256, progress=False)
     monkeypatch.undo()
     expected = summarize(llama, DIALOGUES, GREEDY, batch_size=2, max_input_length=256, progress=False)
     assert sizes[:2] == [5, 4] and result.batch_size == 2
     assert result.summaries == expected.summaries
 
-    def broken(loaded, batch, *rest):
+    def broken(self, loaded, batch, effective):
         raise RuntimeError("shape mismatch")   # not a memory error: raised as is
 
-    monkeypatch.setattr(G, "_generate_batch", broken)
+    monkeypatch.setattr(backend, "generate_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         summarize(llama, DIALOGUES, GREEDY, batch_size=8, progress=False)
 
@@ -115,7 +120,7 @@ def test_no_repeat_ngram_ignores_the_prompt_of_a_causal_model():
     import torch
     from transformers import NoRepeatNGramLogitsProcessor
 
-    from finetuneflow.engine.generation import GeneratedNoRepeatNGram
+    from finetuneflow.model.backends.hf import GeneratedNoRepeatNGram
     ids = torch.tensor([[5, 6, 7, 9, 5, 6]])          # prompt 5 6 7 9, generated so far 5 6
     scores = torch.zeros(1, 10)
     assert NoRepeatNGramLogitsProcessor(3)(ids, scores.clone())[0, 7] == float("-inf")

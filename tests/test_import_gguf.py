@@ -100,7 +100,7 @@ def test_bad_inputs_end_in_one_line(tiny_gguf, project, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="already exists.*OVERWRITE=True"):
+    with pytest.raises(UserError, match="already holds files that import_gguf did not write"):
         main([f"--gguf={tiny_gguf}", f"--output_dir={occupied}"])
     assert files_under(occupied) == {"keep.txt"}
     shutil.rmtree(occupied)

@@ -136,12 +136,12 @@ def test_inference_bad_input(folders, project, tmp_path):
         inference_bart_lora.main([f"--model={folders['clean']}", f"--input_file={SAMPLES}", "--text_column=body"])
     with pytest.raises(UserError, match="use a .jsonl or .csv file"):
         inference_bart_lora.main([f"--model={folders['clean']}", "--text=hi", "--output_file=out.txt"])
-    with pytest.raises(UserError, match="model folder not found"):
+    with pytest.raises(UserError, match="model not found"):
         inference_bart_lora.main(["--model=ft_outputs/nothing_here", "--text=hi"])
     orphan = tmp_path / "orphan"
     shutil.copytree(folders["adapter"], orphan)
     run_config = json.loads((orphan / "run_config.json").read_text())
-    run_config["base_model"] = str(tmp_path / "gone")
+    run_config["lineage"]["base_model"] = str(tmp_path / "gone")
     (orphan / "run_config.json").write_text(json.dumps(run_config))
     with pytest.raises(UserError, match="gone .*not found.*--BASE_MODEL"):
         inference_bart_lora.main([f"--model={orphan}", "--text=hi"])

@@ -14,7 +14,7 @@ def test_samples_with_tokenizer_and_export(project, tiny_models):
     result = run_stage("inspect_dataset.py", f"--dataset={SAMPLES}", f"--model_name={tiny_models['bart']}",
                        "--max_input_length=512", "--export_jsonl=data/train_subset.jsonl", "--n_samples=10",
                        root=project)
-    assert files_under(project) == OUTPUTS | {"data/train_subset.jsonl"}
+    assert files_under(project) == OUTPUTS | {"data/train_subset.jsonl", "data/train_subset.jsonl.run_config.json"}
     overview = json.loads((project / "metrics/dataset_overview.json").read_text())
     assert overview["total_rows"] == 36 and overview["splits_made_from_single_file"]
     assert sum(overview["rows"].values()) == 36
@@ -25,7 +25,7 @@ def test_samples_with_tokenizer_and_export(project, tiny_models):
     assert len(exported) == 10 and set(exported[0]) == {"id", "dialogue", "summary"}
     assert "exceed MAX_INPUT_LENGTH=512 tokens" in result.stdout
     run_config = json.loads((project / "metrics/inspect_dataset.run_config.json").read_text())
-    assert run_config["config"]["N_SAMPLES"] == 10 and str(SAMPLES) in run_config["inputs"]
+    assert run_config["config"]["N_SAMPLES"] == 10 and "data/samples/dialogues.jsonl" in run_config["inputs"]
     # A re-run with the same settings gives the same subset.
     first = (project / "data/train_subset.jsonl").read_text()
     run_stage("inspect_dataset.py", f"--dataset={SAMPLES}", "--model_name=", "--export_jsonl=data/train_subset.jsonl",

@@ -44,7 +44,7 @@ def test_merge_cleanup_bart_end_to_end(bart_adapter, project):
     assert report["adapter_effect_max_abs_logit_diff"] > 0.1   # the adapter matters, so parity means something
     assert any(p["adapter"] for p in report["per_probe"])
     run_config = json.loads((merged / "run_config.json").read_text())
-    assert run_config["stage"] == "merge_bart_lora" and run_config["merged_from"] == str(bart_adapter)
+    assert run_config["stage"] == "merge_bart_lora" and run_config["lineage"]["merged_from"] == str(bart_adapter)
     for key in ("family", "instruction", "generation", "max_input_length"):
         assert run_config[key] == json.loads((bart_adapter / "run_config.json").read_text())[key]
     card = (merged / "README.md").read_text()
@@ -133,13 +133,13 @@ def test_merge_bad_input(bart_adapter, bart_merged, tiny_models, tmp_path, proje
     with pytest.raises(UserError, match="is a LoRA adapter, not a merged model"):
         post_merge_cleanup.main([f"--merged_dir={bart_adapter}", f"--output_dir={tmp_path / 'c'}"])
     other = make_adapter(tiny_models["bart"], tmp_path / "other_lora", seed=1)
-    with pytest.raises(UserError, match="does not hold a merge of this adapter version.*OVERWRITE=True"):
+    with pytest.raises(UserError, match="holds an earlier merge_bart_lora output; pass --OVERWRITE=True"):
         merge_bart_lora.main([f"--adapter={other}", f"--output_dir={merged}"])
     # an adapter whose base model has gone: one clear line, exit 2, nothing written
     orphan = tmp_path / "orphan"
     shutil.copytree(bart_adapter, orphan)
     run_config = json.loads((orphan / "run_config.json").read_text())
-    run_config["base_model"] = str(tmp_path / "deleted-base")
+    run_config["lineage"]["base_model"] = str(tmp_path / "deleted-base")
     (orphan / "run_config.json").write_text(json.dumps(run_config))
     result = run_stage("merge_bart_lora.py", f"--adapter={orphan}", root=project, check=False, env=SUBPROCESS_ENV)
     assert result.returncode == 2 and "deleted-base" in error_line(result) and "not found" in error_line(result)

@@ -108,10 +108,10 @@ def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
     assert bart_time["minutes_per_epoch"] == pytest.approx(2000 / (1.968 * 3.3) / 60 + 200 / 1.968 / 60, abs=0.2)
     script = (out / "train_bart-large.sh").read_text()
     assert "accelerate launch" in script and "train_bart_lora.py" in script
-    for flag in ("--MODEL_NAME=facebook/bart-large-cnn", "--BATCH_SIZE=4", "--GRAD_ACCUM=2", "--LORA_R=8",
+    for flag in ("--MODEL=facebook/bart-large-cnn", "--BATCH_SIZE=4", "--GRAD_ACCUM=2", "--LORA_R=8",
                  "--TARGET_MODULES=q_proj,v_proj", "--LOAD_IN_4BIT=False", "--MAX_INPUT_LENGTH=768"):
         assert flag in script
-    assert "--MODEL_NAME=meta-llama/Llama-3.2-1B-Instruct" in (out / "train_llama-1b.sh").read_text()
+    assert "--MODEL=meta-llama/Llama-3.2-1B-Instruct" in (out / "train_llama-1b.sh").read_text()
     plan_md = (out / "finetune_plan.md").read_text()
     assert "## 1. BART-large" in plan_md and "## 2. LLaMA-1B" in plan_md and "estimate" in plan_md
     assert "planning for T4" in result.stdout
@@ -140,7 +140,7 @@ def test_generated_script_trains_the_tiny_model(project, tiny_models):
         ["1", "tiny-llama", "model", "ok", "1.0", "1.0", "20", "", "", "", "", "", "", "", "cpu", str(tiny_models["llama"])]])
     run_stage("recommend_finetune.py", f"--ranking={ranking}", f"--dataset={SAMPLES}", root=project)
     script = project / "outputs" / "benchmarks" / "train_tiny-llama.sh"
-    assert f"--MODEL_NAME={tiny_models['llama']}" in script.read_text()
+    assert f"--MODEL={tiny_models['llama']}" in script.read_text()
     import os
     import subprocess
     from conftest import OFFLINE_ENV

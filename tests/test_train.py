@@ -22,7 +22,8 @@ from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_st
 from finetuneflow.train import training
 from finetuneflow.contract.data import load_dialogues
 from finetuneflow.contract.errors import UserError
-from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, load_model, load_tokenizer
+from finetuneflow.model.family import CAUSAL, SEQ2SEQ
+from finetuneflow.model.loading import load_model, load_tokenizer
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 SCRIPT = "train_bart_lora.py"
@@ -56,13 +57,14 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
 
     record = json.loads((out / "run_config.json").read_text())
     assert record["stage"] == "train_bart_lora" and record["family"] == SEQ2SEQ
-    assert record["base_model"] == str(tiny_models["bart"]) and Path(record["base_model"]).is_absolute()
+    assert record["lineage"]["base_model"] == str(tiny_models["bart"]) and record["lineage"]["adapter"] == "ft_outputs/bart"
+    assert record["schema_version"] == 2 and len(record["split"]["train_fingerprints"]) == 16
     assert record["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert record["generation"] == {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": None,
                                     "no_repeat_ngram_size": None, "length_penalty": 1.0}
     assert record["max_input_length"] == 192 and record["max_target_length"] == 64
     assert record["load_in_4bit"] is False and record["prompt_style"] == "seq2seq"
-    assert record["instruction"] == DEFAULT_INSTRUCTION and record["dataset"]["train_rows"] == 16
+    assert record["instruction"] == DEFAULT_INSTRUCTION and record["split"]["train_rows"] == 16
     assert sorted(record["files"]) == sorted(CONTRACT)
 
     metrics = json.loads((out / "train_metrics.json").read_text())

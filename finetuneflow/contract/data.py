@@ -13,8 +13,10 @@ from pathlib import Path
 
 import datasets
 
-from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import Split, fingerprint
+from finetuneflow.contract.settings import FromConfig
 
 DIALOGUE_CANDIDATES = ("dialogue", "dialog", "conversation", "text", "source", "document", "input")
 SUMMARY_CANDIDATES = ("summary", "highlights", "target", "human_summary", "reference", "output")
@@ -22,6 +24,21 @@ ID_CANDIDATES = ("id", "sample_id", "fname", "idx", "guid")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                  "valid": "validation", "val": "validation", "dev": "validation", "test": "test"}
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataSpec(FromConfig):
+    """Where the dialogues come from and how a single file is split (the stage settings of the
+    same names)."""
+    dataset: str
+    hub_config: str | None = None
+    dialogue_column: str | None = None
+    summary_column: str | None = None
+    id_column: str | None = None
+    seed: int = 42
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    normalize: bool = False
 
 
 @dataclass
@@ -78,7 +95,8 @@ def _load_raw(dataset: str, hub_config: str | None) -> tuple[datasets.DatasetDic
         try:
             raw = datasets.load_dataset(builder, data_files=by_split)
         except Exception as exc:  # datasets wraps parse errors in many types
-            raise UserError(f"{path}: cannot be read as {builder} ({str(exc).splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: cannot be read as {builder} ({first_line(exc)}); check that it is UTF-8 "
+                            f"{builder} with one record per row") from None
         return raw, len(by_split) == 1, files
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) and not Path(dataset).suffix:
         raw = datasets.load_dataset(dataset, hub_config)
@@ -144,6 +162,11 @@ def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_col
     return LoadedData(splits, str(dataset), cols, made, dropped, files)
 
 
+def load_data(spec: DataSpec) -> LoadedData:
+    return load_dialogues(spec.dataset, spec.dialogue_column, spec.summary_column, spec.id_column, spec.seed,
+                          spec.val_fraction, spec.test_fraction, bool(spec.normalize), spec.hub_config)
+
+
 def split_deterministic(ds: datasets.Dataset, seed: int, val_fraction: float,
                         test_fraction: float) -> dict[str, datasets.Dataset]:
     """Shuffle once with `seed` and cut into train/validation/test by the given fractions."""
@@ -162,10 +185,47 @@ def split_deterministic(ds: datasets.Dataset, seed: int, val_fraction: float,
 
 
 def get_split(data: LoadedData, split: str) -> datasets.Dataset:
+    """One split by name (aliases such as dev/val work), or "all": every split, in order."""
+    if split.lower() == "all":
+        return datasets.concatenate_datasets(list(data.splits.values())) if len(data.splits) > 1 \
+            else next(iter(data.splits.values()))
     name = SPLIT_ALIASES.get(split.lower(), split)
     if name not in data.splits:
-        raise UserError(f"split {split!r} not in {data.source}; splits found: {', '.join(data.splits)}")
+        raise UserError(f"split {split!r} not in {data.source}; splits found: {', '.join(data.splits)} "
+                        f"(or --split=all for every row)")
     return data.splits[name]
+
+
+def training_splits(data: LoadedData, train_samples: int, val_samples: int, seed: int,
+                    val_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset, str | None]:
+    """The seeded train and validation subsets; a validation split is carved from train when the
+    data has none. Returns (train, validation, note about what was carved)."""
+    if "train" not in data.splits:
+        raise UserError(f"{data.source}: no train split (splits found: {', '.join(data.splits)})")
+    train, note = data.splits["train"], None
+    validation = data.splits.get("validation")
+    if validation is None or len(validation) == 0:
+        parts = split_deterministic(train, seed, val_fraction or 0.1, 0.0)
+        train, validation = parts["train"], parts.get("validation")
+        note = f"no validation split: kept {len(validation) if validation else 0} train rows for validation"
+    dropped = sum(data.dropped.values())
+    if len(train) == 0:
+        raise UserError(f"{data.source}: no usable training rows ({dropped} rows with an empty dialogue or summary "
+                        f"were dropped); check the file and the column settings")
+    if validation is None or len(validation) == 0:
+        raise UserError(f"{data.source}: no validation rows to evaluate on; add a validation split or raise "
+                        f"VAL_FRACTION")
+    return subset(train, train_samples, seed), subset(validation, val_samples, seed), note
+
+
+def training_overlap(rows, split: Split | None) -> list[str] | None:
+    """Ids of `rows` whose dialogue the model was trained on; None when the record cannot say."""
+    if split is None:
+        return None
+    trained = set(split.train_fingerprints or legacy_train_fingerprints(split))
+    if not trained:
+        return None
+    return [str(r["id"]) for r in rows if fingerprint(r["dialogue"]) in trained]
 
 
 def subset(ds: datasets.Dataset, n: int | None, seed: int, shuffle: bool = True) -> datasets.Dataset:
@@ -175,3 +235,17 @@ def subset(ds: datasets.Dataset, n: int | None, seed: int, shuffle: bool = True)
     if n and n < len(ds):
         ds = ds.select(range(n))
     return ds.flatten_indices() if shuffle or n else ds
+
+
+def legacy_train_fingerprints(split: Split) -> list[str]:
+    """A first-wave record names its training data but not its rows: rebuild them the way the
+    trainer chose them (same file, seed, fractions and sample count), when the file is still there."""
+    if not split.source or split.seed is None or not resolve(split.source).exists():
+        return []
+    columns = split.columns or {}
+    data = load_dialogues(split.source, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
+                          split.seed, split.val_fraction or 0.0, split.test_fraction or 0.0, bool(split.normalize),
+                          split.hub_config)
+    train, _, _ = training_splits(data, split.train_samples or 0, split.val_samples or 0, split.seed,
+                                  split.val_fraction or 0.0)
+    return [fingerprint(d) for d in train["dialogue"]]

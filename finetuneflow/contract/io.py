@@ -16,7 +16,7 @@ def _umask() -> int:
     return mask
 
 
-def _public(path: Path, is_dir: bool) -> None:
+def public_mode(path: Path, is_dir: bool) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask mode."""
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
@@ -28,7 +28,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        _public(Path(tmp), is_dir=False)
+        public_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,12 +42,15 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp file path beside `path`; rename it into place when the block succeeds."""
+    """Yield a unique temp file path beside `path`; rename it into place when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
+        public_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -55,19 +58,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; it replaces `path` only when the block succeeds."""
+    """Yield a temp folder beside `path`; it replaces `path` only when the block succeeds: the old
+    folder is moved aside, the new one renamed into place, and only then is the old one deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    _public(tmp, is_dir=True)
+    public_mode(tmp, is_dir=True)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old"))
+            os.replace(path, aside / path.name)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:

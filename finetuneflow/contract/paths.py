@@ -6,6 +6,7 @@ current working directory. Relative paths given by the user are resolved against
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from finetuneflow.contract.errors import UserError
@@ -38,3 +39,13 @@ def require(path: str | os.PathLike, produced_by: str, what: str = "input") -> P
         raise UserError(f"{what} not found: {p} (it is written by `python {produced_by}`; run that "
                         f"stage first or pass the right path)")
     return p
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is shaped like a Hub id ("gpt2", "org/model") rather than a local path."""
+    first = name.split("/", 1)[0]
+    return bool(_HUB_ID.match(name)) and not name.endswith((".gguf", ".jsonl", ".json", ".csv", ".parquet", ".txt")) \
+        and first not in (FT_OUTPUTS, METRICS, OUTPUTS, "models", "data") and ".." not in name

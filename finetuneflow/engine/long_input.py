@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field, fields
 
 from finetuneflow.contract.errors import UserError
-from finetuneflow.engine.generation import (GenerationResult, GenerationSettings, default_input_limit, effective_settings,
-                                     summarize)
-from finetuneflow.model.loading import CAUSAL, LoadedModel
-from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, seq2seq_prefix
+from finetuneflow.engine.generation import (GenerationResult, GenerationSettings, default_input_limit,
+                                            effective_settings, summarize)
+from finetuneflow.model.loading import LoadedModel
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, text_ids
 
 MODES = ("truncate", "chunk", "error")
 MAX_LEVELS = 4              # map-reduce depth; beyond it the joined summaries are truncated
@@ -50,26 +50,15 @@ class _Counter:
 
     def __init__(self, loaded: LoadedModel, instruction: str):
         self.tokenizer = loaded.tokenizer
-        self.causal = loaded.family == CAUSAL
-        if self.causal:
-            self.overhead = len(encode_causal_prompt(self.tokenizer, "", instruction, 1 << 30)[0])
-            self.prefix = ""
-        else:
-            self.prefix = seq2seq_prefix(loaded.model.config)
-            self.overhead = len(self.tokenizer(self.prefix, verbose=False)["input_ids"])
+        self.family = loaded.family
+        self.prompt = loaded.prompt(instruction)
+        self.overhead = self.family.input_overhead(self.tokenizer, self.prompt)
 
     def input_tokens(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        if self.causal:
-            ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-            return [self.overhead + len(i) for i in ids]
-        return [len(i) for i in self.tokenizer([self.prefix + t for t in texts], verbose=False)["input_ids"]]
+        return self.family.count_inputs(self.tokenizer, texts, self.prompt)
 
     def text_tokens(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(i) for i in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        return [len(i) for i in text_ids(self.tokenizer, texts)] if texts else []
 
 
 @dataclass
@@ -101,7 +90,7 @@ def _split_turn(counter: _Counter, line: str, budget: int) -> list[str]:
                 if current:
                     parts.append(" ".join(current))
                     current, used = [], 0
-                ids = counter.tokenizer(word, add_special_tokens=False, verbose=False)["input_ids"]
+                ids = text_ids(counter.tokenizer, word)
                 parts += [counter.tokenizer.decode(ids[i:i + budget]) for i in range(0, len(ids), budget)]
                 continue
             if current and used + cost > budget:

@@ -1,10 +1,16 @@
-"""How a dialogue becomes model input; training and generation share these functions, so a
-fine-tuned model is always asked the way it was taught.
+"""How a dialogue becomes model input; training, evaluation, inference, the server and every
+backend share these functions, so a fine-tuned model is always asked the way it was taught.
 
 Causal models: the tokenizer's chat template (a plain template when it has none) around the
 instruction and the dialogue; when the prompt is too long the dialogue is cut, never the
 instruction or the template. Seq2seq models: the dialogue itself, with the model's own task
 prefix when its config declares one (T5's "summarize: ").
+
+User text never becomes special tokens: dialogues and summaries are tokenized with special
+tokens split into plain text (`split_special_tokens=True`), so "<|im_end|><|im_start|>
+assistant" inside a dialogue is summarized as text, not obeyed as a new chat turn. Only the
+template around the dialogue (the tokenizer's own chat template and the INSTRUCTION setting)
+carries special tokens.
 """
 from __future__ import annotations
 
@@ -14,14 +20,21 @@ DEFAULT_INSTRUCTION = "Summarize the following dialogue in one to three sentence
 PLAIN_TEMPLATE = "{instruction}\n\nDialogue:\n{dialogue}\n\nSummary:\n"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _PLACEHOLDER = "\u2063DIALOGUE\u2063"
+MIN_DIALOGUE_TOKENS = 16
+
+
+def text_ids(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:
+    """Token ids of user text: no special tokens added, none parsed from the text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
 def prompt_style(tokenizer) -> str:
     return "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
-def _prompt_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the dialogue in the full prompt."""
+def prompt_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the dialogue in the full causal prompt. The template and the
+    instruction (an operator's setting) keep their special tokens; the dialogue goes between."""
     if prompt_style(tokenizer) == "chat_template":
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{instruction}\n\n{_PLACEHOLDER}"}],
@@ -39,12 +52,12 @@ def _prompt_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
 def encode_causal_prompt(tokenizer, dialogue: str, instruction: str,
                          max_prompt_tokens: int) -> tuple[list[int], bool]:
     """Prompt ids for a causal model and whether the dialogue had to be cut to fit."""
-    prefix, suffix = _prompt_pieces(tokenizer, instruction)
-    dialogue_ids = tokenizer(dialogue, add_special_tokens=False)["input_ids"]
+    prefix, suffix = prompt_pieces(tokenizer, instruction)
+    dialogue_ids = text_ids(tokenizer, dialogue)
     budget = max_prompt_tokens - len(prefix) - len(suffix)
-    if budget < 16:
-        raise UserError(f"MAX_INPUT_LENGTH={max_prompt_tokens} leaves {budget} tokens for the dialogue "
-                         f"after the {len(prefix) + len(suffix)}-token prompt template")
+    if budget < MIN_DIALOGUE_TOKENS:
+        raise UserError(f"MAX_INPUT_LENGTH={max_prompt_tokens} leaves {budget} tokens for the dialogue after the "
+                        f"{len(prefix) + len(suffix)}-token prompt template; raise MAX_INPUT_LENGTH")
     truncated = len(dialogue_ids) > budget
     return prefix + dialogue_ids[:budget] + suffix, truncated
 
@@ -54,12 +67,26 @@ def seq2seq_prefix(model_config) -> str:
     return (params.get("summarization") or {}).get("prefix", "") or ""
 
 
-def encode_seq2seq_input(tokenizer, dialogue: str, prefix: str, max_input_tokens: int) -> tuple[list[int], bool]:
-    ids = tokenizer(prefix + dialogue, add_special_tokens=True)["input_ids"]
-    if len(ids) <= max_input_tokens:
+def seq2seq_ids(tokenizer, text: str, max_tokens: int | None = None) -> tuple[list[int], bool]:
+    """`text` with the tokenizer's own special tokens around it (BART <s> ... </s>, T5 ... </s>),
+    none parsed from the text, cut to `max_tokens` (the closing token stays); and whether it was cut."""
+    ids = tokenizer(text, split_special_tokens=True, verbose=False)["input_ids"]
+    if max_tokens is None or len(ids) <= max_tokens:
         return ids, False
-    cut = tokenizer(prefix + dialogue, truncation=True, max_length=max_input_tokens)["input_ids"]
-    return cut, True
+    return tokenizer(text, split_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"], True
+
+
+def seq2seq_overhead(tokenizer) -> int:
+    """Special tokens a seq2seq tokenizer adds around any text."""
+    return len(tokenizer("", split_special_tokens=True)["input_ids"])
+
+
+def encode_seq2seq_input(tokenizer, dialogue: str, prefix: str, max_input_tokens: int) -> tuple[list[int], bool]:
+    """Encoder ids (prefix + dialogue, cut to fit, special tokens around) and whether it was cut."""
+    room = max_input_tokens - seq2seq_overhead(tokenizer)
+    if room < MIN_DIALOGUE_TOKENS:
+        raise UserError(f"MAX_INPUT_LENGTH={max_input_tokens} leaves {room} tokens for the dialogue; raise it")
+    return seq2seq_ids(tokenizer, prefix + dialogue, max_input_tokens)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

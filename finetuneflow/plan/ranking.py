@@ -409,7 +409,8 @@ def measure_model(source: str, dialogues: list[str], settings: dict, batch_size:
     import resource
     import torch
     from finetuneflow.engine.generation import GenerationSettings, summarize
-    from finetuneflow.model.loading import load_model, max_input_tokens, parameter_count
+    from finetuneflow.model.backends.hf import parameter_count
+    from finetuneflow.model.loading import load_model
     if isolated:   # the parent's run_cli quieted these bars; a fresh process must do it again
         import transformers
         transformers.utils.logging.disable_progress_bar()
@@ -420,7 +421,7 @@ def measure_model(source: str, dialogues: list[str], settings: dict, batch_size:
         start = time.perf_counter()
         loaded = load_model(source, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
         load_seconds = time.perf_counter() - start
-        limit = max_input_tokens(loaded)   # a longer MAX_INPUT_LENGTH than the model has positions would crash it
+        limit = loaded.max_positions()   # a longer MAX_INPUT_LENGTH than the model has positions would crash it
         max_input_length = min(max_input_length, limit) if max_input_length else limit
         generation = GenerationSettings(**settings)
         if warmup:

@@ -17,10 +17,11 @@ import pandas as pd
 
 from finetuneflow.quality import metrics as M
 from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.record import sha256_file
 from finetuneflow.quality.predictions import Predictions, write_predictions
 
 if TYPE_CHECKING:   # torch and transformers load only when generating, not for scoring CSVs
-    from finetuneflow.engine.generation import GenerationSettings
+    from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.model.loading import LoadedModel
 
 
@@ -37,40 +38,28 @@ class EvalReport:
         run.log({"eval/predictions": wandb.Table(dataframe=pd.DataFrame(self.rows))})
 
 
-def generate(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings, batch_size: int,
-             max_input_length: int | None, instruction: str, long_input: str = "truncate",
-             progress: bool = True, ids: list[str] | None = None):
-    """The engine for LONG_INPUT=truncate; the long-input wrapper (finetuneflow/long_input.py) for
-    chunk/error. The result has `.chunked` (0 when nothing was chunked)."""
-    from finetuneflow.engine.generation import summarize
-    if long_input == "truncate":
-        return summarize(loaded, dialogues, settings, batch_size, max_input_length, instruction, progress)
-    from finetuneflow.engine.long_input import summarize_long
-    return summarize_long(loaded, dialogues, settings, batch_size=batch_size, max_input_length=max_input_length,
-                          instruction=instruction, mode=long_input, progress=progress, ids=ids)
-
-
 def evaluate_rows(loaded: LoadedModel, rows: list[dict], settings: GenerationSettings, batch_size: int,
-                  max_input_length: int | None, instruction: str, long_input: str, out_dir: Path, tag: str,
+                  max_input_length: int | None, instruction: str, long_input: str, predictions_path: Path, tag: str,
                   progress: bool = True) -> EvalReport:
-    """Summarize `rows` ({id, dialogue, summary}), score them and write `<tag>_predictions.csv`."""
+    """Summarize `rows` ({id, dialogue, summary}), score them and write the predictions CSV."""
     from finetuneflow.engine.generation import default_input_limit, effective_settings
-    from finetuneflow.model.loading import CAUSAL
+    from finetuneflow.engine.long_input import summarize_long
     if not rows:
         raise UserError("no rows to evaluate: the split is empty or N_SAMPLES selected nothing")
     ids = [str(r["id"]) for r in rows]
     dialogues, references = [r["dialogue"] for r in rows], [r["summary"] for r in rows]
     # One explicit limit for every LONG_INPUT mode (a causal prompt leaves room for the new tokens).
     limit = max_input_length or default_input_limit(loaded, effective_settings(loaded, settings))
-    result = generate(loaded, dialogues, settings, batch_size, limit, instruction, long_input, progress, ids)
+    result = summarize_long(loaded, dialogues, settings, batch_size=batch_size, max_input_length=limit,
+                            instruction=instruction, mode=long_input, progress=progress, ids=ids)
     scores = M.rouge_per_sample(result.summaries, references)
     out_rows = [{"id": i, "dialogue": d, "reference": r, "prediction": p, **s,
                  "pred_words": M.words(p), "ref_words": M.words(r)}
                 for i, d, r, p, s in zip(ids, dialogues, references, result.summaries, scores)]
-    path = write_predictions(Path(out_dir) / f"{tag}_predictions.csv", out_rows)
+    path = write_predictions(Path(predictions_path), out_rows)
     averages = {**M.mean_scores(scores), **M.mean_scores(out_rows, ("pred_words", "ref_words"))}
     truncated_ids = [i for i, t in zip(ids, result.truncated) if t]
-    chunked = int(getattr(result, "chunked", 0) or 0)
+    chunked = result.chunked
     record = {
         "tag": tag,
         "samples": len(rows),
@@ -78,12 +67,13 @@ def evaluate_rows(loaded: LoadedModel, rows: list[dict], settings: GenerationSet
         "counts": {"samples": len(rows), "empty_predictions": sum(not p.strip() for p in result.summaries),
                    "truncated_inputs": len(truncated_ids), "chunked_inputs": chunked},
         "generation": {**result.settings, "batch_size": batch_size,
-                       "batch_size_used": getattr(result, "batch_size", None) or batch_size,
+                       "batch_size_used": result.batch_size or batch_size,
                        "max_input_length": limit, "long_input": long_input,
-                       "instruction": instruction if loaded.family == CAUSAL else None},
+                       "instruction": instruction if loaded.family == "causal" else None},
         "timing": result.timing(),
         "device": device_name(loaded),
         "truncated_ids": truncated_ids,
+        "predictions_sha256": sha256_file(path),   # pairs this record with its predictions file
     }
     return EvalReport(out_rows, record, path)
 

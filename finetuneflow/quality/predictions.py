@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.record import sha256_file
 from finetuneflow.contract.io import atomic_write_text
 
 COLUMNS = ("id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
@@ -72,14 +73,20 @@ def _pick(columns: list[str], candidates: tuple) -> str | None:
 
 
 def eval_record_for(path: Path) -> dict | None:
-    """The `<name>_eval.json` eval_bart_lora.py wrote beside `<name>_predictions.csv`, if any."""
+    """The `<name>_eval.json` eval_bart_lora.py wrote beside `<name>_predictions.csv`, if any and
+    if it belongs to this file (an interrupted run can leave an older record beside newer
+    predictions: the record's predictions_sha256 must match)."""
     sidecar = path.with_name(f"{default_name(path)}_eval.json")
     if not sidecar.is_file():
         return None
     try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    expected = record.get("predictions_sha256") if isinstance(record, dict) else None
+    if expected and expected != sha256_file(path):
+        return None
+    return record
 
 
 def read_predictions(path: str | Path, name: str | None = None) -> Predictions:

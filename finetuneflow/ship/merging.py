@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 from finetuneflow.contract.errors import UserError
-from finetuneflow.engine.generation import GenerationSettings, encode, summarize
-from finetuneflow.model.loading import SEQ2SEQ, LoadedModel
+from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.engine.generation import encode, summarize
+from finetuneflow.model.backends.hf import BACKEND as HF
+from finetuneflow.model.backends.hf import GeneratedNoRepeatNGram, unwrap
+from finetuneflow.model.family import CAUSAL_DEFAULTS, SEQ2SEQ, family_of
+from finetuneflow.model.loading import LoadedModel, fix_tokenizer
+from finetuneflow.model.prompts import text_ids
 from finetuneflow.contract.paths import BUNDLED_SAMPLES, resolve
 
 # fp32 must be exact to rounding; half precision rounds the merged weights (W + BA) once more.
@@ -38,7 +43,7 @@ def probe_dialogues(dataset: str | None, n: int) -> tuple[list[dict], str]:
     if not path or not path.is_file():
         path = BUNDLED_SAMPLES
     from finetuneflow.contract.data import load_dialogues
-    data = load_dialogues(str(path), None, None, None, 42, 0.0, 0.0, False, None)
+    data = load_dialogues(str(path), seed=42, val_fraction=0.0, test_fraction=0.0)
     rows = [dict(r) for split in data.splits.values() for r in split]
     rows.sort(key=lambda r: (len(r["dialogue"]), r["id"]))
     start = max(0, len(rows) // 2 - n // 2)
@@ -52,7 +57,7 @@ def _teacher_forced_logits(loaded: LoadedModel, row: dict, instruction: str, max
     they do not decide the output, and with a large vocabulary they would cost gigabytes."""
     tokenizer, model = loaded.tokenizer, loaded.model
     prompt, _ = encode(loaded, row["dialogue"], instruction, max_input_length)
-    target = tokenizer(row["summary"], add_special_tokens=False)["input_ids"][:target_tokens]
+    target = text_ids(tokenizer, row["summary"])[:target_tokens]
     with torch.inference_mode():
         if loaded.family == SEQ2SEQ:
             start = model.config.decoder_start_token_id
@@ -74,7 +79,7 @@ def parity_settings(max_new_tokens: int) -> GenerationSettings:
 def _greedy_defaults(loaded: LoadedModel):
     """Beam-only flags of the model's generation config (BART-cnn's early_stopping) would make
     transformers warn on every greedy probe; they are cleared for the check and restored."""
-    model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    model = unwrap(loaded.model)
     saved = model.generation_config
     model.generation_config = copy.deepcopy(saved)
     model.generation_config.early_stopping = False
@@ -236,7 +241,6 @@ def clean_configs(raw_config: dict, config, generation, tokenizer, family: str, 
     generation config, special tokens matching the tokenizer, the evaluated decoding settings as
     the defaults, no flags that the chosen decoding ignores, no task_specific_params that fight them."""
     from transformers import GenerationConfig
-    from finetuneflow.engine.generation import CAUSAL_DEFAULTS
     from finetuneflow.model.prompts import stop_token_ids
     changes, gen_file = Changes(), "generation_config.json"
     generation_keys = set(GenerationConfig._get_default_generation_params()) - {"use_cache"}
@@ -287,7 +291,7 @@ def clean_configs(raw_config: dict, config, generation, tokenizer, family: str, 
         # transformers would apply it to prompt + summary, forbidding copying names from the
         # dialogue; the engine applies it to the summary only (generation.GeneratedNoRepeatNGram).
         changes.note(gen_file, "no_repeat_ngram_size", settings.pop("no_repeat_ngram_size"), None,
-                     "decoder-only: generate() needs finetuneflow.engine.generation.GeneratedNoRepeatNGram for "
+                     "decoder-only: generate() needs finetuneflow.model.backends.hf.GeneratedNoRepeatNGram for "
                      "the evaluated no-repeat rule (transformers' own counts the prompt)")
         changes.set(generation, gen_file, "no_repeat_ngram_size", None, "see the note above")
     for key, value in settings.items():
@@ -345,15 +349,17 @@ def verify_clean(folder: Path, rows: list[dict], instruction: str, max_input_len
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                               LogitsProcessorList)
     import tempfile
-    from finetuneflow.engine.generation import GeneratedNoRepeatNGram
-    from finetuneflow.model.loading import model_family
     with capture_warnings() as found:
         config = AutoConfig.from_pretrained(folder)
-        family = model_family(config)
+        family = family_of(config)
         auto = AutoModelForSeq2SeqLM if family == SEQ2SEQ else AutoModelForCausalLM
         model = auto.from_pretrained(folder).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        loaded = LoadedModel(model, tokenizer, family, str(folder), None, device, None)
+        engine_tokenizer = AutoTokenizer.from_pretrained(folder)
+        fix_tokenizer(engine_tokenizer, family, config)
+        loaded = LoadedModel(model=model, tokenizer=engine_tokenizer, family=family, backend=HF, name=str(folder),
+                             base=str(folder), device=device, config=model.config,
+                             generation_config=model.generation_config)
         plain = []
         for row in rows:
             ids, _ = encode(loaded, row["dialogue"], instruction, max_input_length)

@@ -37,69 +37,29 @@ import torch
 from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState,
                           TrainingArguments)
 
-from finetuneflow.contract.settings import describe_inputs, read_run_config, write_run_config
-from finetuneflow.contract.data import LoadedData, split_deterministic, subset
+from finetuneflow.contract.record import RunRecord, describe_inputs, read_record, write_record
 from finetuneflow.contract.errors import UserError
 from finetuneflow.engine.generation import GenerationSettings, summarize
 from finetuneflow.contract.io import atomic_path, atomic_write_json
 from finetuneflow.quality.metrics import ROUGE_KEYS, mean_scores, rouge_per_sample
-from finetuneflow.model.loading import (CAUSAL, SEQ2SEQ, LoadedModel, disable_cpu_bf16_kernels, is_adapter_dir,
-                                 load_model)
-from finetuneflow.model.prompts import encode_causal_prompt, encode_seq2seq_input
+from finetuneflow.model.backends.hf import BACKEND as HF
+from finetuneflow.model.backends.hf import disable_cpu_bf16_kernels, unwrap
+from finetuneflow.model.family import CAUSAL, SEQ2SEQ, PromptSpec, family_of
+from finetuneflow.model.loading import LoadedModel, is_adapter_dir, load_model
 
 STAGE = "train_bart_lora"
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "ftf_complete.json"
-TOKENIZATION_VERSION = 1          # bump when encode_example changes, so old caches are not reused
+TOKENIZATION_VERSION = 2          # bump when encode_example changes, so old caches are not reused
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Settings that do not change what is trained, so a resumed run may differ in them.
 IDENTITY_IGNORED = frozenset({"RESUME", "OVERWRITE", "KEEP_CHECKPOINTS", "LOGGING_STEPS", "CACHE_DIR",
                               "OUTPUT_DIR", "ALLOW_CPU_FALLBACK"})
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RENAMED = {"MODEL_NAME": "MODEL"}   # old setting names (first-wave run folders record them)
 
 
 # ----------------------------------------------------------------------------- settings and data
-
-def check_settings(cfg: dict) -> None:
-    """Reject nonsense numbers before anything slow happens."""
-    positive = ("BATCH_SIZE", "GRAD_ACCUM", "EVAL_BATCH_SIZE", "MAX_INPUT_LENGTH", "MAX_TARGET_LENGTH", "LORA_R",
-                "LORA_ALPHA", "LOGGING_STEPS")
-    for name in positive:
-        if not isinstance(cfg[name], (int, float)) or cfg[name] <= 0:
-            raise UserError(f"{name} must be a positive number (got {cfg[name]!r})")
-    for name in ("TRAIN_SAMPLES", "VAL_SAMPLES", "EVAL_STEPS", "MAX_STEPS", "EARLY_STOPPING_PATIENCE",
-                 "SAVE_TOTAL_LIMIT"):
-        if not isinstance(cfg[name], int) or cfg[name] < 0:
-            raise UserError(f"{name} must be a whole number >= 0 (got {cfg[name]!r})")
-    if cfg["LEARNING_RATE"] <= 0 or cfg["EPOCHS"] <= 0:
-        raise UserError("LEARNING_RATE and EPOCHS must be greater than 0")
-    if not 0 <= cfg["LORA_DROPOUT"] < 1:
-        raise UserError(f"LORA_DROPOUT must be in [0, 1) (got {cfg['LORA_DROPOUT']})")
-    if cfg["MAX_TARGET_LENGTH"] < 2:
-        raise UserError("MAX_TARGET_LENGTH must leave room for at least one summary token and EOS (>= 2)")
-
-
-def training_splits(data: LoadedData, train_samples: int, val_samples: int, seed: int,
-                    val_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset, str | None]:
-    """The seeded train and validation subsets; a validation split is carved from train when the
-    data has none. Returns (train, validation, note about what was carved)."""
-    if "train" not in data.splits:
-        raise UserError(f"{data.source}: no train split (splits found: {', '.join(data.splits)})")
-    train, note = data.splits["train"], None
-    validation = data.splits.get("validation")
-    if validation is None or len(validation) == 0:
-        parts = split_deterministic(train, seed, val_fraction or 0.1, 0.0)
-        train, validation = parts["train"], parts.get("validation")
-        note = f"no validation split: kept {len(validation) if validation else 0} train rows for validation"
-    dropped = sum(data.dropped.values())
-    if len(train) == 0:
-        raise UserError(f"{data.source}: no usable training rows ({dropped} rows with an empty dialogue or summary "
-                        f"were dropped); check the file and the column settings")
-    if validation is None or len(validation) == 0:
-        raise UserError(f"{data.source}: no validation rows to evaluate on; add a validation split or raise "
-                        f"VAL_FRACTION")
-    return subset(train, train_samples, seed), subset(validation, val_samples, seed), note
-
 
 def check_lengths(model_config, family: str, model_name: str, max_input: int, max_target: int) -> int | None:
     """Fail before loading weights when the requested lengths exceed the model's positions."""
@@ -130,23 +90,8 @@ class EncodingSpec:
 
 def encode_example(tokenizer, spec: EncodingSpec, dialogue: str, summary: str) -> dict:
     """input_ids / attention_mask / labels for one row, plus whether input or target was cut."""
-    if spec.family == CAUSAL:
-        if tokenizer.eos_token_id is None:
-            raise UserError("the tokenizer has no EOS token, so a causal model could not learn where a summary ends")
-        prompt, input_cut = encode_causal_prompt(tokenizer, dialogue, spec.instruction, spec.max_input_length)
-        summary_ids = tokenizer(summary, add_special_tokens=False)["input_ids"]
-        room = spec.max_target_length - 1                  # EOS always survives truncation
-        target = summary_ids[:room] + [tokenizer.eos_token_id]
-        ids = prompt + target
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + target,
-                "input_truncated": input_cut, "target_truncated": len(summary_ids) > room}
-    ids, input_cut = encode_seq2seq_input(tokenizer, dialogue, spec.seq2seq_prefix, spec.max_input_length)
-    labels = tokenizer(text_target=summary)["input_ids"]
-    target_cut = len(labels) > spec.max_target_length
-    if target_cut:  # let the tokenizer cut, so the closing special token stays
-        labels = tokenizer(text_target=summary, truncation=True, max_length=spec.max_target_length)["input_ids"]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
-            "input_truncated": input_cut, "target_truncated": target_cut}
+    return family_of(spec.family).training_example(tokenizer, PromptSpec(spec.instruction, spec.seq2seq_prefix),
+                                                   dialogue, summary, spec.max_input_length, spec.max_target_length)
 
 
 def _digest(*parts) -> str:
@@ -214,7 +159,7 @@ def load_for_training(name: str, load_in_4bit: bool, allow_fallback: bool,
                       device: torch.device) -> tuple[LoadedModel, bool]:
     """The base model ready for LoRA; returns it and whether it really is 4-bit."""
     if is_adapter_dir(name):
-        raise UserError(f"MODEL_NAME {name} is an adapter folder; pass its base model (see its run_config.json "
+        raise UserError(f"MODEL {name} is an adapter folder; pass its base model (see its run_config.json "
                         f"'base_model') or merge it first with merge_bart_lora.py")
     if load_in_4bit:
         problem = four_bit_problem(device)
@@ -340,8 +285,11 @@ def drop_checkpoint(checkpoint: Path) -> None:
 
 
 def run_identity(config: dict, inputs: dict) -> dict:
-    kept = {k: v for k, v in config.items() if k not in IDENTITY_IGNORED}
-    return json.loads(json.dumps({"config": kept, "inputs": inputs}, default=str, sort_keys=True))
+    """The settings and input contents that define a run (input paths may be recorded absolute
+    or relative to the project root, so only the file contents count)."""
+    kept = {RENAMED.get(k, k): v for k, v in config.items() if RENAMED.get(k, k) not in IDENTITY_IGNORED}
+    contents = sorted(json.dumps(v, sort_keys=True) for v in inputs.values())
+    return json.loads(json.dumps({"config": kept, "inputs": contents}, default=str, sort_keys=True))
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
@@ -367,9 +315,9 @@ class RunPlan:
 def plan_run(out: Path, cfg: dict, input_files: list, resume: str, overwrite: bool) -> RunPlan:
     """Decide, without touching anything, whether to start, resume, skip or refuse."""
     plan = RunPlan(out)
-    finished, unfinished = read_run_config(out), read_run_config(out / CHECKPOINTS)
-    finished = finished if (finished or {}).get("stage") == STAGE else None
-    unfinished = unfinished if (unfinished or {}).get("stage") == STAGE else None
+    finished, unfinished = read_record(out), read_record(out / CHECKPOINTS)
+    finished = finished if finished and finished.stage == STAGE else None
+    unfinished = unfinished if unfinished and unfinished.stage == STAGE else None
     if finished is None and unfinished is None:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"OUTPUT_DIR {out} already holds files that are not from train_bart_lora.py; "
@@ -380,7 +328,7 @@ def plan_run(out: Path, cfg: dict, input_files: list, resume: str, overwrite: bo
         return plan
     saved = finished or unfinished
     current = run_identity(cfg, describe_inputs(input_files))
-    diffs = identity_differences(run_identity(saved["config"], saved.get("inputs", {})), current)
+    diffs = identity_differences(run_identity(saved.config, saved.inputs), current)
     if diffs:
         state = "finished" if finished else "unfinished"
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
@@ -406,8 +354,8 @@ def prepare_run_dir(plan: RunPlan, cfg: dict, input_files: list, keep_checkpoint
     """Carry out the plan on disk (main process only)."""
     out = plan.out
     if plan.wipe:
-        record = read_run_config(out) or {}
-        for name in record.get("files", []):
+        record = read_record(out)
+        for name in (record.extra.get("files", []) if record else []):
             if "/" not in name and name not in ("", ".", ".."):
                 (out / name).unlink(missing_ok=True)
         (out / "run_config.json").unlink(missing_ok=True)
@@ -426,7 +374,7 @@ def prepare_run_dir(plan: RunPlan, cfg: dict, input_files: list, keep_checkpoint
             if path.is_dir() and (not is_complete(path) or _checkpoint_step(path) > _checkpoint_step(plan.resume_from)):
                 drop_checkpoint(path)
     plan.checkpoints.mkdir(parents=True, exist_ok=True)
-    write_run_config(plan.checkpoints, STAGE, cfg, input_files, extra={"status": "unfinished"})
+    write_record(plan.checkpoints, RunRecord(STAGE, extra={"status": "unfinished"}), cfg, input_files)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -549,7 +497,9 @@ class SummarizationTrainer(Trainer):
         was_training = model.training
         model.eval()
         mine = list(range(self.args.process_index, len(spec.dialogues), self.args.world_size))
-        loaded = LoadedModel(model, spec.tokenizer, spec.family, spec.base, None, self.args.device, None)
+        loaded = LoadedModel(model=model, tokenizer=spec.tokenizer, family=family_of(spec.family), backend=HF,
+                             name=spec.base, base=spec.base, device=self.args.device, config=model.config,
+                             generation_config=unwrap(model).generation_config)
         try:
             result = summarize(loaded, [spec.dialogues[i] for i in mine], spec.settings, spec.batch_size,
                                spec.max_input_length, spec.instruction, progress=False)
@@ -671,7 +621,7 @@ def plot_loss_curve(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save_outputs(plan: RunPlan, model, tokenizer, metrics: dict, cfg: dict, input_files: list, extra: dict,
+def save_outputs(plan: RunPlan, model, tokenizer, metrics: dict, cfg: dict, input_files: list, record: RunRecord,
                  keep_checkpoints: bool) -> list[str]:
     """Write the adapter folder: every file is staged, then moved in; run_config.json comes last
     and marks the run finished. Returns the file names."""
@@ -686,7 +636,8 @@ def save_outputs(plan: RunPlan, model, tokenizer, metrics: dict, cfg: dict, inpu
         files = sorted(p.name for p in staging.iterdir() if p.is_file()) + ["run_config.json"]
         for name in files[:-1]:
             os.replace(staging / name, out / name)
-        write_run_config(out, STAGE, cfg, input_files, extra={**extra, "files": sorted(files)})
+        record.extra["files"] = sorted(files)
+        write_record(out, record, cfg, input_files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not keep_checkpoints:

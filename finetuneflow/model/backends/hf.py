@@ -1,0 +1,254 @@
+"""The transformers backend: base models, adapters (PEFT), merged folders, 4-bit (bitsandbytes).
+
+Anything the other backends do not claim is a transformers model (a Hub id, a model folder, an
+adapter folder). Generation runs `model.generate()` on a padded batch with the engine's effective
+settings applied to a copy of the model's generation config for the duration of the batch.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+from finetuneflow.contract.errors import UserError, first_line
+from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import read_record
+from finetuneflow.model.backends import Backend, Generated, finish
+from finetuneflow.model.family import CAUSAL, family_of
+from finetuneflow.model.loading import (LoadedModel, adapter_base, is_adapter_dir, load_config, load_tokenizer,
+                                        local_or_hub)
+from finetuneflow.model.prompts import stop_token_ids
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_device(device) -> torch.device:
+    if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"DEVICE={device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available here; use --DEVICE=cpu or leave it unset")
+    return parsed
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def quantization_config(device: torch.device):
+    import transformers
+    compute = default_dtype(device) if device.type == "cuda" else torch.float32
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def disable_cpu_bf16_kernels(model: torch.nn.Module) -> int:
+    """bitsandbytes' CPU bf16 path stops 4-bit training silently after a no-grad forward."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _is_quantized_checkpoint(config) -> bool:
+    return bool(getattr(config, "quantization_config", None))
+
+
+def load_transformers(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, device=None, dtype=None,
+                      trust_remote_code: bool = False, allow_unsafe_weights: bool = False,
+                      for_training: bool = False, base_model: str | None = None) -> LoadedModel:
+    """Load `name` (Hub id, model folder, merged folder, or an adapter folder) for either family.
+    An adapter folder is recognised by its adapter_config.json; its base comes from its run record
+    (train_bart_lora.py), else adapter_config.json, unless `base_model` is given."""
+    device = parse_device(device)
+    requested = name
+    if adapter is None and is_adapter_dir(name):
+        adapter = str(resolve(name))
+        name = base_model or adapter_base(adapter)
+    base = local_or_hub(name)
+    if adapter and not Path(base).exists() and (base.startswith(("/", ".", "~")) or Path(base).suffix):
+        raise UserError(f"base model {base} of adapter {adapter} not found; restore it, or pass "
+                        f"--BASE_MODEL=<its id or folder>")
+    config = load_config(base, trust_remote_code)
+    family = family_of(config)
+    if adapter:
+        _check_adapter_fits(adapter, base, config)
+    if _is_quantized_checkpoint(config) and not load_in_4bit and (Path(base) / "config.json").is_file():
+        raise UserError(f"{base} holds already-quantized weights ({config.quantization_config.get('quant_method', '?')}); "
+                        f"load it with --LOAD_IN_4BIT=True, or use the full-precision model it was made from")
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    auto = AutoModelForSeq2SeqLM if family.auto_class == "AutoModelForSeq2SeqLM" else AutoModelForCausalLM
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_unsafe_weights else True}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(device)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    else:
+        kwargs["dtype"] = dtype or (torch.float32 if for_training and device.type == "cpu" else default_dtype(device))
+    try:
+        model = auto.from_pretrained(base, **kwargs)
+    except Exception as exc:   # OSError, ValueError, SafetensorError (truncated file), unpickling refused, ...
+        raise UserError(f"cannot load model {name!r}: {first_line(exc, 300)}; check the folder "
+                        f"(config.json + model.safetensors) or re-create it") from None
+    if load_in_4bit and device.type == "cpu":
+        disable_cpu_bf16_kernels(model)
+    elif not load_in_4bit:
+        model.to(device)
+    tokenizer_source = adapter if adapter and any(
+        (Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else base
+    tokenizer = load_tokenizer(tokenizer_source, family, config, trust_remote_code)
+    record_folder = Path(adapter or base)
+    record = read_record(record_folder) if record_folder.is_dir() else None
+    if adapter:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
+        except Exception as exc:   # shapes or module names that do not match the base
+            raise UserError(f"adapter {adapter} does not fit base {base}: {first_line(exc, 240)}; pass the base it "
+                            f"was trained on with --BASE_MODEL") from None
+    if not for_training:
+        model.eval()
+    dtype_name = "4-bit nf4" if load_in_4bit else str(next(model.parameters()).dtype).replace("torch.", "")
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, backend=BACKEND, name=str(requested),
+                       base=name, adapter=adapter, device=device, dtype=dtype_name, config=model.config,
+                       generation_config=unwrap(model).generation_config, record=record)
+
+
+def _check_adapter_fits(adapter: str, base: str, config) -> None:
+    """An adapter trained on another architecture merges into a no-op: refuse it up front."""
+    import json
+    try:
+        adapter_config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{adapter}/adapter_config.json is unreadable ({type(exc).__name__}); re-train or restore "
+                        f"the adapter") from None
+    task = adapter_config.get("task_type")
+    family = family_of(config)
+    if task and task != family.lora_task_type:
+        raise UserError(f"adapter {adapter} is a {task} adapter but base {base} is a {family} model; pass the base it "
+                        f"was trained on with --BASE_MODEL")
+
+
+@contextmanager
+def generation_config_for(loaded: LoadedModel, effective: dict):
+    """Apply the effective settings to a copy of the model's generation config for one call:
+    passing max_new_tokens next to a config that sets max_length makes transformers warn on every
+    batch, so the superseded length limits are cleared on the copy."""
+    model = unwrap(loaded.model)
+    saved = model.generation_config
+    config = copy.deepcopy(saved)
+    for key, value in effective.items():
+        if key not in ("backend",):
+            setattr(config, key, value)
+    if effective.get("max_new_tokens") is not None:
+        config.max_length = None
+    if effective.get("min_new_tokens") is not None:
+        config.min_length = None
+    if not config.do_sample:   # sampling knobs left in a model's config only cause warnings
+        config.temperature = config.top_p = config.top_k = None
+    if (config.num_beams or 1) == 1:   # so do beam-only knobs under greedy decoding (no effect there)
+        config.length_penalty, config.early_stopping = 1.0, False
+    if loaded.family == CAUSAL:
+        config.eos_token_id = stop_token_ids(loaded.tokenizer)
+        config.pad_token_id = loaded.tokenizer.pad_token_id
+        # transformers applies no_repeat_ngram_size to prompt + output of a decoder-only model, which
+        # forbids copying any 3 tokens of the dialogue (names, "#Person1#"); generate_batch applies it
+        # to the generated tokens only (GeneratedNoRepeatNGram).
+        config.no_repeat_ngram_size = None
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """no_repeat_ngram_size over the generated tokens only (the prompt is the first
+    `prompt_length` positions of every row, left-padded to the same width)."""
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return super().__call__(input_ids[:, self.prompt_length:], scores)
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def detect(self, path: Path) -> bool:
+        return True
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+            isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+    def free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def load(self, source, *, device=None, dtype=None, **options) -> LoadedModel:
+        return load_transformers(source, device=device, dtype=dtype, **options)
+
+    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], effective: dict) -> list[Generated]:
+        tokenizer = loaded.tokenizer
+        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
+        padded = {k: v.to(loaded.device) for k, v in padded.items()}
+        width = padded["input_ids"].shape[1]
+        extra = {}
+        if loaded.family == CAUSAL and effective.get("no_repeat_ngram_size"):
+            extra["logits_processor"] = LogitsProcessorList(
+                [GeneratedNoRepeatNGram(effective["no_repeat_ngram_size"], width)])
+        with generation_config_for(loaded, effective), torch.inference_mode():
+            out = loaded.model.generate(**padded, **extra)
+        new = loaded.family.new_tokens(out, width)
+        stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
+        return finish(new.tolist(), stops, effective.get("max_new_tokens"))
+
+    def logits(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]):
+        """Causal: logits at every position of prompt + target; seq2seq: decoder logits per target."""
+        if loaded.family == CAUSAL:
+            inputs = {"input_ids": torch.tensor([prompt_ids + target_ids])}
+        else:
+            inputs = {"input_ids": torch.tensor([prompt_ids]), "labels": torch.tensor([target_ids])}
+        with torch.inference_mode():
+            out = loaded.model(**{k: v.to(loaded.device) for k, v in inputs.items()})
+        return out.logits[0].float().cpu().numpy()
+
+    def token_log_probs(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        logits = torch.from_numpy(self.logits(loaded, prompt_ids, target_ids))
+        log_probs = torch.log_softmax(logits, -1)
+        if loaded.family == CAUSAL:
+            start = len(prompt_ids) - 1
+            rows = log_probs[start:start + len(target_ids)]
+        else:
+            rows = log_probs[:len(target_ids)]
+        return rows.gather(-1, torch.tensor(target_ids)[:, None])[:, 0].tolist()
+
+
+BACKEND = TransformersBackend()
