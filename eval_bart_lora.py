@@ -18,47 +18,49 @@ NORMALIZE), so the held-out rows are the ones training held out. Rows the model 
 refused (ALLOW_OVERLAP=True scores them anyway and flags the result). Decoding is deterministic, so
 a different BATCH_SIZE gives the same predictions. Then compare versions with eval_metrics_bart_lora.py.
 """
-MODEL = None                           # [str | None] base id/folder, adapter folder or merged folder; None: ft_outputs/bart_lora_highlightsum
-TAG = None                             # [str | None] output name: baseline, lora, merged, ...; None: from the model kind
-DATASET = "knkarthick/highlightsum"    # Hub id or local .jsonl/.json/.csv/.parquet file or folder
-HUB_CONFIG = None                      # [str | None] Hub dataset configuration name, if it has several
-DIALOGUE_COLUMN = None                 # [str | None] None: auto-detect (dialogue, dialog, text, ...)
-SUMMARY_COLUMN = None                  # [str | None] None: auto-detect (summary, highlights, human_summary, ...)
-ID_COLUMN = None                       # [str | None] None: auto-detect (id, sample_id, fname); row numbers when absent
-SPLIT = "validation"                   # split to evaluate (a single local file is split by SEED/fractions); all: every row
-N_SAMPLES = 200                        # [int >= 0] rows evaluated (0 = all)
-SHUFFLE = False                        # False: the first N_SAMPLES rows (as the seed did); True: a SEED-shuffled subset
-SEED = None                            # [int >= 0 | None] split/shuffle seed; None: the model's training seed, else 42
-VAL_FRACTION = None                    # [0 <= float < 1 | None] validation share of a single local file; None: as in training, else 0.1
-TEST_FRACTION = None                   # [0 <= float < 1 | None] test share of a single local file; None: as in training, else 0.1
-NORMALIZE = None                       # [bool | None] rewrite '#Person1#' tags / \r\n like training; None: inherit, else False
-NUM_BEAMS = None                       # [int >= 1 | None] beams; None: inherit, else the model's config (1 for causal models)
-MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary token limit; None: inherit, else the model's config (128 causal)
-MIN_NEW_TOKENS = None                  # [int >= 0 | None] minimum summary tokens; None: inherit, else the model's config
-NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] forbid repeating n-grams of this size; None: inherit, else model config
-LENGTH_PENALTY = None                  # [float | None] beam length penalty (>1 favours longer); None: inherit, else model config
-MAX_INPUT_LENGTH = None                # [int >= 16 | None] input tokens per dialogue (longer ones follow LONG_INPUT); None: inherit, else model limit
-INSTRUCTION = None                     # [str | None] prompt for causal models; None: inherit, else prompts.DEFAULT_INSTRUCTION
-LONG_INPUT = "truncate"                # [truncate | chunk | error] dialogues over MAX_INPUT_LENGTH: truncate | chunk (map-reduce windows) | error
-BATCH_SIZE = 8                         # [int >= 1] dialogues per generate() call (halved automatically on GPU out-of-memory)
-LOAD_IN_4BIT = None                    # [bool | None] load the base in 4-bit (QLoRA); None: inherit from training, else False
-DEVICE = None                          # [str | None] None: cuda when available, else cpu; or cpu / cuda:0
-WANDB = True                           # log to W&B when WANDB_API_KEY or WANDB_MODE=offline is set; False: never
-ALLOW_OVERLAP = False                  # score rows the model was trained on anyway (flagged in every output)
-OUTPUT_DIR = "metrics"                 # where the predictions, eval json and run config go
+MODEL = None                   # [str | None] base, adapter, merged or exported model; None: the trained adapter
+TAG = None                     # [str | None] output name: baseline, lora, merged, ...; None: from the model kind
+DATASET = "knkarthick/highlightsum"  # Hub id or local .jsonl/.json/.csv/.parquet file or folder
+HUB_CONFIG = None              # [str | None] Hub dataset configuration name, if it has several
+DIALOGUE_COLUMN = None         # [str | None] None: auto-detect (dialogue, dialog, text, ...)
+SUMMARY_COLUMN = None          # [str | None] None: auto-detect (summary, highlights, human_summary, ...)
+ID_COLUMN = None               # [str | None] None: auto-detect (id, sample_id, fname); row numbers when absent
+SPLIT = "validation"           # split to evaluate (one local file is split by SEED/fractions); all: every row
+N_SAMPLES = 200                # [int >= 0] rows evaluated (0 = all)
+SHUFFLE = False                # False: the first N_SAMPLES rows (as the seed did); True: a SEED-shuffled subset
+SEED = None                    # [int >= 0 | None] split/shuffle seed; None: the model's training seed, else 42
+VAL_FRACTION = None            # [0 <= float < 1 | None] validation share of one local file; None: training's, else 0.1
+TEST_FRACTION = None           # [0 <= float < 1 | None] test share of one local file; None: training's, else 0.1
+NORMALIZE = None               # [bool | None] rewrite '#Person1#' tags / \r\n like training; None: inherit, else False
+NUM_BEAMS = None               # [int >= 1 | None] beams; None: inherit, else the model's config (1 for causal)
+MAX_NEW_TOKENS = None          # [int >= 1 | None] summary token limit; None: inherit, else the model's (128 causal)
+MIN_NEW_TOKENS = None          # [int >= 0 | None] minimum summary tokens; None: inherit, else the model's config
+NO_REPEAT_NGRAM_SIZE = None    # [int >= 0 | None] no repeated n-grams of this size; None: inherit, else the model's
+LENGTH_PENALTY = None          # [float | None] beam length penalty (>1 favours longer); None: inherit, else the model's
+MAX_INPUT_LENGTH = None        # [int >= 16 | None] input tokens per dialogue; None: inherit, else the model's limit
+INSTRUCTION = None             # [str | None] prompt for causal models; None: inherit, else the default instruction
+LONG_INPUT = "truncate"        # [truncate | chunk | error] dialogues over MAX_INPUT_LENGTH (chunk: map-reduce windows)
+BATCH_SIZE = 8                 # [int >= 1] dialogues per generate() call (halved automatically on GPU out-of-memory)
+LOAD_IN_4BIT = None            # [bool | None] load the base in 4-bit (QLoRA); None: inherit from training, else False
+DEVICE = None                  # [str | None] None: cuda when available, else cpu; or cpu / cuda:0
+WANDB = True                   # log to W&B when WANDB_API_KEY or WANDB_MODE=offline is set; False: never
+ALLOW_OVERLAP = False          # score rows the model was trained on anyway (flagged in every output)
+OUTPUT_DIR = "metrics"         # where the predictions, eval json and run config go
 
 import re
 import time
+from dataclasses import dataclass
 
 from finetuneflow.contract.data import DataSpec, get_split, load_data, subset, training_overlap
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.io import atomic_write_json
 from finetuneflow.contract.paths import FT_OUTPUTS, resolve
-from finetuneflow.contract.record import RunRecord, portable, read_record, write_record
+from finetuneflow.contract.record import Lineage, RunRecord, portable, read_record, write_record
 from finetuneflow.contract.safety import check_output_file
 from finetuneflow.contract.settings import configure
 
+STAGE = "eval"
 TRAIN_OUTPUT = f"{FT_OUTPUTS}/bart_lora_highlightsum"
 INHERITED = (*GenerationSettings.names(), "INSTRUCTION", "MAX_INPUT_LENGTH", "LOAD_IN_4BIT", "NORMALIZE", "SEED",
              "VAL_FRACTION", "TEST_FRACTION")
@@ -113,61 +115,76 @@ def check_overlap(cfg, rows: list[dict], record: RunRecord | None) -> list[str]:
     return overlap
 
 
-def main(argv=None) -> dict:
-    cfg = configure(globals(), argv)
+@dataclass
+class EvalPlan:
+    """What one evaluation reads and writes, decided before the model loads."""
+    record: RunRecord | None          # the model's run record
+    inherited: list[str]
+    paths: dict                       # kind -> output file
+    data: object                      # LoadedData
+    rows: list[dict]
+    overlap: list[str]                # rows the model was trained on (only with ALLOW_OVERLAP)
+    inputs: list
+
+
+def prepare(cfg) -> EvalPlan:
     record = resolve_model_and_tag(cfg)
     inherited = record.inherit_into(cfg, INHERITED) if record else []
     for name, value in FALLBACKS.items():
         if cfg[name] is None:
             cfg[name] = value
-    out = resolve(cfg.OUTPUT_DIR)
+    out, model_path = resolve(cfg.OUTPUT_DIR), resolve(cfg.MODEL)
     paths = {kind: out / f"{cfg.TAG}_{kind}" for kind in ("predictions.csv", "eval.json", "run_config.json")}
-    model_path = resolve(cfg.MODEL)
-    data_spec = DataSpec.from_config(cfg)
-    for kind, path in paths.items():
-        check_output_file(path, stage="eval", setting="OUTPUT_DIR", marker=paths["run_config.json"],
+    for path in paths.values():
+        check_output_file(path, stage=STAGE, setting="OUTPUT_DIR", marker=paths["run_config.json"],
                           inputs=[model_path, resolve(cfg.DATASET)])
-    data = load_data(data_spec)
+    data = load_data(DataSpec.from_config(cfg))
     rows = list(subset(get_split(data, cfg.SPLIT), cfg.N_SAMPLES, cfg.SEED, shuffle=cfg.SHUFFLE))
     overlap = check_overlap(cfg, rows, record)
     inputs = [*data.local_files, model_path if model_path.exists() else cfg.MODEL]
-    # claim the outputs before the slow part: an interrupted run leaves its own record, never a foreign file
-    write_record(out, RunRecord("eval", extra={"tag": cfg.TAG, "status": "started"}), cfg, inputs,
-                 name=paths["run_config.json"].name)
+    return EvalPlan(record, inherited, paths, data, rows, overlap, inputs)
 
+
+def describe_model(cfg, loaded, plan: EvalPlan, load_seconds: float) -> dict:
+    record = plan.record
+    return {"name": portable(cfg.MODEL), "base": portable(loaded.base), "adapter": portable(loaded.adapter),
+            "family": loaded.family, "kind": model_kind(cfg.MODEL, record), "backend": loaded.backend.name,
+            "dtype": loaded.dtype, "lineage": {k: v for k, v in vars(record.lineage).items() if v} if record else {},
+            "load_in_4bit": bool(cfg.LOAD_IN_4BIT), "load_seconds": round(load_seconds, 2)}
+
+
+def evaluate(cfg, plan: EvalPlan) -> tuple[dict, object]:
+    """Generate, score and write the predictions, the eval json and the finished run record."""
     from finetuneflow.model.loading import load_model
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     from finetuneflow.quality import tracking
     from finetuneflow.quality.evaluation import evaluate_rows
-    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+    out = plan.paths["run_config.json"].parent
     started = time.perf_counter()
     loaded = load_model(cfg.MODEL, load_in_4bit=bool(cfg.LOAD_IN_4BIT), device=cfg.DEVICE)
     load_seconds = time.perf_counter() - started
     run = tracking.start_run("eval", cfg, out, name=cfg.TAG) if cfg.WANDB else None
     try:
-        report = evaluate_rows(loaded, rows, GenerationSettings.from_config(cfg), cfg.BATCH_SIZE,
+        report = evaluate_rows(loaded, plan.rows, GenerationSettings.from_config(cfg), cfg.BATCH_SIZE,
                                cfg.MAX_INPUT_LENGTH, cfg.INSTRUCTION or DEFAULT_INSTRUCTION, cfg.LONG_INPUT,
-                               paths["predictions.csv"], cfg.TAG, progress=True)
+                               plan.paths["predictions.csv"], cfg.TAG, progress=True)
         summary = report.record
-        kind = model_kind(cfg.MODEL, record)
-        summary.update(model={"name": portable(cfg.MODEL), "base": portable(loaded.base),
-                              "adapter": portable(loaded.adapter), "family": loaded.family, "kind": kind,
-                              "backend": loaded.backend.name, "dtype": loaded.dtype,
-                              "lineage": {k: v for k, v in vars(record.lineage).items() if v} if record else {},
-                              "load_in_4bit": bool(cfg.LOAD_IN_4BIT), "load_seconds": round(load_seconds, 2)},
-                       dataset={"source": data.source, "split": cfg.SPLIT, "rows": len(rows),
+        summary.update(model=describe_model(cfg, loaded, plan, load_seconds),
+                       dataset={"source": plan.data.source, "split": cfg.SPLIT, "rows": len(plan.rows),
                                 "n_samples": cfg.N_SAMPLES, "shuffle": cfg.SHUFFLE, "seed": cfg.SEED,
-                                "columns": data.columns, "dropped_empty_rows": data.dropped},
-                       training_overlap={"rows": len(overlap), "ids": overlap[:50], "allowed": bool(overlap)},
-                       inherited_from_model_record=inherited)
-        eval_record = RunRecord("eval", family=loaded.family, backend=loaded.backend.name,
-                                instruction=summary["generation"].get("instruction"),
-                                max_input_length=summary["generation"]["max_input_length"],
-                                lineage=record.lineage if record else RunRecord("eval").lineage,
-                                generation=GenerationSettings.from_record(summary["generation"]),
-                                extra={"tag": cfg.TAG, "status": "finished", "decoding": summary["generation"],
-                                       "predictions_sha256": summary["predictions_sha256"]})
-        atomic_write_json(paths["eval.json"], summary)
-        write_record(out, eval_record, cfg, inputs, name=paths["run_config.json"].name)
+                                "columns": plan.data.columns, "dropped_empty_rows": plan.data.dropped},
+                       training_overlap={"rows": len(plan.overlap), "ids": plan.overlap[:50],
+                                         "allowed": bool(plan.overlap)},
+                       inherited_from_model_record=plan.inherited)
+        decoding = summary["generation"]
+        finished = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name,
+                             instruction=decoding.get("instruction"), max_input_length=decoding["max_input_length"],
+                             lineage=plan.record.lineage if plan.record else Lineage(),
+                             generation=GenerationSettings.from_record(decoding),
+                             extra={"tag": cfg.TAG, "status": "finished", "decoding": decoding,
+                                    "predictions_sha256": summary["predictions_sha256"]})
+        atomic_write_json(plan.paths["eval.json"], summary)
+        write_record(out, finished, cfg, plan.inputs, name=plan.paths["run_config.json"].name)
         tracking.log(run, {**{f"eval/{k}": v for k, v in summary["averages"].items()},
                            "eval/samples_per_s": summary["timing"]["samples_per_s"],
                            "eval/tokens_per_s": summary["timing"]["tokens_per_s"]})
@@ -175,15 +192,18 @@ def main(argv=None) -> dict:
             report.log_table(run)
     finally:
         tracking.finish(run)
+    return summary, loaded
 
+
+def print_summary(cfg, summary: dict, plan: EvalPlan, loaded) -> None:
     avg, counts, timing = summary["averages"], summary["counts"], summary["timing"]
     print(f"model {cfg.MODEL} ({summary['model']['kind']}, {loaded.family}, {loaded.backend.name}) on "
-          f"{loaded.device}; {counts['samples']} {cfg.SPLIT} rows of {data.source}")
-    if inherited:
-        print(f"  inherited from the model's run record: {', '.join(inherited)}")
-    if overlap:
-        print(f"  WARNING: {len(overlap)} of these rows were training rows (ALLOW_OVERLAP=True): the scores are "
-              f"not held-out scores")
+          f"{loaded.device}; {counts['samples']} {cfg.SPLIT} rows of {plan.data.source}")
+    if plan.inherited:
+        print(f"  inherited from the model's run record: {', '.join(plan.inherited)}")
+    if plan.overlap:
+        print(f"  WARNING: {len(plan.overlap)} of these rows were training rows (ALLOW_OVERLAP=True): the scores "
+              f"are not held-out scores")
     print(f"  generation: {summary['generation']}")
     print(f"  ROUGE-1 {avg['rouge1']:.2f}  ROUGE-2 {avg['rouge2']:.2f}  ROUGE-L {avg['rougeL']:.2f}  "
           f"ROUGE-Lsum {avg['rougeLsum']:.2f}  (mean of per-sample F1 x 100)")
@@ -192,7 +212,17 @@ def main(argv=None) -> dict:
           f"{counts['chunked_inputs']} chunked (LONG_INPUT={cfg.LONG_INPUT})")
     print(f"  speed: {timing['samples_per_s']:.2f} samples/s, {timing['tokens_per_s']:.1f} generated tokens/s "
           f"({timing['seconds']:.1f} s, batch {summary['generation']['batch_size']})")
-    print(f"wrote {paths['predictions.csv']} and {paths['eval.json']}")
+    print(f"wrote {plan.paths['predictions.csv']} and {plan.paths['eval.json']}")
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    plan = prepare(cfg)
+    # claim the outputs before the slow part: an interrupted run leaves its own record, never a foreign file
+    write_record(plan.paths["run_config.json"].parent, RunRecord(STAGE, extra={"tag": cfg.TAG, "status": "started"}),
+                 cfg, plan.inputs, name=plan.paths["run_config.json"].name)
+    summary, loaded = evaluate(cfg, plan)
+    print_summary(cfg, summary, plan, loaded)
     return summary
 
 

@@ -18,26 +18,33 @@ model folder in BERTSCORE_MODEL; when neither is available the output says so an
 """
 PREDICTIONS = ["metrics/baseline_predictions.csv", "metrics/lora_predictions.csv",
                "metrics/merged_predictions.csv"]  # CSV paths; the default list uses those that exist
-NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions.csv -> lora)
+NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions -> lora)
 BERTSCORE_MODEL = "roberta-large"      # bert-score model id (rescaled with its baseline) or local folder; "" = skip
 BERTSCORE_BATCH_SIZE = 32              # [int >= 1] pairs per BERTScore forward pass
 BOOTSTRAP_SAMPLES = 1000               # [int >= 1] resamples for the ROUGE bootstrap aggregate and the paired CIs
 CONFIDENCE = 0.95                      # [0 < float < 1] confidence level of every interval
 BOOTSTRAP_SEED = 42                    # [int >= 0] makes every interval reproducible
 ALLOW_DIFFERENT_SAMPLES = False        # True: compare versions on their shared ids instead of failing
-TRUNCATION_WORDS = 560                 # [int >= 1] inputs without an eval record count as truncated above this many words (~768 BART tokens)
+TRUNCATION_WORDS = 560                 # [int >= 1] without an eval record: inputs over this many words count as cut
 EXAMPLES = 6                           # [int >= 0] example predictions shown side by side in the report
 OUTPUT_DIR = "metrics"                 # where everything is written
 
-from finetuneflow.contract.record import RunRecord, write_record
-from finetuneflow.contract.settings import configure
+import re
+
 from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
-from finetuneflow.contract.paths import output_dir, resolve
+from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.safety import check_output_file
+from finetuneflow.contract.settings import configure
 
+STAGE = "eval_metrics"
 DEFAULT_PREDICTIONS = list(PREDICTIONS)
 SUMMARY_COLUMNS = ("model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bleu", "chrf",
                    "pred_words_mean", "ref_words_mean", "len_ratio_mean", "compression_mean")  # first; the rest follow
+CHARTS = ("rouge1.png", "rouge2.png", "rougeL.png", "buckets.png", "score_distribution.png")
+FIXED_OUTPUTS = ("summary_metrics.csv", "summary_metrics.json", "report.html", *CHARTS)
+SAFE_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 
 
 def input_files(cfg) -> list:
@@ -52,25 +59,36 @@ def input_files(cfg) -> list:
     return [resolve(p).resolve() for p in cfg.PREDICTIONS]
 
 
-def main(argv=None) -> dict:
-    cfg = configure(globals(), argv)
-    files = input_files(cfg)
+def read_versions(cfg, files: list) -> tuple[list, list[str]]:
+    """The prediction files as versions (names checked: they become file names) and their shared ids."""
+    from finetuneflow.quality.predictions import check_same_samples, read_predictions
     if cfg.NAMES and len(cfg.NAMES) != len(files):
         raise UserError(f"--names has {len(cfg.NAMES)} names for {len(files)} prediction files; give one per file")
-    from finetuneflow.quality.predictions import check_same_samples, read_predictions
-    versions_in = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None) for i, f in enumerate(files)]
-    names = [v.name for v in versions_in]
+    versions = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None) for i, f in enumerate(files)]
+    names = [v.name for v in versions]
+    bad = [n for n in names if not SAFE_NAME.fullmatch(n)]
+    if bad:
+        raise UserError(f"version name {bad[0]!r} is not a safe file name (letters, digits, _ . -; it names "
+                        f"<name>_metrics.csv); set --names")
     if len(set(names)) != len(names) or "summary" in names:
         raise UserError(f"version names must be unique and not 'summary' (got {', '.join(names)}); set --names")
-    shared_ids = check_same_samples(versions_in, cfg.ALLOW_DIFFERENT_SAMPLES)
-    if len(versions_in) > 1 and not shared_ids:
+    shared_ids = check_same_samples(versions, cfg.ALLOW_DIFFERENT_SAMPLES)
+    if len(versions) > 1 and not shared_ids:
         raise UserError("the prediction files share no row ids: nothing can be compared")
+    return versions, shared_ids
 
-    import pandas as pd
-    from finetuneflow.quality import report
-    from finetuneflow.quality.evaluation import compare, score_version
-    from finetuneflow.quality.metrics import BUCKET_RULES
-    out = output_dir(cfg.OUTPUT_DIR)
+
+def check_outputs(cfg, names: list[str], files: list):
+    """Every file this stage writes, checked against the output-safety rule before any scoring."""
+    out = resolve(cfg.OUTPUT_DIR)
+    marker = out / f"{STAGE}.run_config.json"
+    for name in (*FIXED_OUTPUTS, *(f"{n}_metrics.csv" for n in names), marker.name):
+        check_output_file(out / name, stage=STAGE, setting="OUTPUT_DIR", marker=marker, inputs=files)
+    return out
+
+
+def score_all(cfg, versions_in: list, out) -> list:
+    from finetuneflow.quality.evaluation import score_version
     versions = []
     for preds in versions_in:
         print(f"scoring {preds.name}: {len(preds.ids)} rows from {preds.path} ({preds.format} format)")
@@ -79,8 +97,13 @@ def main(argv=None) -> dict:
         with atomic_path(out / f"{preds.name}_metrics.csv") as tmp:
             scored.frame.to_csv(tmp, index=False, float_format="%.4f")
         versions.append(scored)
-    pairs = compare(versions, shared_ids, cfg.BOOTSTRAP_SAMPLES, cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED)
+    return versions
 
+
+def write_summary(cfg, versions: list, pairs: list, shared_ids: list[str], out) -> dict:
+    import pandas as pd
+    from finetuneflow.quality import report
+    from finetuneflow.quality.metrics import BUCKET_RULES
     summary = pd.DataFrame([v.summary for v in versions])
     columns = list(SUMMARY_COLUMNS) + [c for c in summary.columns if c not in SUMMARY_COLUMNS]
     with atomic_path(out / "summary_metrics.csv") as tmp:
@@ -95,9 +118,10 @@ def main(argv=None) -> dict:
     charts["distribution"] = report.distribution_chart(versions, out / "score_distribution.png")
     atomic_write_text(out / "report.html", report.html_report(versions, pairs, shared_ids, charts, cfg.EXAMPLES,
                                                               record["settings"]))
-    write_record(out, RunRecord("eval_metrics", extra={"compared": names, "shared_samples": len(shared_ids)}), cfg,
-                 files, name="eval_metrics.run_config.json")
+    return record
 
+
+def print_results(versions: list, pairs: list) -> None:
     for v in versions:
         s = v.summary
         print(f"{v.name:>12}: ROUGE-1 {s['rouge1']:.2f}  ROUGE-2 {s['rouge2']:.2f}  ROUGE-L {s['rougeL']:.2f}  "
@@ -114,6 +138,24 @@ def main(argv=None) -> dict:
             print(f"  {result['statement']}")
         if pair.get("lossless_statement"):
             print(f"  {pair['lossless_statement']}")
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv)
+    files = input_files(cfg)
+    versions_in, shared_ids = read_versions(cfg, files)
+    out = check_outputs(cfg, [v.name for v in versions_in], files)
+    names = [v.name for v in versions_in]
+    # claim the outputs first: an interrupted run leaves its own record, so the next run may replace them
+    write_record(out, RunRecord(STAGE, extra={"compared": names, "status": "started"}), cfg, files,
+                 name=f"{STAGE}.run_config.json")
+    from finetuneflow.quality.evaluation import compare
+    versions = score_all(cfg, versions_in, out)
+    pairs = compare(versions, shared_ids, cfg.BOOTSTRAP_SAMPLES, cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED)
+    record = write_summary(cfg, versions, pairs, shared_ids, out)
+    write_record(out, RunRecord(STAGE, extra={"compared": names, "shared_samples": len(shared_ids),
+                                              "status": "finished"}), cfg, files, name=f"{STAGE}.run_config.json")
+    print_results(versions, pairs)
     print(f"wrote {out / 'summary_metrics.csv'}, {out / 'report.html'} and {len(versions)} per-sample metrics CSVs")
     return record
 

@@ -13,14 +13,14 @@ A single local file is split into train/validation/test (VAL_FRACTION, TEST_FRAC
 """
 DATASET = "knkarthick/highlightsum"    # Hub id or local file/folder
 HUB_CONFIG = None                      # [str | None] Hub dataset configuration name, if it has several
-DIALOGUE_COLUMN = None                 # [str | None] None: auto-detect (dialogue, dialog, text, source, document, ...)
-SUMMARY_COLUMN = None                  # [str | None] None: auto-detect (summary, highlights, target, human_summary, ...)
+DIALOGUE_COLUMN = None                 # [str | None] None: auto-detect (dialogue, dialog, text, source, ...)
+SUMMARY_COLUMN = None                  # [str | None] None: auto-detect (summary, highlights, target, ...)
 ID_COLUMN = None                       # [str | None] None: auto-detect (id, sample_id, fname); row numbers when absent
 VAL_FRACTION = 0.1                     # [0 <= float < 1] share of a single local file kept for validation
 TEST_FRACTION = 0.1                    # [0 <= float < 1] share of a single local file kept for test
 SEED = 42                              # [int >= 0] shuffling seed for splits and subsets
-NORMALIZE = False                      # [bool | None] rewrite DialogSum '#Person1#' tags and \r\n (see finetuneflow/data.py)
-MODEL = "facebook/bart-large-cnn"       # tokenizer for token statistics ("" skips them)
+NORMALIZE = False                      # rewrite DialogSum '#Person1#' tags and \r\n (see finetuneflow/contract/data.py)
+MODEL = "facebook/bart-large-cnn"      # tokenizer for token statistics ("" skips them)
 MAX_INPUT_LENGTH = 768                 # [int >= 16] tokens; reports how many dialogues would be truncated
 MAX_TARGET_LENGTH = 192                # [int >= 2] tokens; reports how many summaries would be truncated
 SPLIT = "train"                        # split to subset and export
@@ -78,10 +78,10 @@ def histogram(words_dialogue: list[int], words_summary: list[int], path) -> None
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    cfg = configure(globals(), argv, renamed={"MODEL_NAME": "MODEL"})
+def check_outputs(cfg):
+    """(output folder, export file or None), both checked against the output-safety rule."""
     out = resolve(cfg.OUTPUT_DIR)
-    marker = out / "inspect_dataset.run_config.json"
+    marker = out / f"{STAGE}.run_config.json"
     for name in ("dataset_overview.json", "dataset_lengths.png", marker.name):
         check_output_file(out / name, stage=STAGE, setting="OUTPUT_DIR", marker=marker, inputs=[cfg.DATASET])
     export = None
@@ -89,30 +89,66 @@ def main(argv=None) -> dict:
         export = resolve(cfg.EXPORT_JSONL)
         export = check_output_file(export, stage=STAGE, setting="EXPORT_JSONL", inputs=[cfg.DATASET],
                                    marker=export.with_name(f"{export.name}.run_config.json"))
+    return out, export
+
+
+def length_statistics(cfg, dialogues: list[str], summaries: list[str], tokenizer) -> tuple[dict, dict | None]:
+    """Length statistics (characters, words, and tokens with a tokenizer) and what would be cut."""
+    stats = {"dialogue": {"chars": length_stats([len(d) for d in dialogues]),
+                          "words": length_stats([len(d.split()) for d in dialogues])},
+             "summary": {"chars": length_stats([len(s) for s in summaries]),
+                         "words": length_stats([len(s.split()) for s in summaries])}}
+    if tokenizer is None:
+        return stats, None
+    dialogue_tokens = [len(ids) for ids in tokenizer(dialogues, verbose=False)["input_ids"]]
+    summary_tokens = [len(ids) for ids in tokenizer(summaries, verbose=False)["input_ids"]]
+    stats["dialogue"]["tokens"] = length_stats(dialogue_tokens)
+    stats["summary"]["tokens"] = length_stats(summary_tokens)
+    over = sum(t > cfg.MAX_INPUT_LENGTH for t in dialogue_tokens)
+    truncation = {"max_input_length": cfg.MAX_INPUT_LENGTH, "max_target_length": cfg.MAX_TARGET_LENGTH,
+                  "dialogues_over_limit": over, "dialogues_over_limit_share": round(over / len(dialogues), 4),
+                  "summaries_over_limit": sum(t > cfg.MAX_TARGET_LENGTH for t in summary_tokens),
+                  "dialogue_tokens_cut_share": round(sum(max(0, t - cfg.MAX_INPUT_LENGTH) for t in dialogue_tokens)
+                                                     / max(1, sum(dialogue_tokens)), 4)}
+    return stats, truncation
+
+
+def print_overview(cfg, overview: dict, data, tokenizer_note: str | None, exported) -> None:
+    print(f"dataset {data.source}: " + ", ".join(f"{k} {v}" for k, v in overview["rows"].items())
+          + f" rows ({sum(data.dropped.values())} empty rows dropped)")
+    for role in ("dialogue", "summary"):
+        words = overview["lengths"][role]["words"]
+        tokens = overview["lengths"][role].get("tokens")
+        print(f"  {role}: words p50 {words['p50']:.0f} p90 {words['p90']:.0f} max {words['max']}"
+              + (f"; tokens p50 {tokens['p50']:.0f} p90 {tokens['p90']:.0f} p99 {tokens['p99']:.0f} "
+                 f"max {tokens['max']}" if tokens else ""))
+    truncation = overview["truncation"]
+    if truncation:
+        share = truncation["dialogues_over_limit_share"]
+        print(f"  {truncation['dialogues_over_limit']} dialogues ({share:.1%}) exceed "
+              f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH} tokens")
+    else:
+        print(f"  token statistics skipped ({tokenizer_note})")
+    first = overview["first_example"]
+    print(f"  first example [{first['id']}]: {first['dialogue'][:160]!r}")
+    if exported:
+        print(f"exported {overview['export']['rows']} {cfg.SPLIT} rows to {exported}")
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv, renamed={"MODEL_NAME": "MODEL"})
+    out, export = check_outputs(cfg)
     data = load_data(DataSpec.from_config(cfg))
     selected = get_split(data, cfg.SPLIT)
     tokenizer, tokenizer_note = try_tokenizer(cfg.MODEL)
     all_rows = [row for ds in data.splits.values() for row in ds]
     dialogues, summaries = [r["dialogue"] for r in all_rows], [r["summary"] for r in all_rows]
-    stats = {"dialogue": {"chars": length_stats([len(d) for d in dialogues]),
-                          "words": length_stats([len(d.split()) for d in dialogues])},
-             "summary": {"chars": length_stats([len(s) for s in summaries]),
-                         "words": length_stats([len(s.split()) for s in summaries])}}
-    truncation = None
-    if tokenizer is not None:
-        dialogue_tokens = [len(ids) for ids in tokenizer(dialogues, verbose=False)["input_ids"]]
-        summary_tokens = [len(ids) for ids in tokenizer(summaries, verbose=False)["input_ids"]]
-        stats["dialogue"]["tokens"], stats["summary"]["tokens"] = length_stats(dialogue_tokens), length_stats(summary_tokens)
-        truncation = {"max_input_length": cfg.MAX_INPUT_LENGTH, "max_target_length": cfg.MAX_TARGET_LENGTH,
-                      "dialogues_over_limit": sum(t > cfg.MAX_INPUT_LENGTH for t in dialogue_tokens),
-                      "summaries_over_limit": sum(t > cfg.MAX_TARGET_LENGTH for t in summary_tokens),
-                      "dialogue_tokens_cut_share": round(sum(max(0, t - cfg.MAX_INPUT_LENGTH) for t in dialogue_tokens)
-                                                         / max(1, sum(dialogue_tokens)), 4)}
-        truncation["dialogues_over_limit_share"] = round(truncation["dialogues_over_limit"] / len(dialogues), 4)
+    stats, truncation = length_statistics(cfg, dialogues, summaries, tokenizer)
     first = selected[0] if len(selected) else all_rows[0]
     overview = {
         "dataset": data.source, "columns": data.columns, "splits_made_from_single_file": data.made_splits,
-        "split_fractions": {"validation": cfg.VAL_FRACTION, "test": cfg.TEST_FRACTION, "seed": cfg.SEED} if data.made_splits else None,
+        "split_fractions": ({"validation": cfg.VAL_FRACTION, "test": cfg.TEST_FRACTION, "seed": cfg.SEED}
+                            if data.made_splits else None),
         "rows": {name: len(ds) for name, ds in data.splits.items()}, "total_rows": len(all_rows),
         "dropped_empty_rows": data.dropped, "lengths": stats, "truncation": truncation,
         "tokenizer": cfg.MODEL if tokenizer is not None else None, "tokenizer_note": tokenizer_note,
@@ -127,22 +163,8 @@ def main(argv=None) -> dict:
         overview["export"] = {"path": portable(exported), "split": cfg.SPLIT, "rows": len(rows), "seed": cfg.SEED}
     histogram([len(d.split()) for d in dialogues], [len(s.split()) for s in summaries], out / "dataset_lengths.png")
     atomic_write_json(out / "dataset_overview.json", overview)
-    write_record(out, RunRecord(STAGE), cfg, data.local_files, name=marker.name)
-    print(f"dataset {data.source}: " + ", ".join(f"{k} {v}" for k, v in overview["rows"].items())
-          + f" rows ({sum(data.dropped.values())} empty rows dropped)")
-    for role in ("dialogue", "summary"):
-        words = stats[role]["words"]
-        tokens = stats[role].get("tokens")
-        print(f"  {role}: words p50 {words['p50']:.0f} p90 {words['p90']:.0f} max {words['max']}"
-              + (f"; tokens p50 {tokens['p50']:.0f} p90 {tokens['p90']:.0f} p99 {tokens['p99']:.0f} max {tokens['max']}" if tokens else ""))
-    if truncation:
-        print(f"  {truncation['dialogues_over_limit']} dialogues ({truncation['dialogues_over_limit_share']:.1%}) exceed "
-              f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH} tokens")
-    else:
-        print(f"  token statistics skipped ({tokenizer_note})")
-    print(f"  first example [{first['id']}]: {first['dialogue'][:160]!r}")
-    if exported:
-        print(f"exported {overview['export']['rows']} {cfg.SPLIT} rows to {exported}")
+    write_record(out, RunRecord(STAGE), cfg, data.local_files, name=f"{STAGE}.run_config.json")
+    print_overview(cfg, overview, data, tokenizer_note, exported)
     print(f"wrote {out / 'dataset_overview.json'} and {out / 'dataset_lengths.png'}")
     return overview
 

@@ -118,6 +118,13 @@ def _write_predictions(path, ids, predictions, references=None):
     return path
 
 
+def _write_lineage(predictions, kind, name, lineage=None):
+    """The `<tag>_eval.json` eval_bart_lora.py writes beside its predictions (model kind and lineage)."""
+    record = {"model": {"kind": kind, "name": name, "adapter": name if kind == "adapter" else None,
+                        "lineage": lineage or {}}}
+    (predictions.parent / predictions.name.replace("_predictions.csv", "_eval.json")).write_text(json.dumps(record))
+
+
 IDS = [str(i) for i in range(8)]
 LORA = ["They meet at noon.", "Anna and Tom meet.", "", "They meet at 3.", "Tom: fine", "They meet at 4 with Bob.",
         "They meet at 5.", "meet meet meet meet meet"]
@@ -129,8 +136,12 @@ def test_metrics_compare_versions_and_report(project):
     _write_predictions(metrics / "baseline_predictions.csv", IDS, ["Anna: we meet at " + i for i in IDS])
     _write_predictions(metrics / "lora_predictions.csv", IDS, LORA)
     _write_predictions(metrics / "merged_predictions.csv", IDS[::-1], LORA[::-1])   # same rows, other order
+    _write_lineage(metrics / "lora_predictions.csv", "adapter", "ft_outputs/lora")
+    _write_lineage(metrics / "merged_predictions.csv", "merged", "ft_outputs/merged",
+                   {"merged_from": "ft_outputs/lora", "cleaned_from": "ft_outputs/merged_raw"})
     result = run_stage(METRICS, "--bootstrap_samples=200", "--bertscore_model=", root=project, env=ONE_THREAD)
-    assert files_under(metrics) - {f"{n}_predictions.csv" for n in ("baseline", "lora", "merged")} == \
+    assert files_under(metrics) - {f"{n}_predictions.csv" for n in ("baseline", "lora", "merged")} \
+        - {"lora_eval.json", "merged_eval.json"} == \
         METRICS_FILES | {"baseline_metrics.csv", "lora_metrics.csv", "merged_metrics.csv"}
     summary = read_csv(metrics / "summary_metrics.csv")
     assert [r["model"] for r in summary] == ["baseline", "lora", "merged"]
@@ -154,6 +165,12 @@ def test_metrics_compare_versions_and_report(project):
 def test_metrics_lossy_merge_is_reported(project):
     a = _write_predictions(project / "lora_predictions.csv", IDS, LORA)
     b = _write_predictions(project / "merged_predictions.csv", IDS, LORA[:-1] + ["They meet at 7."])
+    # the names alone say nothing: without lineage there is no merge claim either way
+    unrelated = run_stage(METRICS, f"--predictions={a},{b}", "--bootstrap_samples=100", "--bertscore_model=",
+                          "--output_dir=out", root=project, env=ONE_THREAD)
+    assert "merging must be lossless" not in unrelated.stdout and "lossless" not in unrelated.stdout
+    _write_lineage(a, "adapter", "ft_outputs/lora")
+    _write_lineage(b, "merged", "ft_outputs/merged", {"merged_from": "ft_outputs/lora"})
     result = run_stage(METRICS, f"--predictions={a},{b}", "--bootstrap_samples=100", "--bertscore_model=",
                        "--output_dir=out", root=project, env=ONE_THREAD)
     assert "differ on 1 of 8 samples: merging must be lossless" in result.stdout

@@ -70,7 +70,8 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}); restore it or re-create the folder") from None
+        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}); restore it or re-create the "
+                        f"folder") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; restore it or re-create the folder")
     return data

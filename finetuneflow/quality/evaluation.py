@@ -169,10 +169,22 @@ def _comparable_metrics(a: VersionScores, b: VersionScores) -> list[str]:
     return keys
 
 
-def is_merge_pair(name_a: str, name_b: str) -> bool:
-    """An adapter version and its merged version (merging must change nothing)."""
-    names = {name_a.lower(), name_b.lower()}
-    return any("merge" in n for n in names) and any(("lora" in n or "adapter" in n) and "merge" not in n for n in names)
+def _model_of(version: VersionScores) -> dict:
+    record = version.source.eval_record
+    return (record.get("model") or {}) if isinstance(record, dict) else {}
+
+
+def is_merge_pair(a: VersionScores, b: VersionScores) -> bool:
+    """One version is an adapter and the other a model merged from that adapter (merging must
+    change nothing), decided from the lineage in their eval records, never from their names."""
+    for adapter, merged in ((a, b), (b, a)):
+        ma, mm = _model_of(adapter), _model_of(merged)
+        source = ma.get("adapter") or ma.get("name")
+        lineage = mm.get("lineage") or {}
+        if ma.get("kind") == "adapter" and mm.get("kind") == "merged" and source \
+                and source in (lineage.get("merged_from"), lineage.get("adapter")):
+            return True
+    return False
 
 
 def compare(versions: list[VersionScores], shared_ids: list[str], bootstrap_samples: int = 1000,
@@ -192,10 +204,11 @@ def compare(versions: list[VersionScores], shared_ids: list[str], bootstrap_samp
         differing = [i for i in shared_ids if fa.at[i, "prediction"].strip() != fb.at[i, "prediction"].strip()]
         pair = {"a": a.name, "b": b.name, "samples": len(shared_ids), "metrics": results,
                 "differing_predictions": len(differing), "differing_ids": differing[:20],
-                "merge_pair": is_merge_pair(a.name, b.name)}
+                "merge_pair": is_merge_pair(a, b)}
         if pair["merge_pair"]:
             pair["lossless_statement"] = (
-                f"{a.name} and {b.name} give identical predictions on all {len(shared_ids)} samples: the merge is lossless"
+                f"{a.name} and {b.name} give identical predictions on all {len(shared_ids)} samples: the merge "
+                f"is lossless"
                 if not differing else
                 f"{a.name} and {b.name} differ on {len(differing)} of {len(shared_ids)} samples: merging must be "
                 f"lossless, so the two were generated differently (settings, dtype, base model) or the merge is broken")

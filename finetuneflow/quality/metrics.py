@@ -171,7 +171,8 @@ def _hub_model_unavailable(model: str) -> str | None:
 
 
 def bertscore(predictions: list[str], references: list[str], model: str | None = DEFAULT_BERTSCORE_MODEL,
-              lang: str = "en", rescale: bool = True, batch_size: int = 32, device: str | None = None) -> BertScoreResult:
+              lang: str = "en", rescale: bool = True, batch_size: int = 32,
+              device: str | None = None) -> BertScoreResult:
     """BERTScore F1 x 100 per sample, or a result that says why it could not be computed.
 
     `model` is a bert-score model id (downloaded from the Hub unless cached) or a local folder. A
@@ -294,7 +295,8 @@ BUCKET_RULES = {
     "copied_dialogue": f"at least {COPY_SHARE:.0%} of the prediction's word {COPY_NGRAM}-grams occur verbatim "
                        f"in the dialogue (lower-cased; predictions of {COPY_MIN_WORDS}+ words)",
     "repetition": f"one word {REPEAT_NGRAM}-gram occurs {REPEAT_COUNT}+ times, or at least {REPEAT_SHARE:.0%} "
-                  f"of the {REPEAT_NGRAM}-gram occurrences are repeats (with {REPEAT_MIN_NGRAMS}+ {REPEAT_NGRAM}-grams)",
+                  f"of the {REPEAT_NGRAM}-gram occurrences are repeats "
+                  f"(with {REPEAT_MIN_NGRAMS}+ {REPEAT_NGRAM}-grams)",
     "unsupported_names": "a capitalised word (capital then lower-case letter) that does not start a sentence "
                          "appears nowhere in the dialogue (case-insensitive): a possibly hallucinated name",
     "too_short": f"prediction words < {TOO_SHORT} x reference words",

@@ -14,6 +14,7 @@ from finetuneflow.quality import metrics as M
 from finetuneflow.quality.evaluation import METRIC_LABELS, VersionScores
 from finetuneflow.contract.io import atomic_path
 
+esc = html.escape
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 
 
@@ -117,97 +118,126 @@ def pick_examples(versions: list[VersionScores], shared_ids: list[str], k: int) 
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1300px;color:#222}
-table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}
+table{border-collapse:collapse;margin:8px 0 18px}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}
 th{background:#f2f2f2}.sig{color:#1a7f37;font-weight:600}.ns{color:#666}.bad{color:#b42318;font-weight:600}
 .good{color:#1a7f37;font-weight:600}img{max-width:100%;margin:6px 0}.small{font-size:12px;color:#555}
 pre{white-space:pre-wrap;font-size:12px;margin:0;max-height:240px;overflow:auto}"""
 
 
 def html_report(versions: list[VersionScores], pairs: list[dict], shared_ids: list[str], charts: dict[str, Path],
-                examples: int, settings: dict) -> str:
-    esc = html.escape
+                examples: int, settings: dict, extra_sections: list[str] = ()) -> str:
+    """The self-contained report page: one section per question a reader asks."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>FineTuneFlow evaluation report</title>"
              f"<style>{CSS}</style></head><body><h1>FineTuneFlow evaluation report</h1>",
              f"<p class='small'>Generated {_dt.datetime.now().isoformat(timespec='seconds')} by "
              f"eval_metrics_bart_lora.py. Scores are on the 0-100 scale; ROUGE is the mean of per-sample F1 "
              f"(rouge-score, stemming on), its interval is rouge-score's bootstrap aggregate.</p>"]
-    parts.append("<h2>Inputs</h2><table><tr><th>version</th><th>file</th><th>format</th><th>samples</th><th>notes</th></tr>")
+    parts += inputs_section(versions) + versions_section(versions) + comparisons_section(pairs, shared_ids, settings)
+    parts += list(extra_sections)
+    parts += charts_section(charts) + buckets_section(versions) + examples_section(versions, shared_ids, examples)
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def inputs_section(versions: list[VersionScores]) -> list[str]:
+    parts = ["<h2>Inputs</h2><table><tr><th>version</th><th>file</th><th>format</th><th>samples</th>"
+             "<th>notes</th></tr>"]
     for v in versions:
         notes = "; ".join(v.notes + [f"truncated inputs: {v.truncation_source}"])
         parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(str(v.source.path))}</td><td>{esc(v.source.format)}</td>"
                      f"<td>{v.summary['samples']}</td><td class='small'>{esc(notes)}</td></tr>")
-    parts.append("</table>")
+    return parts + ["</table>"]
 
-    parts.append("<h2>Versions side by side</h2><table><tr><th>metric</th>"
-                 + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>")
+
+def versions_section(versions: list[VersionScores]) -> list[str]:
+    parts = ["<h2>Versions side by side</h2><table><tr><th>metric</th>"
+             + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>"]
     for key in M.ROUGE_KEYS:
         cells = "".join(f"<td><b>{v.summary[key]:.2f}</b> <span class='small'>[{v.summary[key + '_boot_low']:.2f}, "
                         f"{v.summary[key + '_boot_high']:.2f}]</span></td>" for v in versions)
         parts.append(f"<tr><td>{METRIC_LABELS[key]}</td>{cells}</tr>")
-    rows = [("BERTScore F1", "bertscore_f1"), ("BLEU (sacreBLEU, corpus)", "bleu"), ("chrF (sacreBLEU, corpus)", "chrf"),
+    rows = [("BERTScore F1", "bertscore_f1"), ("BLEU (sacreBLEU, corpus)", "bleu"),
+            ("chrF (sacreBLEU, corpus)", "chrf"),
             ("prediction words (mean)", "pred_words_mean"), ("reference words (mean)", "ref_words_mean"),
-            ("length ratio prediction/reference", "len_ratio_mean"), ("compression prediction/dialogue", "compression_mean")]
+            ("length ratio prediction/reference", "len_ratio_mean"),
+            ("compression prediction/dialogue", "compression_mean")]
     for label, key in rows:
         digits = 3 if key in ("len_ratio_mean", "compression_mean") else 2
-        parts.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v.summary[key], digits)}</td>" for v in versions) + "</tr>")
+        parts.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v.summary[key], digits)}</td>" for v in versions)
+                     + "</tr>")
     parts.append("<tr><td>BERTScore</td>" + "".join(f"<td class='small'>{esc(v.bertscore.note)}</td>" for v in versions)
                  + "</tr></table>")
     signatures = {v.summary["bleu_signature"] for v in versions} | {v.summary["chrf_signature"] for v in versions}
-    parts.append("<p class='small'>sacreBLEU signatures: " + "<br>".join(esc(s) for s in sorted(signatures)) + "</p>")
+    return parts + ["<p class='small'>sacreBLEU signatures: " + "<br>".join(esc(s) for s in sorted(signatures))
+                    + "</p>"]
 
-    parts.append("<h2>Is the difference real? Paired bootstrap</h2>")
+
+def pair_table(pair: dict, confidence: float) -> list[str]:
+    parts = [f"<h3>{esc(pair['b'])} &minus; {esc(pair['a'])}</h3><table><tr><th>metric</th><th>{esc(pair['a'])}</th>"
+             f"<th>{esc(pair['b'])}</th><th>difference</th><th>{confidence:.0%} CI</th><th>p</th><th>verdict</th></tr>"]
+    for key, r in pair["metrics"].items():
+        verdict = ("<span class='sig'>significant</span>" if r["significant"]
+                   else "<span class='ns'>not significant</span>")
+        p_value = "&lt;0.001" if r["p_value"] < 0.001 else format(r["p_value"], ".3f")
+        parts.append(f"<tr><td>{esc(METRIC_LABELS.get(key, key))}</td><td>{r['mean_a']:.2f}</td>"
+                     f"<td>{r['mean_b']:.2f}</td>"
+                     f"<td><b>{r['difference']:+.2f}</b></td><td>[{r['low']:+.2f}, {r['high']:+.2f}]</td>"
+                     f"<td>{p_value}</td><td>{verdict}</td></tr>")
+    return parts + ["</table>"]
+
+
+def comparisons_section(pairs: list[dict], shared_ids: list[str], settings: dict) -> list[str]:
+    parts = ["<h2>Is the difference real? Paired bootstrap</h2>"]
     if not pairs:
-        parts.append("<p>Only one version: nothing to compare.</p>")
-    else:
-        parts.append(f"<p class='small'>On the {len(shared_ids)} samples every version shares; "
-                     f"{settings['bootstrap_samples']} resamples, {settings['confidence']:.0%} percentile interval of "
-                     f"the mean difference (later minus earlier). Significant = the interval excludes 0.</p>")
+        return parts + ["<p>Only one version: nothing to compare.</p>"]
+    parts.append(f"<p class='small'>On the {len(shared_ids)} samples every version shares; "
+                 f"{settings['bootstrap_samples']} resamples, {settings['confidence']:.0%} percentile interval of "
+                 f"the mean difference (later minus earlier). Significant = the interval excludes 0.</p>")
     for pair in pairs:
-        parts.append(f"<h3>{esc(pair['b'])} &minus; {esc(pair['a'])}</h3><table><tr><th>metric</th><th>{esc(pair['a'])}</th>"
-                     f"<th>{esc(pair['b'])}</th><th>difference</th><th>{settings['confidence']:.0%} CI</th><th>p</th>"
-                     f"<th>verdict</th></tr>")
-        for key, r in pair["metrics"].items():
-            verdict = ("<span class='sig'>significant</span>" if r["significant"] else "<span class='ns'>not significant</span>")
-            parts.append(f"<tr><td>{METRIC_LABELS[key]}</td><td>{r['mean_a']:.2f}</td><td>{r['mean_b']:.2f}</td>"
-                         f"<td><b>{r['difference']:+.2f}</b></td><td>[{r['low']:+.2f}, {r['high']:+.2f}]</td>"
-                         f"<td>{'&lt;0.001' if r['p_value'] < 0.001 else format(r['p_value'], '.3f')}</td><td>{verdict}</td></tr>")
-        parts.append("</table>")
+        parts += pair_table(pair, settings["confidence"])
         parts.append(f"<p>Predictions that differ: <b>{pair['differing_predictions']}</b> of {pair['samples']}.</p>")
         if pair.get("lossless_statement"):
             cls = "good" if pair["differing_predictions"] == 0 else "bad"
             parts.append(f"<p class='{cls}'>{esc(pair['lossless_statement'])}</p>")
+    return parts
 
-    parts.append("<h2>Charts</h2>")
-    for name in ("rouge1", "rouge2", "rougeL", "distribution", "buckets"):
-        if name in charts:
-            parts.append(_img(charts[name]))
 
-    parts.append("<h2>Failure buckets</h2><p class='small'>Each sample gets every rule below checked; its "
-                 "<i>bucket</i> is the first rule (in this order) that holds, else <i>ok</i>.</p>"
-                 "<table><tr><th>rule</th><th>definition</th>"
-                 + "".join(f"<th>{esc(v.name)}<br><span class='small'>matches / first</span></th>" for v in versions) + "</tr>")
+def charts_section(charts: dict[str, Path]) -> list[str]:
+    names = ("rouge1", "rouge2", "rougeL", "distribution", "buckets")
+    return ["<h2>Charts</h2>"] + [_img(charts[name]) for name in names if name in charts]
+
+
+def buckets_section(versions: list[VersionScores]) -> list[str]:
+    parts = ["<h2>Failure buckets</h2><p class='small'>Each sample gets every rule below checked; its "
+             "<i>bucket</i> is the first rule (in this order) that holds, else <i>ok</i>.</p>"
+             "<table><tr><th>rule</th><th>definition</th>"
+             + "".join(f"<th>{esc(v.name)}<br><span class='small'>matches / first</span></th>" for v in versions)
+             + "</tr>"]
     for bucket, rule in M.BUCKET_RULES.items():
         parts.append(f"<tr><td>{bucket}</td><td class='small'>{esc(rule)}</td>"
-                     + "".join(f"<td>{v.summary['flag_' + bucket]} / {v.summary['bucket_' + bucket]}</td>" for v in versions)
-                     + "</tr>")
-    parts.append("<tr><td>ok</td><td class='small'>no rule holds</td>"
-                 + "".join(f"<td>{v.summary['bucket_ok']}</td>" for v in versions) + "</tr></table>")
+                     + "".join(f"<td>{v.summary['flag_' + bucket]} / {v.summary['bucket_' + bucket]}</td>"
+                               for v in versions) + "</tr>")
+    return parts + ["<tr><td>ok</td><td class='small'>no rule holds</td>"
+                    + "".join(f"<td>{v.summary['bucket_ok']}</td>" for v in versions) + "</tr></table>"]
 
+
+def examples_section(versions: list[VersionScores], shared_ids: list[str], examples: int) -> list[str]:
     chosen = pick_examples(versions, shared_ids, examples)
-    if chosen:
-        what = ("largest ROUGE-L gains and losses of " + esc(versions[-1].name) + " over " + esc(versions[0].name)
-                if len(versions) > 1 else "the first samples")
-        parts.append(f"<h2>Example predictions</h2><p class='small'>{what}.</p><table><tr><th>id</th><th>dialogue</th>"
-                     "<th>reference</th>" + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>")
-        indexed = [v.frame.set_index("id") for v in versions]
-        dialogue_of = dict(zip(versions[0].source.frame["id"], versions[0].source.frame["dialogue"]))
-        for sample in chosen:
-            dialogue = dialogue_of.get(sample) or ""
-            cells = "".join(f"<td><pre>{esc(f.at[sample, 'prediction'])}</pre><span class='small'>ROUGE-L "
-                            f"{f.at[sample, 'rougeL']:.1f}; {esc(f.at[sample, 'bucket'])}</span></td>" for f in indexed)
-            parts.append(f"<tr><td>{esc(sample)}</td><td><pre>{esc(dialogue[:1500])}"
-                         f"{'...' if len(dialogue) > 1500 else ''}</pre></td><td><pre>{esc(indexed[0].at[sample, 'reference'])}"
-                         f"</pre></td>{cells}</tr>")
-        parts.append("</table>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    if not chosen:
+        return []
+    what = ("largest ROUGE-L gains and losses of " + esc(versions[-1].name) + " over " + esc(versions[0].name)
+            if len(versions) > 1 else "the first samples")
+    parts = [f"<h2>Example predictions</h2><p class='small'>{what}.</p><table><tr><th>id</th><th>dialogue</th>"
+             "<th>reference</th>" + "".join(f"<th>{esc(v.name)}</th>" for v in versions) + "</tr>"]
+    indexed = [v.frame.set_index("id") for v in versions]
+    dialogue_of = dict(zip(versions[0].source.frame["id"], versions[0].source.frame["dialogue"]))
+    for sample in chosen:
+        dialogue = dialogue_of.get(sample) or ""
+        cells = "".join(f"<td><pre>{esc(f.at[sample, 'prediction'])}</pre><span class='small'>ROUGE-L "
+                        f"{f.at[sample, 'rougeL']:.1f}; {esc(f.at[sample, 'bucket'])}</span></td>" for f in indexed)
+        parts.append(f"<tr><td>{esc(sample)}</td><td><pre>{esc(dialogue[:1500])}"
+                     f"{'...' if len(dialogue) > 1500 else ''}</pre></td>"
+                     f"<td><pre>{esc(indexed[0].at[sample, 'reference'])}"
+                     f"</pre></td>{cells}</tr>")
+    return parts + ["</table>"]

@@ -99,7 +99,8 @@ def load_transformers(name: str, *, adapter: str | None = None, load_in_4bit: bo
     if adapter:
         _check_adapter_fits(adapter, base, config)
     if _is_quantized_checkpoint(config) and not load_in_4bit and (Path(base) / "config.json").is_file():
-        raise UserError(f"{base} holds already-quantized weights ({config.quantization_config.get('quant_method', '?')}); "
+        method = config.quantization_config.get("quant_method", "?")
+        raise UserError(f"{base} holds already-quantized weights ({method}); "
                         f"load it with --LOAD_IN_4BIT=True, or use the full-precision model it was made from")
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     auto = AutoModelForSeq2SeqLM if family.auto_class == "AutoModelForSeq2SeqLM" else AutoModelForCausalLM
