@@ -49,7 +49,8 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, before: di
                    folder: Path | None = None) -> str:
     """Exit code 2, exactly one `error:` line containing `message`, no traceback, and every file
     that was under `folder` before is still there, unchanged."""
-    assert result.returncode == 2, f"exit {result.returncode}\nstdout:{result.stdout[-1500:]}\nstderr:{result.stderr[-3000:]}"
+    assert result.returncode == 2, \
+        f"exit {result.returncode}\nstdout:{result.stdout[-1500:]}\nstderr:{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     line = error_line(result)
     assert message in line, line

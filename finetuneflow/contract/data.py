@@ -74,6 +74,18 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def check_text_file(path: Path) -> None:
+    """A local text data file must be non-empty UTF-8 (datasets would fail later, mid-iteration)."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path} is empty: no dialogues to read; check the file")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it "
+                        f"as UTF-8") from None
+
+
 def _split_of(file: Path) -> str | None:
     stem = file.stem.lower()
     for alias, split in SPLIT_ALIASES.items():
@@ -87,6 +99,9 @@ def _load_raw(dataset: str, hub_config: str | None) -> tuple[datasets.DatasetDic
     if path.exists():
         files = _local_files(path)
         builder = LOCAL_FORMATS[files[0].suffix.lower()]
+        if builder in ("json", "csv"):
+            for file in files:
+                check_text_file(file)
         by_split: dict[str, list[str]] = {}
         for file in files:
             by_split.setdefault(_split_of(file) or "train", []).append(str(file))

@@ -48,6 +48,8 @@ def check_location(out: Path, setting: str, inputs: Iterable = ()) -> None:
             what = "the project root" if protected in (ROOT, CODE_ROOT) else str(protected)
             raise UserError(f"{setting}={out} is {what} or a folder above it: a stage never writes there; choose a "
                             f"new folder such as ft_outputs/<name>")
+    if ".git" in out.parts:
+        raise UserError(f"{setting}={out} is inside a .git folder: a stage never writes there; choose another place")
     if (out / ".git").exists():
         raise UserError(f"{setting}={out} holds a .git folder (a repository): a stage never writes there; choose "
                         f"a new folder")

@@ -1,0 +1,166 @@
+"""Hostile input against the settings contract (every stage) and the stages that read data and
+write reports (inspect_dataset, eval_bart_lora, eval_metrics_bart_lora): every attack ends in one
+`error:` line, exit code 2, and the user's files are untouched."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLES, error_line, run_stage
+from hostile import assert_refused, snapshot, user_project
+
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.settings import declared_settings
+
+STAGES = sorted(p.stem for p in REPO.glob("*.py"))
+
+
+def stage_module(name: str):
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def bad_values(setting) -> list[str]:
+    """Values the setting's spec must refuse: out of range, non-finite, wrong type, unknown choice."""
+    values = []
+    for alt in setting.spec.alternatives:
+        for op, limit in alt.bounds:
+            step = 1 if alt.kind == "int" else 1e-3
+            values.append(str(int(limit) - 1 if alt.kind == "int" and op == ">=" else
+                              int(limit) + 1 if alt.kind == "int" and op == "<=" else
+                              limit if op in (">", "<") else limit - step if op == ">=" else limit + step))
+        if alt.kind == "float":
+            values += ["nan", "1e999"]
+        if alt.kind == "bool":
+            values.append("maybe")
+    if setting.spec.choices and all(a.kind in ("choice", "none") for a in setting.spec.alternatives):
+        values.append("no-such-choice")
+    return values
+
+
+CASES = [(stage, s.name, value) for stage in STAGES
+         for s in declared_settings({"__file__": str(REPO / f"{stage}.py")}) for value in bad_values(s)]
+
+
+def test_every_stage_declares_a_spec_for_every_setting_it_cannot_infer():
+    assert len(CASES) > 150, "the matrix below should cover every bounded setting of every stage"
+
+
+@pytest.mark.parametrize("stage,name,value", CASES, ids=[f"{s}-{n}={v}" for s, n, v in CASES])
+def test_bad_numbers_and_choices_are_refused_before_any_work(stage, name, value):
+    module = stage_module(stage)
+    with pytest.raises(UserError) as info:
+        module.main([f"--{name.lower()}={value}"])
+    assert f"--{name}={value}" in str(info.value)
+
+
+@pytest.mark.parametrize("stage", ["train_bart_lora", "eval_bart_lora", "serve_api", "export_gguf"])
+def test_a_bad_setting_is_one_line_and_exit_2_as_a_user_sees_it(stage, project):
+    result = run_stage(f"{stage}.py", "--batch_size=0", root=project, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--BATCH_SIZE=0: out of range: must be int >= 1" in error_line(result)
+
+
+# ----------------------------------------------------------------------------- data files
+
+def _data_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps({"dialogue": "Jos\u00e9: ol\u00e1", "summary": "ok"}).encode("latin-1")
+                      .replace(b"\\u00e9", b"\xe9") + b"\n" + b'{"dialogue": "caf\xe9", "summary": "x"}\n')
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text('{"dialogue": "A: hi", "summary": "hi"}\n{not json\n')
+    folder = tmp_path / "no_data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not data")
+    missing = tmp_path / "renamed.jsonl"
+    missing.write_text(json.dumps({"id": "1", "text_of_chat": "A: hi", "summary": "hi"}) + "\n")
+    return {"empty file": (empty, "empty.jsonl"), "not UTF-8": (latin, "latin1.jsonl"),
+            "garbled JSON lines": (garbled, "garbled.jsonl"), "folder without data": (folder, "no readable data file"),
+            "no dialogue column": (missing, "no dialogue column found")}
+
+
+@pytest.mark.parametrize("case", ["empty file", "not UTF-8", "garbled JSON lines", "folder without data",
+                                  "no dialogue column"])
+@pytest.mark.parametrize("stage", ["inspect_dataset.py", "eval_bart_lora.py"])
+def test_bad_data_files_are_one_line(stage, case, tmp_path, tiny_models):
+    project = user_project(tmp_path)
+    path, message = _data_files(tmp_path)[case]
+    before = snapshot(project.root)
+    extra = [f"--model={tiny_models['llama']}"] if stage == "eval_bart_lora.py" else ["--model="]
+    result = run_stage(stage, f"--dataset={path}", *extra, root=project.root, check=False)
+    assert_refused(result, message, before, project.root)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_inspect_never_overwrites_its_own_dataset_or_a_users_file(tmp_path):
+    project = user_project(tmp_path)
+    before = snapshot(project.root)
+    for target, message in ((project.data, "is an input of this run"),
+                            (project.notes / "todo.txt", "exists and was not written by inspect_dataset"),
+                            (project.notes, "is a folder; give a file name"),
+                            (project.root / ".git" / "config", "is inside a .git folder")):
+        result = run_stage("inspect_dataset.py", f"--dataset={project.data}", "--model=",
+                           f"--export_jsonl={target}", root=project.root, check=False)
+        assert_refused(result, message, before, project.root)
+    result = run_stage("inspect_dataset.py", f"--dataset={project.data}", "--model=", f"--output_dir={project.data}",
+                       root=project.root, check=False)
+    assert_refused(result, "is a file, not a folder", before, project.root)
+
+
+def test_eval_outputs_are_checked_before_the_model_loads(tmp_path, tiny_models):
+    project = user_project(tmp_path)
+    (project.notes / "baseline_predictions.csv").write_text("id,prediction\n1,mine\n")
+    before = snapshot(project.root)
+    common = [f"--model={tiny_models['llama']}", f"--dataset={project.data}", "--split=test"]
+    for args, message in ((["--tag=../../x"], "--tag='../../x' must be a file-name-safe word"),
+                          ([f"--output_dir={project.notes}", "--tag=baseline"], "exists and was not written by eval"),
+                          ([f"--output_dir={project.data}"], "is a file, not a folder"),
+                          ([f"--output_dir={project.root / '.git'}"], "is inside a .git folder")):
+        result = run_stage("eval_bart_lora.py", *common, *args, root=project.root, check=False)
+        assert_refused(result, message, before, project.root)
+
+
+def test_eval_refuses_training_rows_and_flags_them_when_allowed(tmp_path, tiny_models):
+    from adapters import make_adapter
+    project = user_project(tmp_path)
+    adapter = make_adapter(tiny_models["llama"], project.root / "ft_outputs" / "lora")
+    record = json.loads((adapter / "run_config.json").read_text())
+    from finetuneflow.contract.record import fingerprint
+    rows = [json.loads(line) for line in SAMPLES.read_text().splitlines()]
+    record["split"]["train_fingerprints"] = [fingerprint(r["dialogue"]) for r in rows[:5]]
+    (adapter / "run_config.json").write_text(json.dumps(record))
+    common = [f"--model={adapter}", f"--dataset={SAMPLES}", "--split=all", "--n_samples=6", "--max_new_tokens=4",
+              "--val_fraction=0", "--test_fraction=0"]
+    refused = run_stage("eval_bart_lora.py", *common, root=project.root, check=False)
+    assert_refused(refused, "5 of 6 all rows")
+    assert "--ALLOW_OVERLAP=True" in error_line(refused)
+    allowed = run_stage("eval_bart_lora.py", *common, "--allow_overlap=True", root=project.root)
+    assert "WARNING: 5 of these rows were training rows" in allowed.stdout
+    eval_record = json.loads((project.root / "metrics" / "lora_eval.json").read_text())
+    assert eval_record["training_overlap"]["rows"] == 5 and eval_record["dataset"]["split"] == "all"
+
+
+def test_eval_metrics_names_cannot_escape_the_output_folder(tmp_path):
+    project = user_project(tmp_path)
+    predictions = project.root / "a_predictions.csv"
+    predictions.write_text("id,reference,prediction\n1,They meet.,They meet.\n")
+    before = snapshot(project.root)
+    for names, message in (("../../x", "version name '../../x' is not a safe file name"),
+                           ("/etc/passwd", "is not a safe file name"), (".hidden", "is not a safe file name")):
+        result = run_stage("eval_metrics_bart_lora.py", f"--predictions={predictions}", f"--names={names}",
+                           "--bertscore_model=", root=project.root, check=False)
+        assert_refused(result, message, before, project.root)
+    result = run_stage("eval_metrics_bart_lora.py", f"--predictions={predictions}", "--bertscore_model=",
+                       f"--output_dir={project.notes}", root=project.root, check=False)
+    assert result.returncode == 0   # new files beside the user's own are fine; theirs are untouched
+    assert (project.notes / "todo.txt").read_text() == "my own work\n"
