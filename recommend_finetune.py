@@ -42,18 +42,19 @@ from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.paths import require
 from finetuneflow.contract.settings import configure
 from finetuneflow.plan import launch, planning, recommend
-from finetuneflow.plan.hardware import resolve_target
+from finetuneflow.plan.hardware import one_line, resolve_target
 from finetuneflow.plan.memory import METHOD_NAMES
 
 
 def describe(plan: dict) -> str:
     """One console line per plan."""
+    name = one_line(plan["model"])
     if "error" in plan:
-        return f"  {plan['model']}: not planned: {plan['error']}"
+        return f"  {name}: not planned: {plan['error']}"
     if not plan["fits"]:
-        return f"  {plan['model']}: {plan['needs']}"
+        return f"  {name}: {plan['needs']}"
     timing = plan["time"]
-    return (f"  {plan['model']}: {plan['parameters'] / 1e6:,.1f}M parameters -> {METHOD_NAMES[plan['method']]}"
+    return (f"  {name}: {plan['parameters'] / 1e6:,.1f}M parameters -> {METHOD_NAMES[plan['method']]}"
             f"{' + checkpointing' if plan['gradient_checkpointing'] else ''}, micro-batch {plan['micro_batch']} x "
             f"{plan['grad_accum']}, ~{plan['memory'][plan['method']]['total']} GB; "
             + (f"~{timing['minutes_per_epoch']} min/epoch (estimate)" if timing["available"] else "no time estimate")
@@ -73,9 +74,9 @@ def main(argv=None) -> dict:
     train_rows, val_rows = planning.rows_to_use(settings, overview, dataset)
     ctx = planning.PlanContext(settings, target, overview, dataset, train_rows, val_rows, trainer)
     print(f"planning for {target.name} ({target.memory_gb:.1f} GB, {target.source}); budget "
-          f"{settings.memory_margin:.0%} = {settings.memory_margin * target.memory_gb:.1f} GB; data {dataset} "
-          f"({'all' if train_rows is None else train_rows} training / {val_rows or 'all'} validation rows); "
-          f"{overview_note}")
+          f"{settings.memory_margin:.0%} = {settings.memory_margin * target.memory_gb:.1f} GB; data "
+          f"{one_line(dataset)} ({'all' if train_rows is None else train_rows} training / {val_rows or 'all'} "
+          f"validation rows); {overview_note}")
     if skipped:
         print("ranking rows not planned: " + ", ".join(f"{n} {what}" for what, n in skipped.items()))
     plans, scripts = planning.make_plans(candidates, ctx, folder.path)

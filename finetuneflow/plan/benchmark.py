@@ -22,6 +22,7 @@ from finetuneflow.contract.io import atomic_dir
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, portable
 from finetuneflow.contract.settings import FromConfig
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 from finetuneflow.plan import baselines, ranking_report, scoring
 from finetuneflow.plan.outputs import BENCHMARK, StageFolder, open_stage_folder
 from finetuneflow.plan.scoring import Weights
@@ -129,8 +130,12 @@ def data_spec(cfg: dict, settings: BenchmarkSettings) -> DataSpec:
 
 
 def load_sample(spec: DataSpec, settings: BenchmarkSettings) -> Sample:
-    data = load_data(spec)
-    rows = subset(get_split(data, settings.split), settings.n_samples, settings.seed, shuffle=settings.shuffle)
+    """The rows every entry is scored on: SPLIT (or all rows), the first or a seeded N_SAMPLES."""
+    try:
+        data = load_data(spec)
+        rows = subset(get_split(data, settings.split), settings.n_samples, settings.seed, shuffle=settings.shuffle)
+    except UnicodeDecodeError as exc:   # datasets reads the bytes and fails only when a row is decoded
+        raise UserError(f"{spec.dataset}: not UTF-8 text ({first_line(exc, 120)}); save it as UTF-8") from None
     if len(rows) == 0:
         raise UserError(f"split {settings.split!r} of {spec.dataset} has no rows to score; choose another --split "
                         f"(or --split=all)")
@@ -292,7 +297,7 @@ def run_benchmark(entries: list[Entry], sample: Sample, settings: BenchmarkSetti
             rows = run_entries(entries, sample, settings, generation, pred_dir, log)
             rows, winner = rank(rows, settings.weights)
             meta = run_facts(rows, sample, settings, generation, winner)
-            record = RunRecord(BENCHMARK, instruction=settings.instruction, extra={
+            record = RunRecord(BENCHMARK, instruction=settings.instruction or DEFAULT_INSTRUCTION, extra={
                 "dataset": sample.source, "data_split": sample.split, "n_samples": len(sample.dialogues),
                 "winner": rows[0]["model"] if scoring.is_candidate(rows[0]) else None,
                 "composite_formula": meta["composite_formula"], "bertscore": meta["bertscore"]})

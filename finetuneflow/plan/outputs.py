@@ -7,7 +7,8 @@ input, or a folder inside an input):
 1. OUTPUT_DIR is not inside a `.git` folder, is a folder (or does not exist yet), and is writable.
 2. It is new, empty, or holds the run record of a plan stage (`run_config.json` of
    benchmark_models, `recommend_finetune.run_config.json`); anything else there is the user's
-   folder and is refused. (The atomic writers' hidden leftovers of a killed run do not count.)
+   folder and is refused. (The atomic writers' hidden leftovers of a killed run, and the inputs
+   the stage reads from that folder, such as the ranking, do not count.)
 3. An existing file is replaced only when this stage's previous record lists it (a first-wave
    record without a list: the stage's fixed file names). Every other file is never touched.
 4. Files of an earlier run that this run does not write again are removed only when the record
@@ -176,7 +177,7 @@ def open_stage_folder(path: str | os.PathLike, stage: str, *, setting: str = "OU
     _check_place(out, setting, inputs, shared)
     records = _stage_records(out) if out.is_dir() else {}
     if out.is_dir() and not records:
-        foreign = sorted(p.name for p in out.iterdir() if not _LEFTOVER.match(p.name))
+        foreign = sorted(p.name for p in out.iterdir() if not _LEFTOVER.match(p.name) and p.resolve() not in shared)
         if foreign:
             raise UserError(f"{setting}={out} already holds files that {stage} did not write "
                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or empty "

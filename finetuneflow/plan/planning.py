@@ -77,7 +77,7 @@ class Overview:
 
 def _read_text(path: Path, what: str, fix: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")   # no newline translation: a CSV field may hold a \r
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text; {fix}") from None
     except OSError as exc:

@@ -2,6 +2,7 @@
 (shared with the benchmark: finetuneflow.plan.outputs) and the files it writes there."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import resolve
-from finetuneflow.contract.record import RunRecord, read_record
+from finetuneflow.contract.record import RunRecord
 from finetuneflow.plan import launch, planning
-from finetuneflow.plan.outputs import BENCHMARK, RECOMMEND, StageFolder, open_stage_folder
+from finetuneflow.plan.outputs import BENCHMARK, RECOMMEND, RECORDS, StageFolder, open_stage_folder
 from finetuneflow.plan.plan_report import plan_markdown
 
 FILES = ["recommendations.json", "finetune_plan.md"]
@@ -40,11 +41,12 @@ def pick_dataset(settings: planning.PlanSettings, overview: planning.Overview | 
         return settings.dataset
     if overview is not None and overview.dataset:
         return overview.dataset
+    record = ranking.parent / RECORDS[BENCHMARK]   # first-wave records keep "dataset" at the top level too
     try:
-        bench = read_record(ranking.parent)
-    except UserError:   # a damaged record beside the ranking is only a missing hint here
-        bench = None
-    found = bench.extra.get("dataset") if bench is not None and bench.stage == BENCHMARK else None
+        data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    except (OSError, ValueError):   # a damaged record beside the ranking is only a missing hint here
+        data = {}
+    found = data.get("dataset") if isinstance(data, dict) and data.get("stage") == BENCHMARK else None
     return str(found) if isinstance(found, str) and found else FALLBACK_DATASET
 
 
