@@ -414,3 +414,17 @@ def test_prediction_files_stay_inside_output_dir(tmp_path):
                            "outputs/benchmarks/predictions/lead-2_predictions.csv"}
     rows = list(csv.DictReader(open(project.root / "outputs/benchmarks/final_ranking.csv", encoding="utf-8")))
     assert {r["model"] for r in rows} == {"lead-3", "lead-2", "x", "model", "rf"}
+
+
+@pytest.mark.parametrize("import_dir, message", [(".git", "is inside a .git folder"),
+                                                 ("..", "is the project root or a folder above it")])
+def test_gguf_import_folder_is_checked_before_anything_runs(tmp_path, import_dir, message):
+    project = user_project(tmp_path)
+    gguf = project.root / "models" / "project.gguf"   # imported as <GGUF_IMPORT_DIR>/project: the root itself for ".."
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF not really")
+    before = snapshot(project.root)
+    result = run_stage("benchmark_models.py", f"--models={gguf},lead-3", f"--dataset={project.data}",
+                       "--split=all", "--n_samples=2", "--bertscore_model=", f"--gguf_import_dir={import_dir}",
+                       root=project.root, check=False)
+    assert_refused(result, message, before, project.root)

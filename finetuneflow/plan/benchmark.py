@@ -21,6 +21,7 @@ from finetuneflow.contract.io import atomic_write_text
 from finetuneflow.contract.io import atomic_dir
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, portable
+from finetuneflow.contract.safety import check_location
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 from finetuneflow.plan import baselines, ranking_report, scoring
@@ -145,6 +146,11 @@ def load_sample(spec: DataSpec, settings: BenchmarkSettings) -> Sample:
                   list(data.local_files))
 
 
+def import_target(entry: Entry, import_dir: str) -> Path:
+    """The model folder a .gguf entry is imported into."""
+    return (resolve(import_dir) / safe_label(Path(entry.entry).name[:-5])).resolve()
+
+
 def model_source(entry: Entry, import_dir: str) -> str:
     """What load_model gets: a folder, a Hub id, or the folder a .gguf file is imported into
     (finetuneflow.ship.gguf_import; an existing import of the same file is reused)."""
@@ -153,7 +159,7 @@ def model_source(entry: Entry, import_dir: str) -> str:
         if entry.path is None or not entry.path.is_file():
             raise UserError(f"GGUF file not found: {resolve(text)}")
         from finetuneflow.ship.gguf_import import import_gguf   # only needed for .gguf entries
-        target = resolve(import_dir) / safe_label(entry.path.stem)
+        target = import_target(entry, import_dir)
         import_gguf(entry.path, target)
         return str(target)
     if entry.path is not None:
@@ -255,6 +261,13 @@ def open_output(output_dir: str, entries: list[Entry], spec: DataSpec, settings:
     an input, nobody else's files; an earlier ranking is replaced only with OVERWRITE."""
     inputs = [spec.dataset, settings.bertscore_model, *(e.path for e in entries if e.path)]
     folder = open_stage_folder(output_dir, BENCHMARK, inputs=inputs)
+    for entry in entries:   # where .gguf entries will be imported (import_gguf checks the folder itself too)
+        if entry.entry.lower().endswith(".gguf") and entry.path is not None:
+            target = import_target(entry, settings.gguf_import_dir)
+            if ".git" in target.parts:
+                raise UserError(f"GGUF_IMPORT_DIR={settings.gguf_import_dir}: {target} is inside a .git folder; "
+                                f"choose a folder such as ft_outputs/imported")
+            check_location(target, "GGUF_IMPORT_DIR", inputs)
     if folder.previous is not None and not overwrite:
         raise UserError(f"OUTPUT_DIR={folder.path} holds an earlier {BENCHMARK} ranking (written "
                         f"{folder.previous.created or 'earlier'}); pass --OVERWRITE=True to replace it, or choose "

@@ -261,6 +261,8 @@ def estimate_time(samples_per_s: float | None, bench_device: str | None, target:
     generate = samples_per_s * scale
     train = generate * TRAIN_PER_GENERATE[method] * (0.75 if checkpointing else 1.0)
     train_min, eval_min = train_rows / train / 60, (val_rows or 0) / generate / 60
+    if not math.isfinite(train_min + eval_min) or train_min + eval_min > 1e9:
+        return {"available": False, "why": f"the measured {samples_per_s:g} samples/s gives no usable estimate"}
     return {"available": True, "label": "estimate (expect within ~2x)", "measured_samples_per_s": samples_per_s,
             "measured_on": one_line(bench_device or f"{target.name} (assumed: the ranking names no device)"),
             "speed_scale": round(scale, 3),

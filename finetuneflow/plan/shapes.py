@@ -62,14 +62,18 @@ def shape_from_config(config) -> ModelShape:
                       facts["family"], facts["model_type"], facts["max_positions"], dims, "config")
 
 
+MAX_CELL = 1e15   # no model column (parameters, sizes, samples/s) is this big; a bigger number is garbage
+
+
 def number(row: dict, key: str) -> float | None:
-    """A positive finite number from a ranking cell; None for anything else (empty, text, nan, <= 0)."""
+    """A positive finite number from a ranking cell; None for anything else (empty, text, nan, <= 0,
+    absurdly large)."""
     value = row.get(key)
     try:
         value = float(value)
     except (TypeError, ValueError, OverflowError):
         return None
-    return value if math.isfinite(value) and value > 0 else None
+    return value if math.isfinite(value) and 0 < value <= MAX_CELL else None
 
 
 def _row_lora_dims(family: str, encoder: float, decoder: float, hidden: float) -> dict:
