@@ -28,6 +28,7 @@ from finetuneflow.plan.hardware import GPUS, Target, device_speed, one_line
 from finetuneflow.plan.memory import METHOD_NAMES, Workload, choose_method, estimate_memory, gpus_that_fit
 from finetuneflow.plan.shapes import ModelShape, default_targets, number, shape_for
 
+MIN_INPUT = 16                 # the trainer's smallest MAX_INPUT_LENGTH
 PROMPT_TOKENS = 48             # chat template + instruction around a causal model's dialogue
 # Training samples/s per generated sample/s on the same device, without gradient checkpointing
 # (checkpointing recomputes the forward pass: x 0.75). Calibrated on the seed's Colab T4 logs:
@@ -233,6 +234,9 @@ def plan_lengths(overview: Overview | None, shape: ModelShape, settings: PlanSet
         source, input_len, target_len = "defaults", settings.max_input_length, settings.max_target_length
     if shape.max_positions:
         room = shape.max_positions - (0 if shape.family == "seq2seq" else target_len)
+        if room < MIN_INPUT:
+            raise UserError(f"the model has {shape.max_positions} positions and a {target_len}-token summary leaves "
+                            f"{max(room, 0)} for the input; lower --MAX_TARGET_LENGTH / --MAX_TARGET_CAP")
         if input_len > room:
             input_len = room
             notes.append(f"input cut to {room} tokens to fit the model's {shape.max_positions} positions")
