@@ -1,6 +1,7 @@
-"""recommend_finetune.py and finetuneflow/planning.py: the memory formula decides the method for
-several GPU sizes, the seed's published ranking gives a T4 plan, bad input is one clear line, and
-the generated launch script really trains the tiny model."""
+"""recommend_finetune.py and finetuneflow/plan (shapes, memory, planning, launch): the memory formula
+decides the method for several GPU sizes, the seed's published ranking gives a T4 plan, the
+planner's LoRA targets are the trainer's, bad input is one clear line, generated scripts are inert
+for hostile model names, and the generated launch script really trains the tiny model."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLES, error_line, files_under, run_stage
-from finetuneflow.plan import planning
+from finetuneflow.plan import hardware
+from finetuneflow.plan.memory import Workload, estimate_memory
+from finetuneflow.plan.shapes import shape_from_row
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seed_ranking.csv"   # the seed's published T4 benchmark table,
 # with each model's real parameter count and architecture from its config (the seed's table has no sizes)
@@ -75,19 +78,21 @@ def test_small_gpu_halves_the_batch_or_says_it_does_not_fit(tmp_path):
 
 
 def test_memory_formula_parts():
-    shape = planning.shape_from_row(dict(zip(HEADER, LLAMA_3B)))
-    lora = planning.estimate_memory(shape, "lora", 4, 768, 192, 16, ["q_proj", "v_proj"], "cuda", True)
-    full = planning.estimate_memory(shape, "full", 4, 768, 192, 16, ["q_proj", "v_proj"], "cuda", True)
-    assert full["weights"] == pytest.approx(4 * 3.2127, abs=0.01) and full["optimizer"] == pytest.approx(8 * 3.2127, abs=0.01)
+    shape = shape_from_row(dict(zip(HEADER, LLAMA_3B)))
+    work = Workload(768, 192, 16, ("q_proj", "v_proj"))
+    lora = estimate_memory(shape, "lora", 4, work, "cuda", True)
+    full = estimate_memory(shape, "full", 4, work, "cuda", True)
+    assert full["weights"] == pytest.approx(4 * 3.2127, abs=0.01)
+    assert full["optimizer"] == pytest.approx(8 * 3.2127, abs=0.01)
     p_lora = 16 * 28 * 2 * (3072 + 3072)   # r x layers x (q_proj, v_proj) x (in + out), ranking-based shape
     assert lora["trainable_parameters"] == p_lora
     assert lora["weights"] == pytest.approx((2 * 3212749824 + 4 * p_lora) / 1e9, abs=0.01)
     assert lora["optimizer"] == pytest.approx(8 * p_lora / 1e9, abs=0.01)
     assert lora["logits"] == pytest.approx(4 * 960 * 128256 * 10 / 1e9, abs=0.01)
-    no_ckpt = planning.estimate_memory(shape, "lora", 4, 768, 192, 16, ["q_proj", "v_proj"], "cuda", False)
+    no_ckpt = estimate_memory(shape, "lora", 4, work, "cuda", False)
     assert no_ckpt["activations"] > 5 * lora["activations"]
-    assert planning.match_gpu("Tesla T4") == "T4" and planning.match_gpu("NVIDIA A100-SXM4-80GB") == "A100-80GB"
-    assert planning.match_gpu("NVIDIA A10G") == "A10" and planning.match_gpu("NVIDIA H100 80GB HBM3") == "H100"
+    assert hardware.match_gpu("Tesla T4") == "T4" and hardware.match_gpu("NVIDIA A100-SXM4-80GB") == "A100-80GB"
+    assert hardware.match_gpu("NVIDIA A10G") == "A10" and hardware.match_gpu("NVIDIA H100 80GB HBM3") == "H100"
 
 
 def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
@@ -129,7 +134,7 @@ def test_bad_inputs_are_one_clear_line(project, tmp_path):
         recommend_finetune.main([f"--ranking={only_failures}", f"--output_dir={tmp_path / 'out'}"])
     gpu = run_stage("recommend_finetune.py", f"--ranking={FIXTURE}", "--gpu_name=RTX-9999", root=project, check=False)
     line = error_line(gpu)
-    assert gpu.returncode == 2 and "unknown GPU_NAME 'RTX-9999'" in line and all(k in line for k in planning.GPUS)
+    assert gpu.returncode == 2 and "unknown GPU_NAME 'RTX-9999'" in line and all(k in line for k in hardware.GPUS)
     assert not (project / "outputs" / "benchmarks" / "recommendations.json").exists()
     assert not (tmp_path / "out" / "recommendations.json").exists()
 
@@ -137,7 +142,8 @@ def test_bad_inputs_are_one_clear_line(project, tmp_path):
 @pytest.mark.skipif(not (REPO / "train_bart_lora.py").is_file(), reason="train_bart_lora.py is not written yet")
 def test_generated_script_trains_the_tiny_model(project, tiny_models):
     ranking = write_ranking(project / "outputs" / "benchmarks" / "final_ranking.csv", [
-        ["1", "tiny-llama", "model", "ok", "1.0", "1.0", "20", "", "", "", "", "", "", "", "cpu", str(tiny_models["llama"])]])
+        ["1", "tiny-llama", "model", "ok", "1.0", "1.0", "20", "", "", "", "", "", "", "", "cpu",
+         str(tiny_models["llama"])]])
     run_stage("recommend_finetune.py", f"--ranking={ranking}", f"--dataset={SAMPLES}", root=project)
     script = project / "outputs" / "benchmarks" / "train_tiny-llama.sh"
     assert f"--MODEL={tiny_models['llama']}" in script.read_text()
@@ -153,3 +159,101 @@ def test_generated_script_trains_the_tiny_model(project, tiny_models):
     assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json"} <= files_under(adapter)
     record = json.loads((adapter / "run_config.json").read_text())
     assert record["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# ----------------------------------------------------------------------------- one table of LoRA targets
+def small_config(name: str):
+    """A small config of each architecture family the planner must get right."""
+    import transformers as tf
+    if name == "bart":
+        return tf.BartConfig(vocab_size=120, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                             max_position_embeddings=64)
+    if name == "t5":
+        return tf.T5Config(vocab_size=120, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1,
+                           num_heads=2)
+    if name == "llama":
+        return tf.LlamaConfig(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    if name == "phi3":
+        return tf.Phi3Config(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.GPT2Config(vocab_size=120, n_embd=16, n_layer=2, n_head=2, n_positions=64)
+
+
+def trainer_default_targets(model, family: str):
+    """What the trainer picks when TARGET_MODULES is left at None (its resolver, wherever the
+    training package keeps it)."""
+    import importlib
+    import pkgutil
+    import finetuneflow.train as train
+    for info in pkgutil.iter_modules(train.__path__):
+        resolve = getattr(importlib.import_module(f"finetuneflow.train.{info.name}"), "resolve_target_modules", None)
+        if resolve is not None:
+            return resolve(model, None, family)
+    pytest.skip("the training package has no resolve_target_modules")
+
+
+TARGETS = {"bart": ["q_proj", "v_proj"], "t5": ["q", "v"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+           "phi3": ["qkv_proj", "o_proj"], "gpt2": ["c_attn"]}
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_planner_targets_are_the_trainers(name):
+    """planning picks the targets the trainer will: from the model's real layers (config), from the
+    ranking's model type alone (offline), and the trainer itself on the same model."""
+    from finetuneflow.contract import architectures as arch
+    from finetuneflow.plan.model_facts import architecture_columns, linear_layers
+    from finetuneflow.plan.shapes import build_on_meta, default_targets, shape_from_config
+    config = small_config(name)
+    shape = shape_from_config(config)
+    assert default_targets(shape) == TARGETS[name]
+    row = {"model": name, "parameters": shape.parameters, **architecture_columns(config)}
+    assert default_targets(shape_from_row(row)) == TARGETS[name]
+    model = build_on_meta(config)
+    assert arch.default_lora_targets(shape.family, config.model_type, linear_layers(model)[1]) == TARGETS[name]
+    assert trainer_default_targets(model, shape.family) == TARGETS[name]
+    # the ranking-based shape counts the same LoRA parameters for these targets as the real layers
+    assert shape_from_row(row).lora_parameters(TARGETS[name], 8) == shape.lora_parameters(TARGETS[name], 8)
+
+
+def test_ranking_facts_match_the_planners_for_the_same_model(tiny_models):
+    """The benchmark measures the loaded model, the planner builds it on the meta device: same numbers."""
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.plan.measuring import model_size
+    from finetuneflow.plan.model_facts import architecture_columns
+    from finetuneflow.plan.shapes import shape_for
+    for folder in tiny_models.values():
+        loaded = load_model(str(folder), device="cpu")
+        measured = {**model_size(loaded), **architecture_columns(loaded.config)}
+        shape, note = shape_for({"model": folder.name, "source": str(folder)})
+        assert note.startswith("model config")
+        assert (shape.parameters, shape.quantizable) == (measured["parameters"], measured["quantizable_parameters"])
+        assert (shape.hidden_size, shape.encoder_layers, shape.decoder_layers, shape.vocab_size,
+                shape.max_positions) == (measured["hidden_size"], measured["encoder_layers"],
+                                         measured["decoder_layers"], measured["vocab_size"],
+                                         measured["max_positions"])
+
+
+def test_a_first_wave_ranking_folder_still_plans_and_is_replaced_with_overwrite(project):
+    """A first-wave outputs/benchmarks (flat run_config.json, no file lists, no max_positions
+    column) is read by recommend_finetune.py and owned by the same stages."""
+    out = project / "outputs" / "benchmarks"
+    write_ranking(out / "final_ranking.csv", [BART])
+    (out / "predictions").mkdir()
+    (out / "predictions" / "bart-large-cnn_predictions.csv").write_text("id,prediction\n1,x\n")
+    (out / "run_config.json").write_text(json.dumps({"stage": "benchmark_models", "created": "2026-11-01T00:00:00",
+                                                     "config": {}, "dataset": "data/my.jsonl", "split": "all rows"}))
+    (out / "recommend_finetune.run_config.json").write_text(json.dumps({"stage": "recommend_finetune"}))
+    (out / "train_old-model.sh").write_text("# a first-wave plan\n")
+    result = run_stage("recommend_finetune.py", "--gpu_name=T4", root=project)
+    assert "data data/my.jsonl" in result.stdout   # the first-wave record's dataset
+    assert not (out / "train_old-model.sh").exists() and (out / "train_bart-large-cnn.sh").exists()
+    refused = run_stage("benchmark_models.py", "--models=lead-3", f"--dataset={SAMPLES}", "--split=all",
+                        "--n_samples=2", "--bertscore_model=", root=project, check=False)
+    assert refused.returncode == 2 and "pass --OVERWRITE=True" in error_line(refused)
+    run_stage("benchmark_models.py", "--models=lead-3", f"--dataset={SAMPLES}", "--split=all", "--n_samples=2",
+              "--bertscore_model=", "--overwrite=True", root=project)
+    assert files_under(out / "predictions") == {"lead-3_predictions.csv"}
+    assert (out / "train_bart-large-cnn.sh").exists()   # the plan is recommend_finetune.py's: kept
