@@ -31,7 +31,7 @@ step "2. inspect the dataset"
 $PY inspect_dataset.py --dataset=$DATA --model_name=$BASE --max_input_length=512
 
 step "3. benchmark SmolLM2 against lead-3 and an extractive baseline (zero-shot)"
-$PY benchmark_models.py --models=$BASE,lead-3,extractive --dataset=$DATA --split=test --n_samples=4 \
+$PY benchmark_models.py --models=$BASE,lead-3,extractive --dataset=$DATA --split=test --n_samples=4 --overwrite=True \
   --max_new_tokens=48 --max_input_length=512 --bertscore_model=
 
 step "4. recommend a fine-tuning plan for a Colab T4"
