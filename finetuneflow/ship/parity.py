@@ -48,7 +48,7 @@ THRESHOLDS: dict[tuple[str, str], dict[str, float]] = {
     ("cleanup", "float32"): {"max_abs": 1e-5, "min_identical_summaries": 1.0},
     ("cleanup", "float16"): {"max_abs": 1e-2, "min_identical_summaries": 1.0},
     ("cleanup", "bfloat16"): {"max_abs": 5e-2, "min_identical_summaries": 1.0},
-    # GGUF, logits on the summary positions. Measured on SmolLM2-135M (4 probes, logits up to 43):
+    # GGUF, logits at every position of prompt + summary. Measured on SmolLM2-135M (4 probes, logits up to 43):
     # f32 0 / 100%, f16 0.04 / 100%, bf16 0.28 / 99.8%, q8_0 1.9 / 98.5% (max |diff| / argmax).
     ("gguf", "f32"): {"max_abs": 1e-3, "min_argmax_agreement": 1.0},
     ("gguf", "f16"): {"max_abs": 0.25, "min_argmax_agreement": 0.99},
@@ -114,15 +114,16 @@ def _summary_rows(loaded: LoadedModel, item: dict, rows):
     return np.asarray(rows[start:start + len(item["target"])], dtype=np.float32)
 
 
-def logits(loaded: LoadedModel, items: list[dict]) -> list[np.ndarray] | None:
-    """Teacher-forced logits at the summary positions, through the backend; None when the runtime
-    exposes no logits."""
+def logits(loaded: LoadedModel, items: list[dict], positions: str = "summary") -> list[np.ndarray] | None:
+    """Teacher-forced logits through the backend, at the summary positions, or at every position
+    ("all": a causal model's prompt too, as the GGUF thresholds were calibrated); None when the
+    runtime exposes no logits."""
     found = []
     for item in items:
         rows = loaded.backend.logits(loaded, item["prompt"], item["target"])
         if rows is None:
             return None
-        found.append(_summary_rows(loaded, item, rows))
+        found.append(np.asarray(rows, dtype=np.float32) if positions == "all" else _summary_rows(loaded, item, rows))
     return found
 
 
