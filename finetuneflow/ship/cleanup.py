@@ -20,6 +20,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
@@ -27,11 +28,12 @@ from finetuneflow.contract.io import atomic_write_json, atomic_write_text
 from finetuneflow.contract.record import RunRecord, portable, write_record
 from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.contract.settings import FromConfig
-from finetuneflow.engine.generation import encode
 from finetuneflow.model.family import CAUSAL, CAUSAL_DEFAULTS, SEQ2SEQ
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-from finetuneflow.ship import parity
 from finetuneflow.ship.source import ModelFolder, inspect_model_folder
+
+if TYPE_CHECKING:   # the parity toolkit (torch, datasets) loads only once the checks have passed
+    from finetuneflow.ship import parity
 
 STAGE = "post_merge_cleanup"
 GENERATION_FILE = "generation_config.json"
@@ -242,6 +244,8 @@ def verify_clean(folder: Path, family: str, probes: list[dict], instruction: str
     """Load `folder` with plain transformers and call plain `generate()` on the engine's prompts,
     capturing every warning; compare with the engine (evaluated settings) and with the source's
     logits. Returns (the parity report, the warnings, why the generation config is invalid)."""
+    from finetuneflow.engine.generation import encode
+    from finetuneflow.ship import parity
     with capture_warnings() as found:
         model, tokenizer, engine_tokenizer = _load_plain(folder, family, device, dtype)
         loaded = parity.as_loaded(model, engine_tokenizer, family, device, str(folder))
@@ -280,6 +284,7 @@ def read_configs(source: ModelFolder):
 
 def source_logits(source: ModelFolder, probes: list[dict], instruction: str, limit: int, device, dtype) -> list:
     """The source folder's teacher-forced logits: the cleaned copy must compute the same."""
+    from finetuneflow.ship import parity
     from finetuneflow.model.loading import load_model
     loaded = load_model(str(source.path), device=device, dtype=dtype)
     found = parity.logits(loaded, parity.teacher_forced(loaded, probes, instruction, limit))
@@ -299,9 +304,10 @@ def evaluated_settings(source: ModelFolder, settings: CleanupSettings, log=print
 
 def clean(settings: CleanupSettings, provenance: dict | None = None, log=print) -> dict:
     """Clean MODEL into OUTPUT_DIR, verify, and return the cleanup report."""
-    from finetuneflow.model.backends.hf import default_dtype, parse_device
     source = inspect_model_folder(settings.model, produced_by="merge_bart_lora.py")
     out = check_output_dir(settings.output_dir, stage=STAGE, inputs=[source.path], overwrite=settings.overwrite)
+    from finetuneflow.model.backends.hf import default_dtype, parse_device   # torch: after the checks
+    from finetuneflow.ship import parity
     evaluated = evaluated_settings(source, settings, log)
     config, generation, tokenizer = read_configs(source)
     changes = clean_configs(source.config, config, generation, tokenizer, source.family, evaluated)

@@ -37,7 +37,6 @@ from finetuneflow.contract.paths import FT_OUTPUTS
 from finetuneflow.contract.record import write_record
 from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.model.backends.ct2 import CPU_QUANTIZATIONS, HF_CONFIG, QUANTIZATIONS
-from finetuneflow.ship import parity
 from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, Resolved, exported_record, print_side_by_side
 from finetuneflow.ship.source import ModelFolder
 
@@ -129,6 +128,7 @@ def verify_ct2(source: ModelFolder, settings: ExportSettings, resolved: Resolved
                log=print) -> dict:
     """The CTranslate2 folder against the Hugging Face model (see the module docstring)."""
     import torch
+    from finetuneflow.ship import parity
     from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.model.loading import load_model
     quantization = settings.quantization.lower()

@@ -182,10 +182,10 @@ def verification_failure(verification: dict, kind: str) -> str | None:
 def run_export(exporter: Exporter, source: ModelFolder, settings: ExportSettings, provenance: dict | None = None,
                log=print) -> dict:
     """validate -> settings -> convert -> verify -> report (see the module docstring)."""
-    from finetuneflow.ship.parity import load_probes
     exporter.validate(source, settings)
     name, kind = output_name(settings, source), exporter.kind(settings)
     targets = exporter.targets(source, settings, name)
+    from finetuneflow.ship.parity import load_probes   # torch and datasets: only once the checks have passed
     resolved = resolve_settings(source, settings)
     probes = load_probes(settings.probe_dataset, settings.n_probes, settings.probe_split, settings.seed)[0] \
         if settings.verify else []

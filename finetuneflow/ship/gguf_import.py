@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import Lineage, RunRecord, portable, read_record, sha256_file, write_record
@@ -110,6 +108,7 @@ def _auto_class(config):
 def load_gguf(path: Path, config=None):
     """(model, tokenizer, config) read by transformers from a GGUF file, dequantized to float32.
     `config` replaces the one transformers derives from the GGUF metadata (see export.verify_gguf)."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
     folder, name = str(path.parent), path.name
     try:
@@ -135,6 +134,7 @@ def load_gguf(path: Path, config=None):
 
 def rebuild_plain(model):
     """A fresh, serialisable copy: same config minus the GGUF quantization_config, same weights."""
+    import torch
     config = copy.deepcopy(model.config)
     for key in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, key):
@@ -160,6 +160,7 @@ def fix_imported_tokenizer(tokenizer, config) -> None:
 
 def _probe_items(model, tokenizer, config):
     """The probe dialogue + summary, teacher-forced, asked the way every stage asks (prompts.py)."""
+    import torch
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     from finetuneflow.ship import parity
     loaded = parity.as_loaded(model, tokenizer, family_of(config), torch.device("cpu"), "gguf")
@@ -168,6 +169,7 @@ def _probe_items(model, tokenizer, config):
 
 
 def _smoke_generate(model, tokenizer, prompt: list[int], new_tokens: int) -> str:
+    import torch
     from transformers import GenerationConfig
     eos = model.generation_config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
@@ -192,6 +194,7 @@ def verify_import(folder: Path, config, expected: list, probes: list[dict], item
                   tolerance: float):
     """The saved folder reloaded from disk against the GGUF-loaded model: (report, reloaded model,
     reloaded tokenizer)."""
+    import torch
     from transformers import AutoTokenizer
     from finetuneflow.ship import parity
     reloaded = _auto_class(config).from_pretrained(folder, dtype=torch.float32).eval()

@@ -12,8 +12,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_write_json, atomic_write_text
@@ -23,9 +22,13 @@ from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.model.loading import ADAPTER_CONFIG, adapter_base, load_config, load_model
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-from finetuneflow.ship import parity
 from finetuneflow.ship.model_card import evaluations, model_card
-from finetuneflow.ship.source import has_model_weights
+from finetuneflow.ship.source import check_safetensors, check_weights, has_model_weights, read_config_json
+
+if TYPE_CHECKING:   # torch and the parity toolkit load only once the checks have passed
+    import torch
+
+    from finetuneflow.ship import parity
 
 STAGE = "merge_bart_lora"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -81,10 +84,15 @@ def check_adapter(folder: Path, allow_unsafe: bool) -> tuple[RunRecord, Path]:
     if weights.suffix == ".bin" and not allow_unsafe:
         raise UserError(f"{weights} is a pickle, which can run code when loaded; re-save the adapter with "
                         f"safetensors, or pass --ALLOW_UNSAFE_WEIGHTS=True if you trust it")
+    if weights.suffix == ".safetensors":
+        check_safetensors(weights, fix="re-run train_bart_lora.py or restore the adapter")
+    read_config_json(folder / ADAPTER_CONFIG, "adapter config", "re-run train_bart_lora.py or restore the adapter",
+                     key=None)
     return read_record(folder) or RunRecord("unknown"), weights
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
     from finetuneflow.model.backends.hf import default_dtype
     if name == "auto":
         return default_dtype(device)
@@ -94,11 +102,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_base(base: str, adapter: Path, settings: MergeSettings) -> None:
-    """The base exists, and is not already quantized (that cannot take a full-precision merge)."""
+    """The base exists, its files read (a local folder: config.json, weights), and it is not
+    already quantized (that cannot take a full-precision merge)."""
     from finetuneflow.contract.paths import is_hub_id
-    if not resolve(base).exists() and not is_hub_id(base):
+    path = resolve(base)
+    if not path.exists() and not is_hub_id(base):
         raise UserError(f"base model {base} of adapter {adapter} not found; restore it, or pass "
                         f"--BASE_MODEL=<its id or folder>")
+    if path.is_dir():
+        read_config_json(path / "config.json", "model config", "restore the base model's folder")
+        check_weights(path, allow_pickled=settings.allow_unsafe_weights)
     config = load_config(base, settings.trust_remote_code)
     method = (getattr(config, "quantization_config", None) or {})
     if method:
@@ -109,7 +122,6 @@ def check_base(base: str, adapter: Path, settings: MergeSettings) -> None:
 
 def plan(settings: MergeSettings) -> MergeJob | None:
     """The merge job, or None when OUTPUT_DIR already holds this adapter merged (and no OVERWRITE)."""
-    from finetuneflow.model.backends.hf import parse_device
     adapter = require(settings.adapter, produced_by="train_bart_lora.py", what="adapter folder")
     upstream, weights = check_adapter(adapter, settings.allow_unsafe_weights)
     adapter_sha = sha256_file(weights)
@@ -123,6 +135,7 @@ def plan(settings: MergeSettings) -> MergeJob | None:
         return None
     out = check_output_dir(out, stage=STAGE, inputs=[adapter, base], overwrite=settings.overwrite)
     check_base(base, adapter, settings)
+    from finetuneflow.model.backends.hf import parse_device   # torch: only once the checks have passed
     device = parse_device(settings.device)
     return MergeJob(adapter, upstream, base, adapter_sha, out, device, pick_dtype(settings.dtype, device))
 
@@ -146,6 +159,7 @@ def merged_record(job: MergeJob) -> RunRecord:
 def reference(loaded, items: list[dict], probes: list[dict], instruction: str, limit: int,
               new_tokens: int) -> dict:
     """The adapter model's logits and greedy summaries, and how far it moves its base's logits."""
+    from finetuneflow.ship import parity
     adapter_logits = parity.logits(loaded, items)
     with loaded.model.disable_adapter():
         base_logits = parity.logits(loaded, items)
@@ -167,6 +181,7 @@ def merge_weights(loaded):
 def verify(job: MergeJob, folder: Path, expected: dict, probes: list[dict], instruction: str, limit: int,
            settings: MergeSettings) -> parity.ParityReport:
     """Reload the saved merged folder and judge it against the adapter model's outputs."""
+    from finetuneflow.ship import parity
     merged = load_model(str(folder), device=job.device, dtype=job.dtype, trust_remote_code=settings.trust_remote_code)
     items = parity.teacher_forced(merged, probes, instruction, limit, TARGET_TOKENS)
     measured = parity.compare(expected["logits"], parity.logits(merged, items))
@@ -198,6 +213,8 @@ def merge(settings: MergeSettings, provenance: dict | None = None, log=print) ->
     job = plan(settings)
     if job is None:
         return {"skipped": True, "output_dir": str(resolve(settings.output_dir))}
+    import torch
+    from finetuneflow.ship import parity
     if job.upstream.load_in_4bit:
         log(qlora_note(job))
     log(f"merging {job.adapter} into {job.base} ({job.dtype_name} on {job.device})")

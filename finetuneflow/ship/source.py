@@ -40,36 +40,48 @@ def has_model_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in SAFE_WEIGHTS + PICKLED_WEIGHTS)
 
 
-def read_config(path: Path) -> dict:
-    """config.json as a dict, or one line saying what is wrong with it."""
+def read_config_json(path: Path, what: str = "model config", fix: str = "restore it or re-create the model folder",
+                     key: str | None = "model_type") -> dict:
+    """A JSON config file as a dict (with `key` set), or one line saying what is wrong with it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}); restore it or re-create the "
-                        f"model folder") from None
-    if not isinstance(data, dict) or not data.get("model_type"):
-        raise UserError(f"{path} is not a model config (a JSON object with model_type); restore it or re-create "
-                        f"the model folder")
+        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}): it is not a readable {what}; {fix}") \
+            from None
+    if not isinstance(data, dict) or (key == "model_type" and not data.get(key)):
+        raise UserError(f"{path} is not a {what} (a JSON object{' with ' + key if key else ''}); {fix}")
     return data
 
 
-def check_weights(folder: Path) -> None:
-    """safetensors weights whose headers read; pickled-only weights are refused."""
+def read_config(path: Path) -> dict:
+    """config.json as a dict, or one line saying what is wrong with it."""
+    return read_config_json(path)
+
+
+def check_safetensors(path: Path, fix: str = "re-create the model folder") -> None:
+    """The file's safetensors header reads and covers the file (a truncated file fails here)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "np") as handle:
+            handle.keys()
+    except Exception as exc:   # SafetensorError: truncated, not safetensors at all, ...
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(exc, 160)}); it is truncated or "
+                        f"corrupt: {fix}") from None
+
+
+def check_weights(folder: Path, allow_pickled: bool = False) -> None:
+    """safetensors weights whose headers read; pickled-only weights are refused unless allowed."""
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         if any((folder / name).is_file() for name in PICKLED_WEIGHTS):
+            if allow_pickled:
+                return
             raise UserError(f"{folder} holds pickled weights (pytorch_model.bin), which can run code when loaded; "
                             f"re-save the model with safetensors (from_pretrained + save_pretrained) and pass "
                             f"that folder")
         raise UserError(f"{folder} holds no model weights (*.safetensors)")
-    from safetensors import safe_open
     for shard in shards:
-        try:
-            with safe_open(str(shard), "np") as handle:
-                handle.keys()
-        except Exception as exc:   # SafetensorError: truncated, not safetensors at all, ...
-            raise UserError(f"{shard} is not a readable safetensors file ({first_line(exc, 160)}); it is truncated "
-                            f"or corrupt: re-create the model folder") from None
+        check_safetensors(shard)
 
 
 def inspect_model_folder(model: str | Path, *, produced_by: str, path: Path | None = None) -> ModelFolder:
