@@ -99,6 +99,12 @@ def test_merge_and_cleanup_causal_qlora_in_process(tiny_models, tmp_path, capsys
     assert generation["num_beams"] == 1 and generation["max_new_tokens"] == 12 and generation["do_sample"] is False
     assert "forced_bos_token_id" not in generation
     assert json.loads((clean / "run_config.json").read_text())["generation"]["max_new_tokens"] == 12
+    # make demo's re-run: both stages replace their own earlier output with --overwrite=True
+    again = merge_bart_lora.main([f"--adapter={adapter}", f"--output_dir={merged}", f"--metrics_dir={tmp_path}",
+                                  "--overwrite=True"])
+    assert again["skipped"] is False and again["report"]["passed"]
+    post_merge_cleanup.main([f"--model={merged}", f"--output_dir={clean}", "--max_new_tokens=12", "--overwrite=True"])
+    assert json.loads((clean / "run_config.json").read_text())["lineage"]["cleaned_from"] == str(merged)
 
 
 def test_cleanup_repairs_a_bart_cnn_style_config(bart_merged, tmp_path):

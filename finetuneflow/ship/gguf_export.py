@@ -68,6 +68,7 @@ def bart_refusal(source: ModelFolder) -> str:
 # ---------------------------------------------------------------------------------------------
 # llama.cpp's converter in a private folder
 
+
 def tools_dir() -> Path:
     return Path(os.environ.get("FTF_TOOLS_DIR") or CODE_ROOT / ".cache" / "tools")
 
@@ -125,6 +126,7 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str, pre_tokenizer: s
     return {"package": f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}", "seconds": round(time.perf_counter() - start, 1),
             "pre_tokenizer": {"name": used.group(1), "source": "fallback (tokenizer unknown to the converter)"}
             if used else {"source": "recognised by the converter"}}
+
 
 def gguf_contents(path: Path) -> dict:
     """What the GGUF file itself says: architecture, tokenizer, chat template, file type."""

@@ -35,6 +35,7 @@ def t5_llama_cpp_compatibility(config) -> tuple[list[str], list[str]]:
                      "output is the same, beam-search scores are not")
     return problems, notes
 
+
 def _logits(model, inputs: dict, device) -> torch.Tensor:
     tensors = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "labels")}
     with torch.inference_mode():
