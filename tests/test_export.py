@@ -20,12 +20,13 @@ GENERATION = {"num_beams": 4, "max_new_tokens": 12, "min_new_tokens": None, "no_
               "length_penalty": None}
 INSTRUCTION = "Summarize this chat in one sentence."
 FAST = ["--n_probes=2", "--batch_size=2"]
+NOT_INSTALLED = "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"
 
 
 @pytest.fixture(scope="module")
 def converter():
     """llama.cpp's converter, installed on first use into the private tools folder."""
-    from finetuneflow.ship.export import ensure_converter
+    from finetuneflow.ship.gguf_export import ensure_converter
     try:
         return ensure_converter()
     except UserError as exc:
@@ -58,16 +59,24 @@ def test_gguf_f32_is_exact_and_ships_a_modelfile(converter, merged_llama, projec
     assert files_under(out) == {f"{stem}.gguf", f"{stem}.Modelfile", f"{stem}.USAGE.md",
                                 f"{stem}.export_report.json", f"{stem}.run_config.json"}
     report = json.loads((out / f"{stem}.export_report.json").read_text())
-    check = report["verification"]["transformers"]
-    assert report["verification"]["passed"] is True
-    assert check["max_abs_logit_diff"] <= 1e-3 and check["argmax_agreement"] == 1.0
+    verification = report["verification"]
+    check = verification["checks"]["transformers"]      # the one parity report schema
+    assert verification["passed"] is True and check["passed"] is True and check["failures"] == []
+    assert (check["check"], check["key"]) == ("gguf", "f32")
+    assert check["measured"]["max_abs"] <= 1e-3 and check["measured"]["argmax_agreement"] == 1.0
     assert check["embedded_tokenizer_matches"] is True
-    assert check["summary_agreement"] == {"identical": 2, "of": 2, "rougeL_export_vs_transformers": 100.0}
-    assert [set(row) for row in check["summaries"]] == [{"id", "transformers", "export", "identical"}] * 2
-    assert report["verification"]["llama_cpp"] == {
-        "skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
-    assert report["gguf"]["chat_template"] is True and report["gguf"]["file_type"] == "ALL_F32"
-    assert report["converter"]["pre_tokenizer"]["name"] == "gpt2"   # tokenizer trained here, splits like GPT-2
+    assert check["measured"]["summaries_identical"] == 2 and check["measured"]["rougeL_gguf_vs_transformers"] == 100.0
+    assert [set(row) for row in check["probes"]] == [{"id", "transformers", "gguf", "identical", "max_abs"}] * 2
+    llama = verification["checks"]["llama_cpp"]   # llama.cpp itself, when llama-cpp-python is installed
+    if "skipped" in llama:
+        assert llama == {"skipped": NOT_INSTALLED}
+    else:
+        assert llama["passed"] is True and llama["measured"]["max_abs"] <= 1e-3
+        assert llama["measured"]["argmax_agreement"] == 1.0 and llama["measured"]["summaries_identical"] == 2
+    gguf = report["conversion"]["gguf"]
+    assert gguf["chat_template"] is True and gguf["file_type"] == "ALL_F32"
+    # tokenizer trained here, splits like GPT-2
+    assert report["conversion"]["converter"]["pre_tokenizer"]["name"] in ("gpt2", "gpt-2")
     assert report["settings"]["instruction"] == INSTRUCTION        # inherited from the merged folder
     assert "PASS" in result.stdout and "transformers:" in result.stdout
 
@@ -92,20 +101,20 @@ def test_gguf_f32_is_exact_and_ships_a_modelfile(converter, merged_llama, projec
 
 def test_gguf_q8_0_reloads_within_its_thresholds(converter, merged_llama, tmp_path):
     from export_gguf import main
-    from finetuneflow.ship.export import GGUF_THRESHOLDS
+    from finetuneflow.ship.parity import THRESHOLDS
     report = main([f"--model={merged_llama}", "--outtype=q8_0", f"--output_dir={tmp_path}", *FAST])
-    check = report["verification"]["transformers"]
+    measured = report["verification"]["checks"]["transformers"]["measured"]
     assert report["verification"]["passed"] is True
-    assert check["argmax_agreement"] >= GGUF_THRESHOLDS["q8_0"]["min_argmax_agreement"]
-    assert 0 < check["max_abs_logit_diff"] <= GGUF_THRESHOLDS["q8_0"]["max_abs_logit_diff"]
-    assert report["gguf"]["file_type"] == "Q8_0"
+    assert measured["argmax_agreement"] >= THRESHOLDS[("gguf", "q8_0")]["min_argmax_agreement"]
+    assert 0 < measured["max_abs"] <= THRESHOLDS[("gguf", "q8_0")]["max_abs"]
+    assert report["conversion"]["gguf"]["file_type"] == "Q8_0"
     assert (tmp_path / "llama_merged_clean-q8_0.Modelfile").is_file()
 
 
 def test_modelfile_keeps_a_default_system_prompt(tiny_models):
     """SmolLM2's template adds a system prompt when none is given: the Modelfile must too."""
     from transformers import AutoTokenizer
-    from finetuneflow.ship.export import ollama_template
+    from finetuneflow.ship.ollama import ollama_template
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     tokenizer.chat_template = (
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -116,7 +125,8 @@ def test_modelfile_keeps_a_default_system_prompt(tiny_models):
     expected = tokenizer.apply_chat_template([{"role": "user", "content": f"{INSTRUCTION}\n\nA: hi"}],
                                              add_generation_prompt=True, tokenize=False)
     assert render_go_template(template, "A: hi") == expected
-    assert render_go_template(template, "A: hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    with_system = render_go_template(template, "A: hi", system="Be brief.")
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert stops[0] == "<|im_end|>"
 
 
@@ -137,7 +147,9 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
                                 "tokenizer_config.json", "generation_config.json", "hf_config.json",
                                 "run_config.json", "export_report.json"}
     report = json.loads((out / "export_report.json").read_text())
-    assert report["verification"]["passed"] is True and report["verification"]["max_abs_logprob_diff"] <= 1e-3
+    check = report["verification"]["checks"]["ctranslate2"]
+    assert report["verification"]["passed"] is True and (check["check"], check["key"]) == ("ct2", "float32")
+    assert check["measured"]["quantity"] == "log_probs" and check["measured"]["max_abs"] <= 1e-3
     assert report["conversion"]["vocabulary"] == {"model_vocab_size": 600, "tokenizer_size": 600,
                                                   "padded_tokens": 0, "truncated_tokens": 0}
     assert json.loads((out / "run_config.json").read_text())["backend"] == "ctranslate2"
@@ -146,12 +158,13 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     # load_model + the shared engine run the CT2 folder: greedy output equals transformers'
     from finetuneflow.engine.generation import GenerationSettings, summarize
     from finetuneflow.model.loading import load_model
-    from finetuneflow.ship.export import load_probes
-    dialogues = [p["dialogue"] for p in load_probes("data/samples/dialogues.jsonl", "test", 3, 0)]
+    from finetuneflow.ship.parity import load_probes
+    dialogues = [p["dialogue"] for p in load_probes("data/samples/dialogues.jsonl", 3, "test", 0)[0]]
     exported, reference = load_model(str(out)), load_model(str(tiny_models["bart"]), dtype=torch.float32)
     assert exported.backend.name == "ctranslate2" and exported.family == "seq2seq"
     greedy = GenerationSettings(num_beams=1, max_new_tokens=12)
-    ours, theirs = summarize(exported, dialogues, greedy, 2, progress=False), summarize(reference, dialogues, greedy, 2, progress=False)
+    ours = summarize(exported, dialogues, greedy, 2, progress=False)
+    theirs = summarize(reference, dialogues, greedy, 2, progress=False)
     assert ours.summaries == theirs.summaries and all(ours.summaries)
     assert ours.generated_tokens == theirs.generated_tokens and ours.settings["backend"] == "ctranslate2"
 
@@ -168,23 +181,26 @@ def test_ct2_int8_bart_and_llama(tiny_models, merged_llama, tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(resized)
     model.resize_token_embeddings(608)
     model.save_pretrained(resized)
-    bart = main([f"--model={resized}", "--format=ct2", "--quantization=int8", f"--output_dir={tmp_path / 'bart'}", *FAST])
+    bart = main([f"--model={resized}", "--format=ct2", "--quantization=int8", f"--output_dir={tmp_path / 'bart'}",
+                 *FAST])
     assert bart["conversion"]["vocabulary"] == {"model_vocab_size": 608, "tokenizer_size": 600,
                                                 "padded_tokens": 8, "truncated_tokens": 0}
-    assert bart["verification"]["passed"] is True and bart["verification"]["mean_abs_logprob_diff"] <= 0.4
+    assert bart["verification"]["passed"] is True
+    assert bart["verification"]["checks"]["ctranslate2"]["measured"]["mean_abs"] <= 0.4
 
     llama = main([f"--model={merged_llama}", "--format=ct2", "--quantization=int8_float32",
                   f"--output_dir={tmp_path / 'llama'}", *FAST])
     check = llama["verification"]
-    assert check["passed"] is True and check["mean_abs_logprob_diff"] <= 0.4
+    assert check["passed"] is True and check["checks"]["ctranslate2"]["measured"]["mean_abs"] <= 0.4
+    assert 0.9 <= check["checks"]["ctranslate2"]["measured"]["argmax_agreement"] <= 1.0   # the Generator's logits
     assert check["decoding"]["num_beams"] == 4 and check["decoding"]["max_new_tokens"] == 12   # evaluated settings
     carried = json.loads((tmp_path / "llama" / "run_config.json").read_text())
     assert carried["instruction"] == INSTRUCTION and carried["generation"] == GENERATION
     assert carried["family"] == "causal" and carried["max_input_length"] == 256
 
     loaded = load_model(str(tmp_path / "llama"))
-    result = summarize(loaded, ["Anna: lunch at noon?\nBen: yes, at the cafe."], GenerationSettings(num_beams=1, max_new_tokens=6),
-                       progress=False)
+    result = summarize(loaded, ["Anna: lunch at noon?\nBen: yes, at the cafe."],
+                       GenerationSettings(num_beams=1, max_new_tokens=6), progress=False)
     assert len(result.summaries) == 1 and 0 < result.generated_tokens <= 6
     with pytest.raises(UserError, match="is a ctranslate2 model: it runs inference only"):
         load_model(str(tmp_path / "llama"), for_training=True)
@@ -205,7 +221,8 @@ def tiny_t5(tmp_path_factory):
     folder.mkdir()
     shutil.copy(root / "spiece.model", folder / "spiece.model")
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
-                                                              "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+                                                              "eos_token": "</s>", "pad_token": "<pad>",
+                                                              "unk_token": "<unk>"}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
@@ -222,10 +239,17 @@ def tiny_t5(tmp_path_factory):
 def test_t5_exports_to_gguf_and_ct2(converter, tiny_t5, tmp_path):
     from export_gguf import main
     report = main([f"--model={tiny_t5}", "--outtype=f32", f"--output_dir={tmp_path}", "--max_new_tokens=8", *FAST])
-    check = report["verification"]["transformers"]
-    assert report["gguf"]["architecture"] == "t5" and report["verification"]["passed"] is True
-    assert check["max_abs_logit_diff"] <= 1e-3 and check["embedded_tokenizer_matches"] is True
+    check = report["verification"]["checks"]["transformers"]
+    assert report["conversion"]["gguf"]["architecture"] == "t5" and report["verification"]["passed"] is True
+    assert check["measured"]["max_abs"] <= 1e-3 and check["embedded_tokenizer_matches"] is True
     assert "modelfile" not in report["files"]          # Ollama does not run encoder-decoders
+    assert report["verification"]["checks"]["llama_cpp"] == {"skipped": "llama-cpp-python has no encoder-decoder API"}
+    # the same export again: its own files in the shared folder are replaced (their sidecar record says so)
+    before = (tmp_path / "tiny-t5-f32.run_config.json").read_text()
+    again = main([f"--model={tiny_t5}", "--outtype=f32", f"--output_dir={tmp_path}", "--max_new_tokens=8",
+                  "--verify=false"])
+    assert again["verification"]["skipped"].startswith("VERIFY=False")
+    assert (tmp_path / "tiny-t5-f32.run_config.json").read_text() != before
     ct2 = main([f"--model={tiny_t5}", "--format=ct2", "--quantization=float32", f"--output_dir={tmp_path / 'ct2'}",
                 "--max_new_tokens=8", *FAST])
     assert ct2["verification"]["passed"] is True
@@ -241,7 +265,8 @@ def test_bad_inputs_name_the_stage_to_run_first(tiny_models, project, tmp_path):
     adapter = make_adapter(tiny_models["bart"], tmp_path / "bart_lora")
     result = run_stage("export_gguf.py", f"--model={adapter}", "--format=ct2", root=project, check=False)
     assert result.returncode == 2
-    assert "is a LoRA adapter folder, not a merged model: run `python merge_bart_lora.py`" in error_line(result)
+    line = error_line(result)
+    assert "is a LoRA adapter folder, not a merged model: run `python merge_bart_lora.py --adapter=" in line
 
     from export_gguf import main
     with pytest.raises(UserError, match="is not a model folder.*post_merge_cleanup.py"):
@@ -255,3 +280,24 @@ def test_bad_inputs_name_the_stage_to_run_first(tiny_models, project, tmp_path):
     with pytest.raises(UserError, match="--FORMAT=onnx: must be one of gguf, ct2"):
         main([f"--model={tiny_models['llama']}", "--format=onnx"])
     assert not (project / "ft_outputs").exists()
+
+
+def test_a_failed_verification_writes_nothing_and_verify_false_says_unverified(tiny_models, tmp_path, monkeypatch,
+                                                                              capsys):
+    from export_gguf import main
+    from hostile import snapshot
+    from finetuneflow.ship import parity
+    out = tmp_path / "ct2"
+    first = main([f"--model={tiny_models['bart']}", "--format=ct2", "--quantization=float32", f"--output_dir={out}",
+                  "--verify=false"])
+    assert first["verification"]["passed"] is None and first["verification"]["skipped"].startswith("VERIFY=False")
+    assert "(UNVERIFIED: --VERIFY=False)" in capsys.readouterr().out
+    before = snapshot(out)
+    # a threshold no export can meet: the verified export fails, and the earlier folder stays as it was
+    monkeypatch.setitem(parity.THRESHOLDS, ("ct2", "float32"), {"max_abs": 1e-3, "min_identical_summaries": 1.5})
+    with pytest.raises(UserError, match=r"does not match the model within the float32 thresholds \(ctranslate2: "
+                                        r"identical_summaries [0-9.]+ < 1.5\); nothing was written"):
+        main([f"--model={tiny_models['bart']}", "--format=ct2", "--quantization=float32", f"--output_dir={out}",
+              "--overwrite=true", "--n_probes=1"])
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]      # no temporary folder left behind

@@ -18,7 +18,7 @@ IMPORTED_FILES = {"config.json", "generation_config.json", "model.safetensors", 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_models, tmp_path_factory):
     """The tiny Llama as an f32 GGUF, written by llama.cpp's converter (installed on first use)."""
-    from finetuneflow.ship.export import run_converter
+    from finetuneflow.ship.gguf_export import run_converter
     out = tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf"
     try:
         run_converter(tiny_models["llama"], out, "f32", None)
@@ -33,7 +33,8 @@ def test_import_script_writes_a_folder_with_identical_logits(tiny_gguf, tiny_mod
     result = run_stage("import_gguf.py", f"--gguf={tiny_gguf}", "--output_dir=ft_outputs/base_tiny", root=project)
     out = project / "ft_outputs" / "base_tiny"
     assert files_under(out) == IMPORTED_FILES
-    assert "max |logit difference| saved folder vs GGUF-loaded model = 0" in result.stdout
+    assert "verification (saved folder vs GGUF-loaded model): max |logit diff| 0, argmax agreement 100.00%" \
+        in result.stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     imported = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -51,9 +52,11 @@ def test_import_script_writes_a_folder_with_identical_logits(tiny_gguf, tiny_mod
 
     record = json.loads((out / "run_config.json").read_text())
     assert record["stage"] == "import_gguf" and record["family"] == "causal"
-    assert record["import"]["verification"] == {"max_abs_logit_diff": 0.0, "tolerance": 1e-4, "passed": True,
-                                                "probe_tokens": record["import"]["verification"]["probe_tokens"],
-                                                "tokenizer_round_trip": True}
+    verification = record["import"]["verification"]      # the one parity report schema
+    assert (verification["check"], verification["key"], verification["passed"]) == ("import", "float32", True)
+    assert verification["thresholds"] == {"max_abs": 1e-4} and verification["failures"] == []
+    assert verification["measured"]["max_abs"] == 0.0 and verification["measured"]["positions"] > 20
+    assert record["lineage"]["imported_from"] == str(tiny_gguf)
     assert record["import"]["gguf_metadata"]["file_type"] == "ALL_F32"
     assert str(tiny_gguf) in record["inputs"]
 

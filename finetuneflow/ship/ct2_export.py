@@ -14,6 +14,15 @@ Conversion fixes what ctranslate2's converter does not handle by itself:
 * transformers 5 T5 configs say `tie_word_embeddings=True` always and keep the output scaling in
   `scale_decoder_outputs`; the converter scales by the former, so it is given the latter;
 * a model without a BOS token (CT2's config needs a string) gets its EOS token there.
+
+`CT2Exporter` runs it through the export skeleton (ship/export.py): the folder is converted into a
+temporary folder beside OUTPUT_DIR, loaded from there by the CT2 backend (the same hook inference
+and the HTTP service use) and verified with the parity toolkit (ship/parity.py): teacher-forced
+log-probabilities of the reference summaries (CTranslate2's Translator returns no logits; for
+decoder-only models the argmax agreement of the full logits too) judged against
+THRESHOLDS[("ct2", quantization)], and the summaries of both with the evaluated decoding settings
+side by side. Only then does it replace OUTPUT_DIR (contract/safety.py: an earlier export there
+needs OVERWRITE=True; the source model, the project root or a folder of other files never).
 """
 from __future__ import annotations
 
@@ -24,7 +33,12 @@ from pathlib import Path
 
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.io import atomic_write_json
-from finetuneflow.model.backends.ct2 import HF_CONFIG, QUANTIZATIONS
+from finetuneflow.contract.paths import FT_OUTPUTS
+from finetuneflow.contract.record import write_record
+from finetuneflow.contract.safety import check_output_dir, replace_dir
+from finetuneflow.model.backends.ct2 import CPU_QUANTIZATIONS, HF_CONFIG, QUANTIZATIONS
+from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, Resolved, exported_record, print_side_by_side
+from finetuneflow.ship.source import ModelFolder
 
 
 @contextmanager
@@ -108,3 +122,74 @@ def convert_to_ct2(model_dir: Path, out_dir: Path, quantization: str) -> dict:
                            "padded_tokens": getattr(padded, "padded", 0) if padded else 0,
                            "truncated_tokens": max(0, len(tokenizer) - rows) if rows else 0},
             "bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())}
+
+
+def verify_ct2(source: ModelFolder, settings: ExportSettings, resolved: Resolved, folder: Path, probes: list[dict],
+               log=print) -> dict:
+    """The CTranslate2 folder against the Hugging Face model (see the module docstring)."""
+    import torch
+    from finetuneflow.ship import parity
+    from finetuneflow.contract.decoding import GenerationSettings
+    from finetuneflow.model.loading import load_model
+    quantization = settings.quantization.lower()
+    reference = load_model(str(source.path), dtype=torch.float32)
+    exported = load_model(str(folder))   # through the same hook inference and the HTTP service use
+    instruction, limit = resolved.instruction, resolved.max_input_length
+    items = parity.teacher_forced(reference, probes, instruction, limit)
+    measured = parity.compare(parity.log_probs(reference, items), parity.log_probs(exported, items), "log_probs")
+    theirs = parity.logits(exported, items, "all")
+    if theirs is not None:
+        ours = parity.logits(reference, items, "all")
+        measured["argmax_agreement"] = parity.compare(ours, theirs)["argmax_agreement"]
+    decoding = GenerationSettings.from_record(resolved.generation)   # CTranslate2 has beam search too
+    ref = parity.summaries(reference, probes, decoding, instruction, limit, settings.batch_size)
+    ours = parity.summaries(exported, probes, decoding, instruction, limit, settings.batch_size)
+    rows, agreement = parity.side_by_side(probes, ref.summaries, ours.summaries, ("transformers", "ctranslate2"))
+    report = parity.report("ct2", quantization, measured, probes, rows, agreement)
+    log(f"verification (ctranslate2 vs transformers): {report.line()}")
+    print_side_by_side(rows, ("transformers", "ctranslate2"), log)
+    return {"passed": report.passed, "checks": {"ctranslate2": report.to_dict()}, "decoding": ours.settings,
+            "timing": {"transformers": ref.timing(), "ctranslate2": ours.timing()}}
+
+
+class CT2Exporter(Exporter):
+    format, backend = "ct2", "ctranslate2"
+
+    def kind(self, settings: ExportSettings) -> str:
+        return settings.quantization.lower()
+
+    def targets(self, source: ModelFolder, settings: ExportSettings, name: str) -> dict[str, Path]:
+        out = settings.output_dir or f"{FT_OUTPUTS}/ct2/{name}-{self.kind(settings)}"
+        return {"main": check_output_dir(out, stage=STAGE, inputs=[source.path], overwrite=settings.overwrite)}
+
+    @contextmanager
+    def staged(self, targets: dict[str, Path]):
+        with replace_dir(targets["main"]) as tmp:
+            yield tmp
+
+    def convert(self, source: ModelFolder, settings: ExportSettings, staged: Path, log) -> dict:
+        import torch
+        quantization = self.kind(settings)
+        if quantization not in CPU_QUANTIZATIONS and not torch.cuda.is_available():
+            log(f"note: {quantization} runs on GPUs; on this CPU CTranslate2 computes it in float32")
+        conversion = convert_to_ct2(source.path, staged, quantization)
+        log(f"converted: {conversion['bytes'] / 1e6:.1f} MB in {conversion['seconds']} s; vocabulary "
+            f"{conversion['vocabulary']}")
+        return conversion
+
+    def verify(self, source, settings, resolved, staged, probes, log) -> dict:
+        return verify_ct2(source, settings, resolved, staged, probes, log)
+
+    def publish(self, source, settings, resolved, targets, staged, report, provenance) -> dict[str, str]:
+        from transformers import AutoTokenizer
+        from finetuneflow.model.prompts import prompt_style
+        out = targets["main"]
+        files = {"folder": str(out), "report": str(out / "export_report.json"), "record": str(out / "run_config.json")}
+        usage = f"python inference_bart_lora.py --MODEL={out}   (or load_model('{out}') + summarize())"
+        atomic_write_json(staged / "export_report.json", {**report, "quantization": self.kind(settings),
+                                                          "output_dir": str(out), "files": files, "usage": usage})
+        record = exported_record(source, resolved, self.backend, {"format": "ct2", "quantization": self.kind(settings),
+                                                                  "conversion": report["conversion"]})
+        record.prompt_style = prompt_style(AutoTokenizer.from_pretrained(staged))
+        write_record(staged, record, provenance, [source.path])
+        return files
