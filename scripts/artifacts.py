@@ -44,12 +44,13 @@ def main() -> None:
             print(f"  eval       {row['model']:<40} ROUGE-1/2/L {float(row['rouge1']):.2f} / "
                   f"{float(row['rouge2']):.2f} / {float(row['rougeL']):.2f}")
     for report in sorted((ROOT / "ft_outputs").glob("*/merge_report.json")):
-        r = load(report)
-        print(f"  merge      {report.parent.name:<40} {r['identical_greedy_outputs']}/{r['probes']} identical, "
-              f"max |logit diff| {r['max_abs_logit_diff']:.1e}")
+        m = load(report).get("measured") or {}
+        print(f"  merge      {report.parent.name:<40} {m.get('summaries_identical')}/{m.get('summaries_compared')} "
+              f"identical, max |logit diff| {m.get('max_abs') or 0:.1e}")
     for report in sorted((ROOT / "ft_outputs").glob("**/*export_report.json")):
         verification = load(report).get("verification") or {}
-        agreement = (verification.get("transformers") or {}).get("argmax_agreement")
+        checks = verification.get("checks") or {}
+        agreement = ((checks.get("transformers") or {}).get("measured") or {}).get("argmax_agreement")
         print(f"  export     {report.name.replace('.export_report.json', ''):<40} passed {verification.get('passed')}"
               + (f", argmax agreement {agreement:.1%}" if agreement is not None else ""))
 

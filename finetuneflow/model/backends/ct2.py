@@ -95,14 +95,16 @@ class CT2Backend(Backend):
                    "length_penalty": float(penalty if penalty is not None else 1.0), "sampling_topk": 1}
         if loaded.family == CAUSAL:
             options["max_length"] = int(effective.get("max_new_tokens") or 128)
-            options["min_length"] = int(effective.get("min_new_tokens") or 0)
+            options["min_length"] = min(int(effective.get("min_new_tokens") or 0), options["max_length"])
             return options
         # transformers counts the decoder start token in max_length/min_length; CT2 does not
         max_new = effective.get("max_new_tokens") or max(1, (effective.get("max_length") or 256) - 1)
         min_new = effective.get("min_new_tokens")
         if min_new is None:
             min_new = max(0, (effective.get("min_length") or 0) - 1)
-        options.update(max_decoding_length=int(max_new), min_decoding_length=int(min_new), max_input_length=0)
+        # a model's own min_length can exceed a small MAX_NEW_TOKENS: the maximum wins, as in transformers
+        options.update(max_decoding_length=int(max_new), min_decoding_length=min(int(min_new), int(max_new)),
+                       max_input_length=0)
         return options
 
     def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], effective: dict) -> list[Generated]:
@@ -125,7 +127,9 @@ class CT2Backend(Backend):
         if forced_eos:
             # transformers forces EOS (log-prob 0) as the last of max_length tokens: the same as stopping
             # one token earlier, which also ranks beams that reach the limit the same way
-            options = {**options, "max_decoding_length": max(1, options["max_decoding_length"] - 1)}
+            limit = max(1, options["max_decoding_length"] - 1)
+            options = {**options, "max_decoding_length": limit,
+                       "min_decoding_length": min(options["min_decoding_length"], limit)}
         results = runtime.translate_batch(tokens, target_prefix=prefix, end_token=eos, **options)
         limit = options["max_decoding_length"]
         out = []
