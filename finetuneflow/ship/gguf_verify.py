@@ -44,31 +44,31 @@ def _logits(model, inputs: dict, device) -> torch.Tensor:
 
 def llama_cpp_check(gguf_path: Path, reference: LoadedModel, inputs: list[dict], prompts: list[list[int]],
                     max_new_tokens: int, stops: list[str]) -> dict:
-    """Logits and greedy summaries from llama.cpp itself, when llama-cpp-python is installed."""
+    """The GGUF run by llama.cpp itself (llama-cpp-python), when the bindings are installed: its
+    teacher-forced logits at every probe position against transformers', and the probe
+    summaries decoded greedily by the llama.cpp backend (the engine's loop: same prompt ids,
+    stop at EOS / end-of-turn tokens, which is what `stops` names as text for Ollama)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
-    import numpy as np
-    n_ctx = max(int(i["input_ids"].shape[1]) for i in inputs) + max_new_tokens + 8
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
-    diffs, agree, positions = [], 0, 0
-    for item in inputs:
-        ids = item["input_ids"][0].tolist()
-        llm.reset()
-        llm.eval(ids)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
-        ours = _logits(reference.model, item, reference.device)
-        diffs.append(float((theirs - ours).abs().max()))
-        agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
-        positions += len(ids)
-    summaries = []
-    for ids in prompts:
-        llm.reset()
-        out = llm.create_completion(prompt=ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                                    repeat_penalty=1.0, stop=stops)
-        summaries.append(out["choices"][0]["text"].strip())
-    return {"max_abs_logit_diff": max(diffs), "argmax_agreement": agree / positions, "summaries": summaries}
+    from finetuneflow.model.backends.llamacpp import BACKEND as backend
+    loaded = backend.load(gguf_path, device="cpu")
+    try:
+        diffs, agree, positions = [], 0, 0
+        for item in inputs:
+            theirs = torch.from_numpy(loaded.model.all_logits(item["input_ids"][0].tolist()))
+            ours = _logits(reference.model, item, reference.device)
+            diffs.append(float((theirs - ours).abs().max()))
+            agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
+            positions += theirs.shape[0]
+        generated = backend.generate_batch(loaded, prompts, {"num_beams": 1, "max_new_tokens": max_new_tokens})
+        summaries = [reference.tokenizer.decode(g.ids, skip_special_tokens=True).strip() for g in generated]
+    finally:
+        loaded.model.close()
+    return {"max_abs_logit_diff": max(diffs), "argmax_agreement": agree / positions, "positions": positions,
+            "summaries": summaries, "finish_reasons": [g.finish_reason for g in generated],
+            "runtime": f"llama-cpp-python {llama_cpp.__version__}, {loaded.model.n_threads} threads"}
 
 
 def transformers_check(source: ModelFolder, reference: LoadedModel, gguf_path: Path, outtype: str,
