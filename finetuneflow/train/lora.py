@@ -13,7 +13,7 @@ import torch
 
 from finetuneflow.contract import architectures as arch
 from finetuneflow.contract.errors import UserError
-from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.paths import is_hub_id, resolve
 from finetuneflow.model.backends import backend_for
 from finetuneflow.model.backends.hf import disable_cpu_bf16_kernels
 from finetuneflow.model.family import Family, family_of
@@ -44,11 +44,15 @@ def four_bit_problem(device: torch.device) -> str | None:
 
 
 def check_trainable_source(name: str) -> None:
-    """MODEL must be a full Hugging Face model: not an adapter folder, not a GGUF/CTranslate2 export."""
+    """MODEL must be a full Hugging Face model: an existing folder or a Hub id, not an adapter folder,
+    not a GGUF/CTranslate2 export."""
     if is_adapter_dir(name):
         raise UserError(f"MODEL {name} is an adapter folder; pass its base model (see its run_config.json "
                         f"'base_model') or merge it first with merge_bart_lora.py")
     path = resolve(name)
+    if not path.exists() and not is_hub_id(str(name)):
+        raise UserError(f"model not found: {path} does not exist; pass an existing model folder or a Hub id such as "
+                        f"facebook/bart-large-cnn")
     if path.exists():
         backend = backend_for(path)
         if backend.name != "transformers":

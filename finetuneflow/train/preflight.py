@@ -73,9 +73,13 @@ def plan_job(settings: TrainSettings) -> TrainJob:
     """Checks, data, splits and the plan: everything decided, nothing written."""
     settings.check()
     out, cache = check_outputs(settings)
-    data = load_data(settings.data_spec)
-    train_rows, val_rows, note = training_splits(data, settings.train_samples, settings.val_samples, settings.seed,
-                                                 settings.val_fraction)
+    try:
+        data = load_data(settings.data_spec)
+        train_rows, val_rows, note = training_splits(data, settings.train_samples, settings.val_samples,
+                                                     settings.seed, settings.val_fraction)
+    except UnicodeDecodeError as exc:   # a JSON/CSV string that is not UTF-8 surfaces only when rows are read
+        raise UserError(f"DATASET {settings.dataset}: not UTF-8 text ({exc.reason} in {exc.object[:40]!r}); "
+                        f"re-save the file as UTF-8") from None
     plan = plan_run(out, settings.recorded, data.local_files, str(settings.resume), settings.overwrite)
     return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note)
 

@@ -77,6 +77,16 @@ def nonfinite_problem(bad_loss: torch.Tensor, grads: list[torch.Tensor]) -> str 
     return "loss" if flags[0] else "gradient" if flags[1] else None
 
 
+def close_progress_bars(trainer: Trainer) -> None:
+    """Close the Trainer's progress bars, so a message printed next starts on a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
 class _FiniteGuard(TrainerCallback):
     """Before each optimizer step: the loss of its micro-batches and (unless a gradient scaler
     skips overflowing fp16 steps itself) the trainable parameters' gradients must be finite."""
@@ -93,6 +103,7 @@ class _FiniteGuard(TrainerCallback):
         trainer.nonfinite_losses.zero_()
         if what:
             step = state.global_step + 1
+            close_progress_bars(trainer)
             raise NonFiniteTraining(
                 f"training stopped at optimizer step {step}: the {what} is not finite (NaN or inf), so the adapter "
                 f"would be ruined; lower LEARNING_RATE (now {args.learning_rate:g}) and check the training data for "
