@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OFFLINE_ENV, REPO, run_stage
-from hostile import assert_refused, protected_outputs, snapshot, user_project
+from hostile import assert_refused, protected_outputs, snapshot, unwritable, user_project
 
 SCRIPT = "train_bart_lora.py"
 QUICK = ["--train_samples=4", "--val_samples=2", "--max_steps=1", "--max_input_length=192",
@@ -139,8 +139,9 @@ def contradiction_cases(project, model: Path) -> dict[str, tuple[list[str], str]
         "RESUME of a checkpoint with OVERWRITE": (["--resume=checkpoint-3", "--overwrite=True"],
                                                   "contradict each other"),
         "RESUME that is no checkpoint": (["--resume=latest"], "use auto, never, or the name of a checkpoint"),
-        "RESUME of a checkpoint that is not there": ([f"--output_dir={finished}", "--resume=checkpoint-3"],
-                                                     "holds a finished run with other settings"),
+        "RESUME with nothing to resume": (["--resume=checkpoint-3"], "holds no unfinished run to resume"),
+        "zero beams": (["--num_beams=0"], "out of range"),
+        "zero new tokens": (["--max_new_tokens=0"], "out of range"),
         "EVAL_STEPS beyond MAX_STEPS": (["--max_steps=2", "--eval_steps=5"], "no evaluation would pick"),
         "MIN_NEW_TOKENS over MAX_NEW_TOKENS": (["--min_new_tokens=9"], "is more than MAX_NEW_TOKENS"),
         "CACHE_DIR inside OUTPUT_DIR": (["--cache_dir=ft_outputs/lora/cache"], "is inside OUTPUT_DIR"),
@@ -195,6 +196,16 @@ def test_every_case_is_refused_with_one_line_and_nothing_touched(hostile, attack
     assert not failures, "\n".join(f"{name}: {why}" for name, why in failures.items())
     assert len(cases[attack]) >= 10
     assert not (project.root / "ft_outputs" / "lora").exists()
+
+
+def test_an_unwritable_place_is_one_error_line(tmp_path, tiny_models):
+    project = user_project(tmp_path)
+    locked = unwritable(project.root / "locked")
+    before = snapshot(project.root)
+    result = run_stage(SCRIPT, f"--model={tiny_models['llama']}", f"--dataset={project.data}", *QUICK,
+                       f"--output_dir={locked / 'lora'}", root=project.root, check=False)
+    locked.chmod(0o700)
+    assert_refused(result, "is not writable", before, project.root)
 
 
 # ----------------------------------------------------------------------------- as real processes

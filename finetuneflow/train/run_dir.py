@@ -139,10 +139,13 @@ def plan_run(out: Path, config: Mapping, input_files: Iterable, resume: str, ove
     `config` is the run's resolved settings as its record stores them."""
     plan = RunPlan(out)
     finished, unfinished = _own_record(out), _own_record(out / CHECKPOINTS)
+    named = resume not in ("auto", "never")
     if finished is None and unfinished is None:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"OUTPUT_DIR {out} already holds files that are not from train_bart_lora.py; "
                             f"choose an empty or new --OUTPUT_DIR")
+        if named:
+            raise UserError(f"RESUME={resume}: {out} holds no unfinished run to resume; use --RESUME=auto to start")
         return plan
     if overwrite:
         plan.wipe = True
@@ -152,6 +155,9 @@ def plan_run(out: Path, config: Mapping, input_files: Iterable, resume: str, ove
                                  run_identity(config, describe_inputs(input_files)))
     available = complete_checkpoints(out / CHECKPOINTS)
     if finished is None and (why := _replaceable(unfinished, available, diffs)):
+        if named:
+            raise UserError(f"RESUME={resume}: the unfinished run in {out} cannot be resumed ({why}); use "
+                            f"--RESUME=auto to replace it")
         plan.wipe, plan.note = True, f"replacing the unfinished run in {out} ({why})"
         return plan
     if diffs:
