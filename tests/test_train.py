@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,3 +412,52 @@ def test_a_start_that_fails_after_its_checks_does_not_block_the_corrected_comman
     metrics = main([*common, "--learning_rate=0.02"])           # corrected, without --OVERWRITE
     assert "replacing the unfinished run" in capsys.readouterr().out
     assert metrics["global_step"] == 2 and files_under(out) == CONTRACT
+
+
+def test_replacing_a_run_killed_at_any_removal_leaves_a_folder_the_next_run_recognizes(tmp_path, monkeypatch):
+    """Interrupt OVERWRITE's removals after each possible number of deletions: the folder always keeps
+    this stage's record (so it is never taken for the user's), and a finished record never lists
+    missing files (so it never reports a finished run that is not there)."""
+    from finetuneflow.contract.safety import check_output_dir
+    original_unlink = Path.unlink
+
+    class Killed(BaseException):
+        pass
+
+    for allowed in range(0, 40):
+        out = tmp_path / f"out{allowed}"
+        (out / run_dir.CHECKPOINTS / "checkpoint-4").mkdir(parents=True)
+        (out / run_dir.CHECKPOINTS / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"x")
+        run_dir.mark_complete(out / run_dir.CHECKPOINTS / "checkpoint-4")
+        files = ["adapter_model.safetensors", "adapter_config.json", "train_metrics.json", "loss_curve.png"]
+        for name in files:
+            (out / name).write_text("old")
+        (out / "run_config.json").write_text(json.dumps({"stage": "train_bart_lora", "schema_version": 2,
+                                                         "config": {"LEARNING_RATE": 0.5},
+                                                         "files": [*files, "run_config.json"]}))
+        calls = []
+
+        def unlink(self, missing_ok=False, _calls=calls, _allowed=allowed):
+            if len(_calls) >= _allowed:
+                raise Killed()
+            _calls.append(self)
+            return original_unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+        try:
+            run_dir.prepare_run_dir(run_dir.plan_run(out, {"LEARNING_RATE": 0.1}, [], "auto", True),
+                                    {"LEARNING_RATE": 0.1}, [], keep_checkpoints=False)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(Path, "unlink", original_unlink)
+        check_output_dir(out, stage="train_bart_lora", overwrite=True,
+                         markers=("run_config.json", "checkpoints/run_config.json"))   # still this stage's folder
+        record = out / "run_config.json"
+        if record.exists():
+            assert all((out / name).exists() for name in json.loads(record.read_text())["files"])
+        if finished:
+            assert allowed > 3 and files_under(out) == {"checkpoints/run_config.json"}
+            break
+    else:
+        raise AssertionError("prepare_run_dir never finished")

@@ -70,14 +70,16 @@ def drop_checkpoint(checkpoint: Path) -> None:
 
 
 def remove_checkpoints(folder: Path) -> None:
-    """Remove the stage's own entries of a checkpoints folder (checkpoint-N folders, the unfinished
-    run's record); the folder itself only when nothing else is left in it."""
+    """Remove the stage's own entries of a checkpoints folder: the checkpoint-N folders first, the
+    unfinished run's record last (a kill in between leaves a record, never unowned checkpoints);
+    the folder itself only when nothing else is left in it."""
     if not folder.is_dir():
         return
     for path in folder.iterdir():
         if path.is_dir() and checkpoint_step(path) >= 0:
             drop_checkpoint(path)
-        elif path.is_file() and (path.name == RECORD_FILE or path.name.startswith(f".{RECORD_FILE}.")):
+    for path in folder.iterdir():
+        if path.is_file() and (path.name == RECORD_FILE or path.name.startswith(f".{RECORD_FILE}.")):
             path.unlink(missing_ok=True)
     if not any(folder.iterdir()):
         folder.rmdir()
@@ -186,24 +188,29 @@ def _resume_point(out: Path, available: list[Path], resume: str) -> Path | None:
 
 # ----------------------------------------------------------------------------- carrying it out
 
-def remove_own_outputs(out: Path) -> None:
-    """The earlier run's files (as its record lists them), its record and its checkpoints; nothing else."""
+def own_files(out: Path) -> list[Path]:
+    """The finished run's files, as its record lists them (plain names inside `out` only)."""
     record = _own_record(out)
-    for name in (record.extra.get("files", []) if record else []):
-        path = out / str(name)
-        if "/" not in str(name) and str(name) not in ("", ".", "..") and path.is_file() and not path.is_symlink():
-            path.unlink()
-    (out / RECORD_FILE).unlink(missing_ok=True)
-    remove_checkpoints(out / CHECKPOINTS)
+    names = [str(name) for name in (record.extra.get("files", []) if record else [])]
+    return [out / name for name in names if "/" not in name and "\\" not in name and name not in ("", ".", "..")
+            and (out / name).is_file() and not (out / name).is_symlink()]
+
+
+def _dropped_on_start(path: Path, resume_from: Path | None) -> bool:
+    """Every checkpoint for a fresh start; when resuming, the half-written ones and any newer."""
+    if not path.is_dir() or checkpoint_step(path) < 0:
+        return False
+    return resume_from is None or not is_complete(path) or checkpoint_step(path) > checkpoint_step(resume_from)
 
 
 def prepare_run_dir(plan: RunPlan, config: Mapping, input_files: Iterable, keep_checkpoints: bool) -> None:
-    """Carry out the plan on disk (main process only)."""
+    """Carry out the plan on disk (main process only). Replacing an earlier run goes in an order
+    that keeps this stage's record in the folder at every moment (a kill never leaves files the
+    next run would take for the user's): its checkpoints go first, then the new run's record is
+    written, then the old finished record, then the files it listed. Nothing else is removed."""
     out = plan.out
     if plan.note:
         print(plan.note)
-    if plan.wipe:
-        remove_own_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{STAGING_PREFIX}*"):
         if stale.is_dir():
@@ -212,15 +219,18 @@ def prepare_run_dir(plan: RunPlan, config: Mapping, input_files: Iterable, keep_
         if not keep_checkpoints:
             remove_checkpoints(plan.checkpoints)
         return
-    if plan.resume_from is None:
-        remove_checkpoints(plan.checkpoints)
-    else:  # drop half-written checkpoints and any newer than the chosen one
+    replaced = own_files(out) if plan.wipe else []
+    if plan.checkpoints.is_dir():
         for path in plan.checkpoints.iterdir():
-            if path.is_dir() and checkpoint_step(path) >= 0 and (
-                    not is_complete(path) or checkpoint_step(path) > checkpoint_step(plan.resume_from)):
+            if _dropped_on_start(path, plan.resume_from):
                 drop_checkpoint(path)
     plan.checkpoints.mkdir(parents=True, exist_ok=True)
     write_record(plan.checkpoints, RunRecord(STAGE, extra={"status": "unfinished"}), config, input_files)
+    if plan.wipe:
+        (out / RECORD_FILE).unlink(missing_ok=True)
+        for path in replaced:
+            if path.name != RECORD_FILE:
+                path.unlink(missing_ok=True)
 
 
 def mark_failed(plan: RunPlan, reason: str) -> None:
