@@ -24,7 +24,7 @@ Run as:
     python benchmarks/bench_training.py --model_name=ft_outputs/base_smollm2 \\
         --dataset=../shared/data/dialogsum_dev500.jsonl --steps=2
 """
-MODEL_NAME = None                      # [str | None] model folder or Hub id; None: tiny BART and tiny Llama (built in a temp folder)
+MODEL_NAME = None                      # [str | None] model folder or Hub id; None: a tiny BART and a tiny Llama
 DATASET = "data/samples/dialogues.jsonl"  # training rows come from its train split
 STEPS = 3                              # [int >= 1] optimizer steps per recipe
 BATCH_SIZE = 4                         # [int >= 1] micro-batch (the seed's)
@@ -32,7 +32,7 @@ GRAD_ACCUM = 2                         # [int >= 1] micro-batches per step (the 
 MAX_INPUT_LENGTH = 768                 # [int >= 16] the seed's input padding length
 MAX_TARGET_LENGTH = 192                # [int >= 2] the seed's label padding length
 SEED = 42                              # [int >= 0] row subset and data order
-REPEATS = 1                            # [int >= 1] runs per recipe, interleaved; the fastest counts (shared machines are noisy)
+REPEATS = 1                            # [int >= 1] runs per recipe, interleaved; the fastest counts (noisy machines)
 OUTPUT_JSON = ""                     # also write the results here ("" = print only)
 
 import multiprocessing
@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from finetuneflow.train import training  # noqa: E402
+from finetuneflow.train import encoding, lora, trainer  # noqa: E402
 from finetuneflow.contract.settings import configure  # noqa: E402
 from finetuneflow.contract.errors import run_cli  # noqa: E402
 from finetuneflow.contract.io import atomic_write_json  # noqa: E402
@@ -97,7 +97,7 @@ class FullScaleGrouping:
                                                generator=torch.Generator().manual_seed(self.seed)))
 
 
-class GroupedTrainer(training.SummarizationTrainer):
+class GroupedTrainer(trainer.SummarizationTrainer):
     """This trainer with FullScaleGrouping as its train sampler."""
 
     def _get_train_sampler(self, train_dataset=None):
@@ -123,18 +123,18 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
     transformers.utils.logging.set_verbosity_error()
     set_seed(settings["SEED"])
     loaded = load_model(model_name, device="cpu", for_training=True)
-    targets = training.resolve_target_modules(loaded.model, None, loaded.family)
-    model = training.add_lora(loaded, targets, 8, 32, 0.05, False, False)
+    targets = lora.resolve_target_modules(loaded.model, None, loaded.family)
+    model = lora.add_lora(loaded, targets, 8, 32, 0.05, False, False)
     data = load_dialogues(dataset, seed=settings["SEED"])
     n_rows = settings["STEPS"] * settings["BATCH_SIZE"] * settings["GRAD_ACCUM"]
     rows = subset(data.splits["train"], n_rows, settings["SEED"])
-    spec = training.EncodingSpec(loaded.family, DEFAULT_INSTRUCTION,
+    spec = encoding.EncodingSpec(loaded.family, DEFAULT_INSTRUCTION,
                                  seq2seq_prefix(loaded.model.config) if loaded.family == SEQ2SEQ else "",
                                  settings["MAX_INPUT_LENGTH"], settings["MAX_TARGET_LENGTH"])
     start = time.perf_counter()
     if recipe == "dynamic":
-        train_ds, _ = training.tokenize_split(rows, loaded.tokenizer, spec, None, "bench")
-        collator, sampling = training.make_collator(loaded.tokenizer, loaded.device), "group_by_length"
+        train_ds, _ = encoding.tokenize_split(rows, loaded.tokenizer, spec, None, "bench")
+        collator, sampling = encoding.make_collator(loaded.tokenizer, loaded.device), "group_by_length"
     else:
         train_ds, collator, sampling = seed_batches(rows, loaded.tokenizer, spec), default_data_collator, "random"
     tokenize_seconds = time.perf_counter() - start
@@ -144,21 +144,21 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
                                  learning_rate=2e-4, save_strategy="no", eval_strategy="no", report_to="none",
                                  logging_steps=1, train_sampling_strategy=sampling, use_cpu=True,
                                  seed=settings["SEED"], disable_tqdm=True, label_names=["labels"])
-        trainer_class = GroupedTrainer if recipe == "dynamic" else training.SummarizationTrainer
-        trainer = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                                processing_class=loaded.tokenizer, family=loaded.family)
-        trainer.remove_callback(PrinterCallback)
+        trainer_class = GroupedTrainer if recipe == "dynamic" else trainer.SummarizationTrainer
+        run = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                            processing_class=loaded.tokenizer)
+        run.remove_callback(PrinterCallback)
         cpu_start = time.process_time()
-        trainer.train()
+        run.train()
         cpu_seconds = time.process_time() - cpu_start
-    speed = trainer.throughput()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    speed = run.throughput()
+    losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     return {"recipe": recipe, "model": model_name, "family": loaded.family, "rows": len(rows),
-            "steps": trainer.state.global_step, "samples": speed["samples"], "train_seconds": speed["train_seconds"],
+            "steps": run.state.global_step, "samples": speed["samples"], "train_seconds": speed["train_seconds"],
             "samples_per_s": speed["samples_per_s"], "tokens_per_s": speed["tokens_per_s"],
             "cpu_seconds": round(cpu_seconds, 2), "samples_per_cpu_s": round(speed["samples"] / cpu_seconds, 4),
             "padded_tokens_per_s": speed["padded_tokens_per_s"], "tokenize_seconds": round(tokenize_seconds, 2),
-            "peak_rss_mb": training.peak_rss_mb(), "first_loss": losses[0] if losses else None}
+            "peak_rss_mb": trainer.peak_rss_mb(), "first_loss": losses[0] if losses else None}
 
 
 def in_fresh_process(*args) -> dict:
@@ -168,7 +168,8 @@ def in_fresh_process(*args) -> dict:
 
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
-    settings = {k: cfg[k] for k in ("STEPS", "BATCH_SIZE", "GRAD_ACCUM", "MAX_INPUT_LENGTH", "MAX_TARGET_LENGTH", "SEED")}
+    settings = {k: cfg[k] for k in ("STEPS", "BATCH_SIZE", "GRAD_ACCUM", "MAX_INPUT_LENGTH", "MAX_TARGET_LENGTH",
+                                    "SEED")}
     dataset = str(resolve(cfg.DATASET))
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.MODEL_NAME:
@@ -190,7 +191,8 @@ def main(argv=None) -> dict:
             results.append({"model": model, "settings": settings, "seed_max_length": seed, "dynamic": dynamic,
                             "samples_per_s_ratio": round(dynamic["samples_per_s"] / seed["samples_per_s"], 2),
                             "tokens_per_s_ratio": round(dynamic["tokens_per_s"] / seed["tokens_per_s"], 2),
-                            "samples_per_cpu_s_ratio": round(dynamic["samples_per_cpu_s"] / seed["samples_per_cpu_s"], 2),
+                            "samples_per_cpu_s_ratio": round(dynamic["samples_per_cpu_s"] / seed["samples_per_cpu_s"],
+                                                             2),
                             "peak_rss_ratio": round(dynamic["peak_rss_mb"] / seed["peak_rss_mb"], 2)})
     for result in results:
         print(f"\n{result['model']} ({result['dynamic']['family']}): {result['dynamic']['steps']} steps x "
@@ -201,9 +203,10 @@ def main(argv=None) -> dict:
               f"{'samples/CPU-s':>14}{'peak RSS MB':>12}")
         for recipe in RECIPES:
             r = result[recipe]
-            print(f"  {recipe:<16}{r['samples_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}{r['padded_tokens_per_s']:>13.1f}"
-                  f"{r['train_seconds']:>9.1f}{r['samples_per_cpu_s']:>14.4f}{r['peak_rss_mb']:>12.1f}")
-        print(f"  dynamic / seed: samples/s x{result['samples_per_s_ratio']}, tokens/s x{result['tokens_per_s_ratio']}, "
+            print(f"  {recipe:<16}{r['samples_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}"
+                  f"{r['padded_tokens_per_s']:>13.1f}{r['train_seconds']:>9.1f}{r['samples_per_cpu_s']:>14.4f}{r['peak_rss_mb']:>12.1f}")
+        print(f"  dynamic / seed: samples/s x{result['samples_per_s_ratio']}, "
+              f"tokens/s x{result['tokens_per_s_ratio']}, "
               f"samples/CPU-s x{result['samples_per_cpu_s_ratio']}, peak RSS x{result['peak_rss_ratio']}")
     report = {"results": results}
     if cfg.OUTPUT_JSON:

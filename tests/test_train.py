@@ -1,4 +1,4 @@
-"""train_bart_lora.py and finetuneflow/training.py: both model families train on the bundled samples
+"""train_bart_lora.py and finetuneflow/train/: both model families train on the bundled samples
 and write exactly the adapter folder contract; QLoRA trains on CPU past an evaluation; a SIGKILL
 leaves a resumable checkpoint; settings changes are refused; two processes train under accelerate;
 bad input fails with one line. Plus unit tests of tokenization, collation, LoRA targets and the
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
-from finetuneflow.train import training
+from finetuneflow.train import encoding, lora, run_dir, trainer
 from finetuneflow.contract.data import load_dialogues
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ
@@ -32,6 +33,7 @@ CONTRACT = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"
 FAST = [f"--dataset={SAMPLES}", "--train_samples=16", "--val_samples=4", "--max_input_length=192",
         "--max_target_length=64", "--max_new_tokens=12", "--num_beams=1", "--logging_steps=2",
         "--learning_rate=0.01", "--eval_batch_size=4"]
+FAST_LOGGING_STEPS = 2
 
 
 def train_main():
@@ -57,7 +59,8 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
 
     record = json.loads((out / "run_config.json").read_text())
     assert record["stage"] == "train_bart_lora" and record["family"] == SEQ2SEQ
-    assert record["lineage"]["base_model"] == str(tiny_models["bart"]) and record["lineage"]["adapter"] == "ft_outputs/bart"
+    assert record["lineage"]["base_model"] == str(tiny_models["bart"])
+    assert record["lineage"]["adapter"] == "ft_outputs/bart"
     assert record["schema_version"] == 2 and len(record["split"]["train_fingerprints"]) == 16
     assert record["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert record["generation"] == {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": None,
@@ -71,7 +74,7 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
     assert [e["step"] for e in metrics["evals"]] == [0, 5, 10]           # zero-shot, mid, end
     assert all(0 <= e["rougeL"] <= 100 and e["eval_loss"] > 0 for e in metrics["evals"])
     assert metrics["best_step"] in (5, 10) and metrics["zero_shot_rougeL"] is not None
-    assert min(losses(metrics)[1:]) < losses(metrics)[0]
+    assert metrics["evals"][-1]["eval_loss"] < metrics["evals"][0]["eval_loss"]   # learned (same rows, not batch luck)
     assert metrics["throughput"]["samples_per_s"] > 0 and metrics["throughput"]["tokens_per_s"] > 0
     assert metrics["memory"]["peak_rss_mb"] > 0 and metrics["global_step"] == 10
 
@@ -87,14 +90,19 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
     assert files_under(out) == CONTRACT
 
 
-def test_sigkill_leaves_a_resumable_checkpoint_for_tiny_llama(tiny_models, project):
+def test_a_run_killed_and_resumed_ends_with_the_adapter_of_an_uninterrupted_run(tiny_models, project):
+    """SIGKILL once a checkpoint is complete (mid-epoch: 2 steps per epoch, checkpoints every 3),
+    resume, and compare with the same command run without interruption: the same batches and the
+    same dropout give bit-identical adapters, the same best step and the same losses after resuming."""
+    from safetensors.torch import load_file
     args = [sys.executable, str(REPO / SCRIPT), f"--model_name={tiny_models['llama']}", "--max_steps=12",
-            "--eval_steps=3", "--eval_on_start=False", "--output_dir=run", *FAST]
+            "--eval_steps=3", "--eval_on_start=False", "--keep_checkpoints=True", *FAST]
     env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(project)}
     checkpoints = project / "run" / "checkpoints"
-    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([*args, "--output_dir=run"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(checkpoints.glob("checkpoint-*/" + training.COMPLETE_MARKER)):
+    while not list(checkpoints.glob("checkpoint-*/" + run_dir.COMPLETE_MARKER)):
         assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
@@ -104,18 +112,30 @@ def test_sigkill_leaves_a_resumable_checkpoint_for_tiny_llama(tiny_models, proje
     half.mkdir()
     (half / "adapter_model.safetensors").write_bytes(b"partial")
 
-    result = run_stage(SCRIPT, *args[2:], root=project)
+    result = run_stage(SCRIPT, *args[2:], "--output_dir=run", root=project)
     assert "resuming from checkpoint-" in result.stdout
-    out = project / "run"
-    assert files_under(out) == CONTRACT | {"chat_template.jinja"}
-    metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["global_step"] == 12 and metrics["resumed_from_step"] >= 3
+    run_stage(SCRIPT, *args[2:], "--output_dir=whole", root=project)
+    resumed, whole = project / "run", project / "whole"
+    assert files_under(resumed) - files_under(whole) == set()
+    assert {"chat_template.jinja", *CONTRACT} <= files_under(resumed)
+    metrics = json.loads((resumed / "train_metrics.json").read_text())
+    reference = json.loads((whole / "train_metrics.json").read_text())
+    start = metrics["resumed_from_step"]
+    assert start >= 3 and metrics["global_step"] == reference["global_step"] == 12
     assert [e["step"] for e in metrics["evals"]] == [3, 6, 9, 12]
-    assert min(losses(metrics)[1:]) < losses(metrics)[0]
-    record = json.loads((out / "run_config.json").read_text())
+    assert metrics["best_step"] == reference["best_step"]
+    untimed = [[{k: v for k, v in e.items() if k != "generation_seconds"} for e in m["evals"]]
+               for m in (metrics, reference)]
+    assert untimed[0] == untimed[1]                      # validation loss and ROUGE of every evaluation
+    later = [p for p in reference["loss_curve"] if p["step"] > start + FAST_LOGGING_STEPS]   # full logging windows
+    assert later and [p for p in metrics["loss_curve"] if p["step"] > start + FAST_LOGGING_STEPS] == later
+    for adapter in ("adapter_model.safetensors", "checkpoints/checkpoint-12/adapter_model.safetensors"):
+        mine, theirs = load_file(resumed / adapter), load_file(whole / adapter)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), adapter
+    record = json.loads((resumed / "run_config.json").read_text())
     assert record["family"] == CAUSAL and record["prompt_style"] == "chat_template"
     assert record["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    loaded = load_model(str(out))
+    loaded = load_model(str(resumed))
     assert loaded.family == CAUSAL and loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id
 
 
@@ -182,15 +202,15 @@ def samples():
     return load_dialogues(str(SAMPLES), seed=42).splits["train"]
 
 
-def spec_for(family: str, max_input: int = 128, max_target: int = 32) -> training.EncodingSpec:
-    return training.EncodingSpec(family, DEFAULT_INSTRUCTION, "", max_input, max_target)
+def spec_for(family: str, max_input: int = 128, max_target: int = 32) -> encoding.EncodingSpec:
+    return encoding.EncodingSpec(family, DEFAULT_INSTRUCTION, "", max_input, max_target)
 
 
 def test_causal_rows_learn_only_the_summary_and_keep_eos(tiny_models):
     tokenizer = load_tokenizer(str(tiny_models["llama"]), CAUSAL)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id      # the hard case: pad == eos
     long_dialogue = json.loads([line for line in SAMPLES.read_text().splitlines() if "sample-long-meeting" in line][0])
-    row = training.encode_example(tokenizer, spec_for(CAUSAL), long_dialogue["dialogue"], "Short summary.")
+    row = encoding.encode_example(tokenizer, spec_for(CAUSAL), long_dialogue["dialogue"], "Short summary.")
     summary_ids = tokenizer("Short summary.", add_special_tokens=False)["input_ids"]
     target = [t for t in row["labels"] if t != -100]
     assert target == summary_ids + [tokenizer.eos_token_id]       # loss on summary + EOS only
@@ -198,13 +218,15 @@ def test_causal_rows_learn_only_the_summary_and_keep_eos(tiny_models):
     prompt_length = len(row["input_ids"]) - len(target)
     assert prompt_length <= 128 and row["input_truncated"]        # the dialogue was cut, not the summary
     assert tokenizer.decode(row["input_ids"][:prompt_length]).endswith("<|im_start|>assistant\n")
-    long = training.encode_example(tokenizer, spec_for(CAUSAL, max_target=8), "A: hi\nB: hello", long_dialogue["summary"])
+    long = encoding.encode_example(tokenizer, spec_for(CAUSAL, max_target=8), "A: hi\nB: hello",
+                                   long_dialogue["summary"])
     kept = [t for t in long["labels"] if t != -100]
     assert len(kept) == 8 and kept[-1] == tokenizer.eos_token_id and long["target_truncated"]
 
-    collate = training.make_collator(tokenizer, torch.device("cpu"))
-    short = training.encode_example(tokenizer, spec_for(CAUSAL), "A: hi", "Hi.")
-    batch = collate([{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "labels")} for r in (row, short)])
+    collate = encoding.make_collator(tokenizer, torch.device("cpu"))
+    short = encoding.encode_example(tokenizer, spec_for(CAUSAL), "A: hi", "Hi.")
+    batch = collate([{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "labels")}
+                     for r in (row, short)])
     n = len(short["input_ids"])
     assert batch["labels"][1, n - 1] == tokenizer.eos_token_id    # EOS survives padding although pad == eos
     assert (batch["labels"][1, n:] == -100).all() and (batch["attention_mask"][1, n:] == 0).all()
@@ -213,7 +235,7 @@ def test_causal_rows_learn_only_the_summary_and_keep_eos(tiny_models):
 
 def test_seq2seq_rows_use_text_target_labels(tiny_models):
     tokenizer = load_tokenizer(str(tiny_models["bart"]), SEQ2SEQ)
-    row = training.encode_example(tokenizer, spec_for(SEQ2SEQ, max_input=64, max_target=6),
+    row = encoding.encode_example(tokenizer, spec_for(SEQ2SEQ, max_input=64, max_target=6),
                                   "A: hello there\nB: hi", "Anna and Tom greet each other warmly today.")
     assert row["labels"][-1] == tokenizer.eos_token_id and len(row["labels"]) == 6 and row["target_truncated"]
     assert row["input_ids"][-1] == tokenizer.eos_token_id and not row["input_truncated"]
@@ -223,13 +245,13 @@ def test_tokenization_is_cached_by_settings(tiny_models, samples, tmp_path):
     tokenizer = load_tokenizer(str(tiny_models["llama"]), CAUSAL)
     rows = samples.select(range(6))
     spec = spec_for(CAUSAL, max_input=400, max_target=100)
-    first, stats = training.tokenize_split(rows, tokenizer, spec, tmp_path, "train")
-    again, stats_again = training.tokenize_split(rows, tokenizer, spec, tmp_path, "train")
-    other, stats_other = training.tokenize_split(rows, tokenizer, spec_for(CAUSAL, max_input=96), tmp_path, "train")
+    first, stats = encoding.tokenize_split(rows, tokenizer, spec, tmp_path, "train")
+    again, stats_again = encoding.tokenize_split(rows, tokenizer, spec, tmp_path, "train")
+    other, stats_other = encoding.tokenize_split(rows, tokenizer, spec_for(CAUSAL, max_input=96), tmp_path, "train")
     assert (stats["cache"], stats_again["cache"], stats_other["cache"]) == ("written", "reused", "written")
     assert first["input_ids"] == again["input_ids"] != other["input_ids"]
     edited = rows.map(lambda row, i: {"summary": row["summary"] + (" Changed." if i == 5 else "")}, with_indices=True)
-    assert training.tokenize_split(edited, tokenizer, spec, tmp_path, "train")[1]["cache"] == "written"  # row 6 counts
+    assert encoding.tokenize_split(edited, tokenizer, spec, tmp_path, "train")[1]["cache"] == "written"  # row 6 counts
     assert first.column_names == ["input_ids", "attention_mask", "labels"]
     assert len({len(ids) for ids in first["input_ids"]}) > 1       # no padding in map
 
@@ -237,43 +259,205 @@ def test_tokenization_is_cached_by_settings(tiny_models, samples, tmp_path):
 def test_lora_targets_per_architecture(tiny_models):
     bart = load_model(str(tiny_models["bart"]), device="cpu").model
     llama = load_model(str(tiny_models["llama"]), device="cpu").model
-    assert training.resolve_target_modules(bart, None, SEQ2SEQ) == ["q_proj", "v_proj"]
-    assert training.resolve_target_modules(llama, None, CAUSAL) == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert training.resolve_target_modules(llama, "all-linear", CAUSAL) == "all-linear"
-    assert training.resolve_target_modules(llama, "gate_proj,up_proj", CAUSAL) == ["gate_proj", "up_proj"]
+    assert lora.resolve_target_modules(bart, None, SEQ2SEQ) == ["q_proj", "v_proj"]
+    assert lora.resolve_target_modules(llama, None, CAUSAL) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert lora.resolve_target_modules(llama, "all-linear", CAUSAL) == "all-linear"
+    assert lora.resolve_target_modules(llama, "gate_proj,up_proj", CAUSAL) == ["gate_proj", "up_proj"]
     with pytest.raises(UserError, match="TARGET_MODULES query not found in 'bart'; its linear modules are: fc1, fc2"):
-        training.resolve_target_modules(bart, ["query"], SEQ2SEQ)
+        lora.resolve_target_modules(bart, ["query"], SEQ2SEQ)
 
 
 def test_run_folder_resumes_only_complete_checkpoints_with_matching_settings(tmp_path):
     out = tmp_path / "out"
     cfg = {"LEARNING_RATE": 0.01, "RESUME": "auto", "OVERWRITE": False}
-    plan = training.plan_run(out, cfg, [], "auto", False)
+    plan = run_dir.plan_run(out, cfg, [], "auto", False)
     assert plan.resume_from is None and not plan.finished
-    training.prepare_run_dir(plan, cfg, [], keep_checkpoints=False)
-    checkpoints = out / training.CHECKPOINTS
+    run_dir.prepare_run_dir(plan, cfg, [], keep_checkpoints=False)
+    checkpoints = out / run_dir.CHECKPOINTS
     for step in (2, 4, 6):
         (checkpoints / f"checkpoint-{step}").mkdir()
         (checkpoints / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x" * 10)
-    training.mark_complete(checkpoints / "checkpoint-2")
-    training.mark_complete(checkpoints / "checkpoint-6")
+    run_dir.mark_complete(checkpoints / "checkpoint-2")
+    run_dir.mark_complete(checkpoints / "checkpoint-6")
     (checkpoints / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 3)   # cut short
-    assert training.complete_checkpoints(checkpoints) == [checkpoints / "checkpoint-2"]
+    assert run_dir.complete_checkpoints(checkpoints) == [checkpoints / "checkpoint-2"]
 
-    plan = training.plan_run(out, {**cfg, "RESUME": "never"}, [], "auto", False)      # RESUME is not a setting change
+    plan = run_dir.plan_run(out, {**cfg, "RESUME": "never"}, [], "auto", False)      # RESUME is not a setting change
     assert plan.resume_from == checkpoints / "checkpoint-2"
-    training.prepare_run_dir(plan, cfg, [], keep_checkpoints=False)
+    run_dir.prepare_run_dir(plan, cfg, [], keep_checkpoints=False)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "run_config.json"]
 
     with pytest.raises(UserError, match=r"unfinished run with other settings \(LEARNING_RATE 0.01 -> 0.1\)"):
-        training.plan_run(out, {**cfg, "LEARNING_RATE": 0.1}, [], "auto", False)
-    plan = training.plan_run(out, {**cfg, "LEARNING_RATE": 0.1}, [], "auto", True)
+        run_dir.plan_run(out, {**cfg, "LEARNING_RATE": 0.1}, [], "auto", False)
+    plan = run_dir.plan_run(out, {**cfg, "LEARNING_RATE": 0.1}, [], "auto", True)
     assert plan.wipe
-    training.prepare_run_dir(plan, {**cfg, "LEARNING_RATE": 0.1}, [], keep_checkpoints=False)
+    run_dir.prepare_run_dir(plan, {**cfg, "LEARNING_RATE": 0.1}, [], keep_checkpoints=False)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["run_config.json"]
 
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not from train_bart_lora.py"):
-        training.plan_run(stranger, cfg, [], "auto", True)
+        run_dir.plan_run(stranger, cfg, [], "auto", True)
+
+
+def test_an_unfinished_run_without_a_checkpoint_or_that_failed_is_replaced(tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = {"LEARNING_RATE": 0.01}
+    run_dir.prepare_run_dir(run_dir.plan_run(out, cfg, [], "auto", False), cfg, [], keep_checkpoints=False)
+    # ... what a start that fails after its checks leaves: a record, no complete checkpoint
+    plan = run_dir.plan_run(out, {"LEARNING_RATE": 0.001}, [], "auto", False)
+    assert plan.wipe and not plan.resume_from
+    assert "no complete checkpoint; settings changed: LEARNING_RATE 0.01 -> 0.001" in plan.note
+
+    checkpoint = out / run_dir.CHECKPOINTS / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    run_dir.mark_complete(checkpoint)
+    with pytest.raises(UserError, match="holds an unfinished run with other settings"):
+        run_dir.plan_run(out, {"LEARNING_RATE": 0.001}, [], "auto", False)   # a checkpoint is worth keeping
+
+    run_dir.mark_failed(run_dir.RunPlan(out), "training stopped at optimizer step 3")
+    plan = run_dir.plan_run(out, cfg, [], "auto", False)      # a run that stopped is replaced, same settings too
+    assert plan.wipe and "it stopped: training stopped at optimizer step 3" in plan.note
+    run_dir.prepare_run_dir(plan, cfg, [], keep_checkpoints=False)
+    assert "replacing the unfinished run" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / run_dir.CHECKPOINTS).iterdir()) == ["run_config.json"]
+    assert json.loads((out / run_dir.CHECKPOINTS / "run_config.json").read_text())["status"] == "unfinished"
+
+
+def test_overwrite_removes_only_the_stages_own_files(tmp_path):
+    out = tmp_path / "out"
+    checkpoints = out / run_dir.CHECKPOINTS
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (checkpoints / "checkpoint-4" / "optimizer.pt").write_bytes(b"x")
+    (checkpoints / "my_eval_notes.txt").write_text("mine")
+    for name in ("adapter_model.safetensors", "train_metrics.json"):
+        (out / name).write_text("old")
+    (out / "notes.md").write_text("mine")
+    (tmp_path / "escape.txt").write_text("outside")
+    (out / "run_config.json").write_text(json.dumps({
+        "stage": "train_bart_lora", "schema_version": 2, "config": {"LEARNING_RATE": 0.5},
+        "files": ["adapter_model.safetensors", "train_metrics.json", "run_config.json", "../escape.txt", ".."]}))
+    plan = run_dir.plan_run(out, {"LEARNING_RATE": 0.1}, [], "auto", True)
+    run_dir.prepare_run_dir(plan, {"LEARNING_RATE": 0.1}, [], keep_checkpoints=False)
+    assert files_under(out) == {"notes.md", "checkpoints/my_eval_notes.txt", "checkpoints/run_config.json"}
+    assert (tmp_path / "escape.txt").read_text() == "outside" and (out / "notes.md").read_text() == "mine"
+
+
+def test_the_epoch_order_depends_on_the_seed_and_the_epoch_only():
+    lengths = [5 + (i * 37) % 60 for i in range(64)]
+    sampler = trainer.EpochSeededLengthSampler(8, lengths, seed=42)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    torch.manual_seed(123)                      # the global RNG (what a resumed process cannot restore in time)
+    torch.rand(10)
+    again = trainer.EpochSeededLengthSampler(8, lengths, seed=42)
+    again.set_epoch(1)
+    assert list(again) == first and sorted(first) == list(range(64))
+    again.set_epoch(2)
+    assert list(again) != first
+    assert max(lengths[i] for i in first[:8]) == max(lengths)   # still group_by_length: the longest batch first
+
+
+def test_non_finite_values_are_found_in_the_loss_or_the_gradients():
+    finite = [torch.ones(3), torch.zeros(2, 2)]
+    assert trainer.nonfinite_problem(torch.tensor(0), finite) is None
+    assert trainer.nonfinite_problem(torch.tensor(1), finite) == "loss"
+    assert trainer.nonfinite_problem(torch.tensor(0), [torch.ones(3), torch.tensor([1.0, float("inf")])]) == "gradient"
+    assert trainer.nonfinite_problem(torch.tensor(0), [torch.tensor([float("nan")])]) == "gradient"
+    assert trainer.nonfinite_problem(torch.tensor(0), []) is None
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_the_corrected_command_replaces_the_run(tiny_models, project):
+    from safetensors.torch import load_file, save_file
+    broken = project / "models" / "nan-llama"
+    shutil.copytree(tiny_models["llama"], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    common = ["--max_steps=2", "--eval_steps=2", "--eval_on_start=False", "--output_dir=run", *FAST]
+
+    result = run_stage(SCRIPT, f"--model={broken}", *common, root=project, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = error_line(result)
+    assert "training stopped at optimizer step 1: the loss is not finite" in line
+    assert "lower LEARNING_RATE (now 0.01)" in line and "check the training data" in line
+    out = project / "run"
+    assert not (out / "run_config.json").exists() and not list(out.glob("adapter_model*"))   # nothing "finished"
+    record = json.loads((out / run_dir.CHECKPOINTS / "run_config.json").read_text())
+    assert record["status"] == "failed" and record["failure"] == "training stopped at optimizer step 1"
+
+    fixed = run_stage(SCRIPT, f"--model={tiny_models['llama']}", *common, root=project)   # no OVERWRITE needed
+    assert "replacing the unfinished run" in fixed.stdout and "it stopped" in fixed.stdout
+    assert files_under(out) == CONTRACT | {"chat_template.jinja"}
+
+
+def test_a_start_that_fails_after_its_checks_does_not_block_the_corrected_command(tiny_models, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from finetuneflow.train import steps
+
+    def trainer_setup_fails(*args, **kwargs):
+        raise RuntimeError("trainer setup failed")
+
+    out = tmp_path / "run"
+    common = [f"--model={tiny_models['bart']}", f"--output_dir={out}", f"--cache_dir={tmp_path / 'cache'}",
+              "--max_steps=2", "--eval_steps=2", "--eval_on_start=False", *FAST]
+    main = train_main()
+    monkeypatch.setattr(steps, "build_trainer", trainer_setup_fails)
+    with pytest.raises(RuntimeError, match="trainer setup failed"):
+        main(common)
+    assert files_under(out) == {"checkpoints/run_config.json"}
+    monkeypatch.undo()
+    metrics = main([*common, "--learning_rate=0.02"])           # corrected, without --OVERWRITE
+    assert "replacing the unfinished run" in capsys.readouterr().out
+    assert metrics["global_step"] == 2 and files_under(out) == CONTRACT
+
+
+def test_replacing_a_run_killed_at_any_removal_leaves_a_folder_the_next_run_recognizes(tmp_path, monkeypatch):
+    """Interrupt OVERWRITE's removals after each possible number of deletions: the folder always keeps
+    this stage's record (so it is never taken for the user's), and a finished record never lists
+    missing files (so it never reports a finished run that is not there)."""
+    from finetuneflow.contract.safety import check_output_dir
+    original_unlink = Path.unlink
+
+    class Killed(BaseException):
+        pass
+
+    for allowed in range(0, 40):
+        out = tmp_path / f"out{allowed}"
+        (out / run_dir.CHECKPOINTS / "checkpoint-4").mkdir(parents=True)
+        (out / run_dir.CHECKPOINTS / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"x")
+        run_dir.mark_complete(out / run_dir.CHECKPOINTS / "checkpoint-4")
+        files = ["adapter_model.safetensors", "adapter_config.json", "train_metrics.json", "loss_curve.png"]
+        for name in files:
+            (out / name).write_text("old")
+        (out / "run_config.json").write_text(json.dumps({"stage": "train_bart_lora", "schema_version": 2,
+                                                         "config": {"LEARNING_RATE": 0.5},
+                                                         "files": [*files, "run_config.json"]}))
+        calls = []
+
+        def unlink(self, missing_ok=False, _calls=calls, _allowed=allowed):
+            if len(_calls) >= _allowed:
+                raise Killed()
+            _calls.append(self)
+            return original_unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+        try:
+            run_dir.prepare_run_dir(run_dir.plan_run(out, {"LEARNING_RATE": 0.1}, [], "auto", True),
+                                    {"LEARNING_RATE": 0.1}, [], keep_checkpoints=False)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(Path, "unlink", original_unlink)
+        check_output_dir(out, stage="train_bart_lora", overwrite=True,
+                         markers=("run_config.json", "checkpoints/run_config.json"))   # still this stage's folder
+        record = out / "run_config.json"
+        if record.exists():
+            assert all((out / name).exists() for name in json.loads(record.read_text())["files"])
+        if finished:
+            assert allowed > 3 and files_under(out) == {"checkpoints/run_config.json"}
+            break
+    else:
+        raise AssertionError("prepare_run_dir never finished")

@@ -1,0 +1,95 @@
+"""Everything a training run decides before it loads a heavy library (no torch, transformers or
+peft import here, so a refused command fails in seconds): the settings' own checks, OUTPUT_DIR and
+CACHE_DIR against the output-safety rule (contract/safety.py), the data and its splits, and the
+plan for the run folder (start, resume, skip, replace or refuse). Nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from finetuneflow.contract.data import LoadedData, load_data, training_splits
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import RECORD_FILE
+from finetuneflow.contract.safety import check_location, check_output_dir
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.train.run_dir import CHECKPOINTS, RunPlan, plan_run, prepare_run_dir
+from finetuneflow.train.settings import STAGE, TrainSettings
+
+
+@dataclass
+class TrainJob:
+    settings: TrainSettings
+    data: LoadedData
+    train_rows: datasets.Dataset
+    val_rows: datasets.Dataset
+    out: Path
+    cache: Path | None
+    plan: RunPlan
+    note: str | None = None        # how the validation rows were found
+    state: object = None           # accelerate's PartialState, once the heavy part starts
+
+    @property
+    def is_main_process(self) -> bool:
+        """The process that writes and prints (rank 0 under `accelerate launch`)."""
+        if self.state is not None:
+            return bool(self.state.is_main_process)
+        return os.environ.get("RANK", "0") == "0"
+
+    def say(self, *args) -> None:
+        if self.is_main_process:
+            print(*args)
+
+    @property
+    def instruction(self) -> str:
+        return self.settings.instruction or DEFAULT_INSTRUCTION
+
+
+def check_outputs(settings: TrainSettings) -> tuple[Path, Path | None]:
+    """OUTPUT_DIR and CACHE_DIR against the output-safety rule, before any slow work. OUTPUT_DIR may
+    hold this stage's run (finished, or unfinished under checkpoints/); what happens to it is the
+    plan's decision."""
+    inputs = [settings.dataset, settings.model]
+    out = check_output_dir(settings.output_dir, stage=STAGE, inputs=inputs, overwrite=True,
+                           markers=(RECORD_FILE, f"{CHECKPOINTS}/{RECORD_FILE}"))
+    if not settings.cache_dir:
+        return out, None
+    cache = resolve(settings.cache_dir).resolve()
+    check_location(cache, "CACHE_DIR", inputs)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"CACHE_DIR={cache} is a file, not a folder; choose a folder (or --CACHE_DIR='' for none)")
+    if cache == out or out in cache.parents:
+        raise UserError(f"CACHE_DIR={cache} is inside OUTPUT_DIR {out}, whose files are the run's outputs; choose "
+                        f"a folder outside it (the default is .cache/tokenized)")
+    return out, cache
+
+
+def plan_job(settings: TrainSettings) -> TrainJob:
+    """Checks, data, splits and the plan: everything decided, nothing written."""
+    settings.check()
+    out, cache = check_outputs(settings)
+    try:
+        data = load_data(settings.data_spec)
+        train_rows, val_rows, note = training_splits(data, settings.train_samples, settings.val_samples,
+                                                     settings.seed, settings.val_fraction)
+    except UnicodeDecodeError as exc:   # a JSON/CSV string that is not UTF-8 surfaces only when rows are read
+        raise UserError(f"DATASET {settings.dataset}: not UTF-8 text ({exc.reason} in {exc.object[:40]!r}); "
+                        f"re-save the file as UTF-8") from None
+    plan = plan_run(out, settings.recorded, data.local_files, str(settings.resume), settings.overwrite)
+    return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note)
+
+
+def already_finished(job: TrainJob) -> dict:
+    """The result of a finished run with the same settings (its checkpoints go unless kept)."""
+    if job.is_main_process:
+        prepare_run_dir(job.plan, job.settings.recorded, job.data.local_files, job.settings.keep_checkpoints)
+    found = job.out / "train_metrics.json"
+    metrics = json.loads(found.read_text(encoding="utf-8")) if found.is_file() else {}
+    job.say(f"{job.out} already holds a finished run with these settings (best ROUGE-L {metrics.get('best_rougeL')} "
+            f"at step {metrics.get('best_step')}); nothing to do. Pass --OVERWRITE=True to train again.")
+    return {"output_dir": str(job.out), "already_finished": True, **metrics}

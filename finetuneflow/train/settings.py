@@ -1,0 +1,122 @@
+"""The trainer's settings as one typed object, and the checks that need no model weights.
+
+`TrainSettings.from_config(cfg)` is built once by train_bart_lora.py from its resolved settings;
+every library function of this package takes it (or the few values it needs), never the
+script's dict. `recorded` keeps the resolved settings exactly as the run record stores them
+(upper-case names, the --config file), so the run identity of first-wave folders still matches.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from finetuneflow.contract import architectures as arch
+from finetuneflow.contract.data import DataSpec
+from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.settings import FromConfig
+
+STAGE = "train_bart_lora"
+RENAMED = {"MODEL_NAME": "MODEL"}   # old setting names (first-wave run folders record them)
+# Settings that do not change what is trained, so a resumed run may differ in them.
+IDENTITY_IGNORED = frozenset({"RESUME", "OVERWRITE", "KEEP_CHECKPOINTS", "LOGGING_STEPS", "CACHE_DIR",
+                              "OUTPUT_DIR", "ALLOW_CPU_FALLBACK"})
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainSettings(FromConfig):
+    """Every setting of train_bart_lora.py (field = the lower-case setting name). No defaults: a
+    setting renamed in the script without renaming it here fails loudly in from_config."""
+    model: str
+    dataset: str
+    hub_config: str | None
+    dialogue_column: str | None
+    summary_column: str | None
+    id_column: str | None
+    val_fraction: float
+    test_fraction: float
+    normalize: bool | None
+    train_samples: int
+    val_samples: int
+    epochs: float
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    max_input_length: int
+    max_target_length: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str | list | None
+    load_in_4bit: bool | None
+    allow_cpu_fallback: bool
+    gradient_checkpointing: bool
+    instruction: str | None
+    num_beams: int | None
+    max_new_tokens: int | None
+    min_new_tokens: int | None
+    no_repeat_ngram_size: int | None
+    length_penalty: float | None
+    eval_steps: int
+    eval_on_start: bool
+    eval_batch_size: int
+    early_stopping_patience: int
+    max_steps: int
+    logging_steps: int
+    save_total_limit: int
+    seed: int
+    resume: str
+    overwrite: bool
+    keep_checkpoints: bool
+    cache_dir: str
+    output_dir: str
+    recorded: Mapping = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, **overrides) -> "TrainSettings":
+        return super().from_config(cfg, **{"recorded": cfg, **overrides})
+
+    @property
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(self.num_beams, self.max_new_tokens, self.min_new_tokens, self.no_repeat_ngram_size,
+                                  self.length_penalty)
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(dataset=self.dataset, hub_config=self.hub_config, dialogue_column=self.dialogue_column,
+                        summary_column=self.summary_column, id_column=self.id_column, seed=self.seed,
+                        val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                        normalize=bool(self.normalize))
+
+    def check(self) -> None:
+        """Settings that contradict each other (found before anything is loaded or written)."""
+        resume = str(self.resume)
+        if resume not in ("auto", "never") and not CHECKPOINT_NAME.match(resume.rstrip("/").rsplit("/", 1)[-1]):
+            raise UserError(f"RESUME={resume!r}: use auto, never, or the name of a checkpoint such as checkpoint-40")
+        if self.overwrite and resume not in ("auto", "never"):
+            raise UserError(f"RESUME={resume} and OVERWRITE=True contradict each other (OVERWRITE removes that "
+                            f"checkpoint); drop one of them")
+        if self.max_steps and self.eval_steps > self.max_steps:
+            raise UserError(f"EVAL_STEPS={self.eval_steps} is more than MAX_STEPS={self.max_steps}: no evaluation "
+                            f"would pick a best checkpoint; set --EVAL_STEPS to at most {self.max_steps} (or 0 = "
+                            f"once per epoch)")
+        self.generation   # MIN_NEW_TOKENS > MAX_NEW_TOKENS is an error there
+
+
+def check_lengths(model_config, family: str, model_name: str, max_input: int, max_target: int) -> int | None:
+    """Fail before loading weights when the requested lengths exceed the model's positions. A
+    causal model holds prompt + summary in one context; a seq2seq model each in its own."""
+    limit = arch.max_positions(model_config)
+    if not limit:
+        return None
+    if family == arch.CAUSAL and max_input + max_target > limit:
+        raise UserError(f"MAX_INPUT_LENGTH={max_input} + MAX_TARGET_LENGTH={max_target} = {max_input + max_target} "
+                        f"tokens is more than {model_name} allows ({limit} positions); lower them to sum to <= {limit}")
+    if family == arch.SEQ2SEQ:
+        for name, value in (("MAX_INPUT_LENGTH", max_input), ("MAX_TARGET_LENGTH", max_target)):
+            if value > limit:
+                raise UserError(f"{name}={value} is more than {model_name} allows ({limit} tokens); "
+                                f"set --{name}={limit} or less")
+    return int(limit)

@@ -1,0 +1,319 @@
+"""The Trainer: evaluations with ROUGE of generated summaries, throughput counts, a data order
+that a resumed run reproduces exactly, and a stop with one clear line on a non-finite loss.
+
+* Every evaluation adds ROUGE of generated summaries (engine/generation.summarize +
+  quality/metrics, shared across processes) to the validation loss; the best checkpoint is the
+  one with the best validation ROUGE-L.
+* Resume equivalence: transformers' group_by_length sampler draws each epoch's order from the
+  global RNG, whose state a resumed process cannot know at the start of the epoch (the RNG state
+  saved in a checkpoint is restored only after the order is drawn), so a run killed and resumed
+  saw other batches than an uninterrupted one. `EpochSeededLengthSampler` draws epoch e's order
+  from its own generator seeded with (SEED, e): the Trainer's batch skipping and its RNG state
+  files then make a resumed run train on exactly the same batches with the same dropout.
+* A NaN/inf loss (or, without a gradient scaler, gradient) stops training before the optimizer
+  applies it: `NonFiniteTraining`, a UserError that names the step and the fix.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.model.backends.hf import BACKEND as HF
+from finetuneflow.model.backends.hf import unwrap
+from finetuneflow.model.family import family_of
+from finetuneflow.model.loading import LoadedModel
+from finetuneflow.quality.metrics import mean_scores, rouge_per_sample
+from finetuneflow.train.run_dir import RunPlan, complete_checkpoints, drop_checkpoint, mark_complete
+from finetuneflow.train.settings import TrainSettings
+
+
+@dataclass
+class GenerationEval:
+    """What an evaluation generates from and scores against."""
+    dialogues: list[str]
+    references: list[str]
+    settings: GenerationSettings
+    batch_size: int
+    max_input_length: int
+    instruction: str
+    family: str
+    base: str
+    tokenizer: object
+
+
+class NonFiniteTraining(UserError):
+    """The loss or the gradients became NaN/inf: the run stops before the weights are spoiled."""
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """group_by_length's order, drawn for epoch e from a generator seeded with (seed, e) alone."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        return super().__iter__()
+
+
+def nonfinite_problem(bad_loss: torch.Tensor, grads: list[torch.Tensor]) -> str | None:
+    """'loss' / 'gradient' when the accumulated loss flag or any gradient is not finite (one sync)."""
+    bad_grad = torch.stack([~torch.isfinite(g).all() for g in grads]).any() if grads else torch.tensor(False)
+    flags = torch.stack([bad_loss.to(torch.bool).cpu(), bad_grad.cpu()]).tolist()
+    return "loss" if flags[0] else "gradient" if flags[1] else None
+
+
+def close_progress_bars(trainer: Trainer) -> None:
+    """Close the Trainer's progress bars, so a message printed next starts on a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
+class _FiniteGuard(TrainerCallback):
+    """Before each optimizer step: the loss of its micro-batches and (unless a gradient scaler
+    skips overflowing fp16 steps itself) the trainable parameters' gradients must be finite."""
+
+    def __init__(self, trainer: "SummarizationTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        grads = [] if scaler is not None else [p.grad for p in trainer.model.parameters()
+                                               if p.requires_grad and p.grad is not None]
+        what = nonfinite_problem(trainer.nonfinite_losses, grads)
+        trainer.nonfinite_losses.zero_()
+        if what:
+            step = state.global_step + 1
+            close_progress_bars(trainer)
+            raise NonFiniteTraining(
+                f"training stopped at optimizer step {step}: the {what} is not finite (NaN or inf), so the adapter "
+                f"would be ruined; lower LEARNING_RATE (now {args.learning_rate:g}) and check the training data for "
+                f"broken rows, then run the command again (nothing was saved as finished)")
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks each saved checkpoint complete (once every process has written its part), then keeps
+    the newest `keep` (and always the best)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:   # other processes write their own RNG state into the same checkpoint
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir)
+        newest = folder / f"checkpoint-{state.global_step}"
+        mark_complete(newest)
+        if not self.keep:
+            return
+        protected = {newest.resolve()}
+        if state.best_model_checkpoint:
+            protected.add(Path(state.best_model_checkpoint).resolve())
+        complete = complete_checkpoints(folder)
+        excess = len(complete) - max(self.keep, len(protected))
+        for checkpoint in [c for c in complete if c.resolve() not in protected][:max(0, excess)]:
+            drop_checkpoint(checkpoint)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class _TrainingClock(TrainerCallback):
+    """Wall time from the first to the last training step (setup and final loading excluded)."""
+
+    def __init__(self, session: dict):
+        self.session, self.start = session, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.session["wall_seconds"] += time.perf_counter() - self.start
+
+
+def loss_follows_num_items(model: torch.nn.Module) -> bool:
+    """Whether the model's loss uses transformers' shared loss functions (which honour
+    `num_items_in_batch`, the token count over all accumulated micro-batches)."""
+    base = unwrap(model)
+    try:
+        return "self.loss_function(" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return True
+
+
+class SummarizationTrainer(Trainer):
+    """A Trainer whose evaluations add ROUGE of generated summaries (key `eval_rougeL` etc.), which
+    counts samples and real (non-padding) tokens of its training steps, keeps a resumable data
+    order and stops on a non-finite loss."""
+
+    def __init__(self, *args, generation_eval: GenerationEval | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not loss_follows_num_items(self.model):
+            # BART/T5 accept **kwargs but average their loss per micro-batch themselves; without this the
+            # Trainer would neither pass the token count nor divide by GRAD_ACCUM (loss and grads x GRAD_ACCUM).
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+        self.generation_eval = generation_eval
+        self.decoder_tokens_count = bool(getattr(unwrap(self.model).config, "is_encoder_decoder", False))
+        self.session = {"samples": 0, "tokens": 0, "padded_tokens": 0, "eval_seconds": 0.0, "save_seconds": 0.0,
+                        "wall_seconds": 0.0, "start_step": 0}
+        self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        self.add_callback(_TrainingClock(self.session))
+        self.add_callback(_FiniteGuard(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None \
+                or "input_ids" not in getattr(dataset, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        [len(ids) for ids in dataset["input_ids"]], seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        self.session["samples"] += int(ids.shape[0])
+        self.session["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.session["padded_tokens"] += int(ids.numel())
+        labels = inputs.get("labels")
+        if self.decoder_tokens_count and labels is not None:   # the decoder's tokens are work too
+            pad = self.processing_class.pad_token_id if self.processing_class is not None else None
+            self.session["tokens"] += int(((labels != -100) & (labels != pad)).sum())
+            self.session["padded_tokens"] += int(labels.numel())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_losses += (~torch.isfinite(loss.detach())).to(self.nonfinite_losses.device).sum()
+        return loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        start = time.perf_counter()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval is not None and metric_key_prefix == "eval":
+            output.metrics.update(self.generated_rouge(metric_key_prefix))
+        self.session["eval_seconds"] += time.perf_counter() - start
+        return output
+
+    def generated_rouge(self, prefix: str = "eval") -> dict:
+        """Generate summaries for the validation dialogues (each process a share) and score them."""
+        from accelerate.utils import gather_object
+        spec, model = self.generation_eval, self.model
+        was_training = model.training
+        model.eval()
+        mine = list(range(self.args.process_index, len(spec.dialogues), self.args.world_size))
+        loaded = LoadedModel(model=model, tokenizer=spec.tokenizer, family=family_of(spec.family), backend=HF,
+                             name=spec.base, base=spec.base, device=self.args.device, config=model.config,
+                             generation_config=unwrap(model).generation_config)
+        try:
+            result = summarize(loaded, [spec.dialogues[i] for i in mine], spec.settings, spec.batch_size,
+                               spec.max_input_length, spec.instruction, progress=False)
+        finally:
+            model.train(was_training)
+        rows = rouge_per_sample(result.summaries, [spec.references[i] for i in mine])
+        rows = gather_object(rows) if self.args.world_size > 1 else rows
+        seconds = max(gather_object([result.seconds])) if self.args.world_size > 1 else result.seconds
+        scores = {f"{prefix}_{key}": round(value, 4) for key, value in mean_scores(rows).items()}
+        scores[f"{prefix}_generation_seconds"] = round(seconds, 2)
+        return scores
+
+    def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.session["save_seconds"] += time.perf_counter() - start
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs carry memory, so the tracker shows it
+            logs["rss_mb"] = peak_rss_mb()
+            if torch.cuda.is_available():
+                logs["gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        resume = kwargs.get("resume_from_checkpoint")
+        if isinstance(resume, str):
+            state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+            self.session["start_step"] = state.global_step
+        return super().train(*args, **kwargs)
+
+    def throughput(self) -> dict:
+        """Training speed of this session (evaluation and checkpoint time excluded), all processes."""
+        counts = torch.tensor([self.session[k] for k in ("samples", "tokens", "padded_tokens")],
+                              dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        samples, tokens, padded = (float(v) for v in counts.tolist())
+        seconds = max(1e-9, self.session["wall_seconds"] - self.session["eval_seconds"] - self.session["save_seconds"])
+        return {"train_seconds": round(seconds, 2), "samples": int(samples), "tokens": int(tokens),
+                "samples_per_s": round(samples / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                "padded_tokens_per_s": round(padded / seconds, 1),
+                "eval_seconds": round(self.session["eval_seconds"], 2)}
+
+
+# ----------------------------------------------------------------------------- process and arguments
+
+def process_state():
+    """accelerate's view of this process (one of several under `accelerate launch`). Without a GPU, or
+    with ACCELERATE_USE_CPU, it is a CPU process, so several of them join through gloo (multi-CPU DDP)."""
+    from accelerate import PartialState
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=use_cpu)
+
+
+def precision(device: torch.device) -> str:
+    """Mixed precision by device: bf16 where supported, else fp16 on GPU; fp32 on CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def training_callbacks(save_total_limit: int, early_stopping_patience: int) -> list:
+    callbacks = [CheckpointCallback(save_total_limit)]
+    if early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    return callbacks
+
+
+def training_arguments(settings: TrainSettings, plan: RunPlan, device: torch.device,
+                       report_to: str | list) -> TrainingArguments:
+    """The Trainer settings derived from the stage's settings."""
+    strategy = "steps" if settings.eval_steps else "epoch"
+    mixed = precision(device)
+    return TrainingArguments(
+        output_dir=str(plan.checkpoints), per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
+        eval_strategy=strategy, save_strategy=strategy, eval_steps=settings.eval_steps or None,
+        save_steps=settings.eval_steps or 500, save_total_limit=None,   # CheckpointCallback rotates
+        load_best_model_at_end=True, metric_for_best_model="rougeL", greater_is_better=True,
+        eval_on_start=bool(settings.eval_on_start) and plan.resume_from is None,
+        logging_steps=settings.logging_steps, logging_first_step=True, train_sampling_strategy="group_by_length",
+        bf16=mixed == "bf16", fp16=mixed == "fp16", use_cpu=device.type == "cpu",
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, seed=settings.seed, data_seed=settings.seed,
+        report_to=report_to, label_names=["labels"], dataloader_pin_memory=device.type == "cuda",
+        ddp_find_unused_parameters=False, save_only_model=False)
