@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from finetuneflow.model.family import PromptSpec, family_of
 
-TOKENIZATION_VERSION = 2          # bump when the encoding of a row changes, so old caches are not reused
+TOKENIZATION_VERSION = 3          # bump when the encoding of a row changes, so old caches are not reused
 ROW_FLAGS = ("input_truncated", "target_truncated")
 
 
