@@ -260,7 +260,7 @@ def test_bad_trainer_is_one_line(tmp_path, case, content, message):
 
 
 @pytest.mark.parametrize("case, content, message", [
-    ("empty", b"", "cannot be read as json"),
+    ("empty", b"", "is empty: no dialogues to read"),
     ("latin1", "{\"dialogue\": \"caf\xe9\", \"summary\": \"x\"}\n".encode("latin-1"), "not UTF-8 text"),
     ("garbled", b"{\"dialogue\": \n", "cannot be read as json"),
     ("no-columns", b"{\"a\": \"b\"}\n", "no dialogue column found"),

@@ -70,7 +70,7 @@ def protected_cases(project, model: Path) -> dict[str, tuple[list[str], str]]:
     """OUTPUT_DIR on every place the stage must never write, with --OVERWRITE=True."""
     cases = protected_outputs(project, [project.data, model])
     cases.update({"inside the model folder": (str(model / "lora"), "is inside an input of this run"),
-                  "the .git folder": (str(project.root / ".git"), "already holds files that"),
+                  "the .git folder": (str(project.root / ".git"), "is inside a .git folder"),
                   "the repository": (str(REPO), "is the project root or a folder above it"),
                   "a user's file": (str(project.root / "README.md"), "is a file, not a folder")})
     theirs = project.root / "ft_outputs" / "theirs"      # another stage's output folder
@@ -106,7 +106,7 @@ def corrupt_cases(project, model: Path) -> dict[str, tuple[list[str], str]]:
 
     adapter_config = json.dumps({"base_model_name_or_path": str(model), "task_type": "CAUSAL_LM"})
     cases = {
-        "empty data file": ([f"--dataset={data / 'empty.jsonl'}"], "check that it is UTF-8"),
+        "empty data file": ([f"--dataset={data / 'empty.jsonl'}"], "is empty: no dialogues to read"),
         "non-UTF-8 data file": ([f"--dataset={data / 'latin1.jsonl'}"], "not UTF-8 text"),
         "only empty rows": ([f"--dataset={data / 'blank.jsonl'}"], "no usable"),
         "bad config.json": ([broken("bad-config", lambda f: (f / "config.json").write_text("{not json"))],
