@@ -36,7 +36,7 @@ N_ROWS = 0                  # DialogSum rows to use (0 = all)
 DEV_ROWS = 250              # the first DEV_ROWS rows chose the thresholds; the rest is held out
 ENCODER = "minilm"          # sentence encoder: "minilm", a local folder, or "" (support checks skipped)
 INPUT_LIMIT_WORDS = 750     # bart-large-cnn's 1,024 tokens, in words, for the coverage check
-THREADS = 2                 # torch CPU threads
+THREADS = 1                 # torch CPU threads (1: no spin-waiting on a busy, shared CPU)
 SEED = 13                   # corruption choices
 OUTPUT_JSON = ""            # also write every number and per-row flag here ("" = print only)
 
@@ -241,8 +241,10 @@ def markdown(table: dict, title: str) -> str:
 
 def score_set(rows: list[dict], corrupted: list[dict], encoder, limit: int | None) -> tuple[list, dict, list]:
     from finetuneflow.quality.faithfulness import flags, score_samples
+    started = time.perf_counter()
     refs = score_samples([r["summary"] for r in rows], [r["dialogue"] for r in rows], encoder=encoder,
                          input_limit_words=limit)
+    print(f"  references scored in {time.perf_counter() - started:.0f} s", flush=True)
     ref_flags = [flags(r) for r in refs.rows]
     corrupted_flags, corrupted_rows = {}, {}
     for name in CORRUPTIONS:
@@ -250,6 +252,7 @@ def score_set(rows: list[dict], corrupted: list[dict], encoder, limit: int | Non
         scored = score_samples([corrupted[i][name] for i in idx], [rows[i]["dialogue"] for i in idx], encoder=encoder,
                                input_limit_words=limit).rows
         by_row = dict(zip(idx, scored))
+        print(f"  {name} scored ({len(idx)} rows) at {time.perf_counter() - started:.0f} s", flush=True)
         corrupted_rows[name] = by_row
         corrupted_flags[name] = [flags(by_row[i]) if i in by_row else None for i in range(len(rows))]
     return refs, ref_flags, corrupted_flags, corrupted_rows

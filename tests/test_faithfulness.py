@@ -196,7 +196,14 @@ def test_rows_have_every_metric_column_and_plain_values():
 
 
 def test_shipped_checks_and_selection_columns_agree():
-    assert set(F.SHIPPED_CHECKS) <= set(F.CHECKS)
+    assert set(F.SHIPPED_CHECKS) | set(F.EXPERIMENTAL_CHECKS) == set(F.CHECKS)
+    assert not set(F.SHIPPED_CHECKS) & set(F.EXPERIMENTAL_CHECKS)
+    for check in F.SHIPPED_CHECKS:      # the recorded validation meets the goal
+        v = F.VALIDATION[check]
+        assert v["false_alarms"] <= F.VALIDATION_GOAL["max_false_alarms"]
+        assert all(rate >= F.VALIDATION_GOAL["min_detection"] for k, rate in v.items() if k != "false_alarms")
+    assert "misattributed_rate" not in F.selection_columns()
+    assert F.selection_columns()["support_min"] is True and F.selection_columns()["unsupported_rate"] is False
     assert set(F.selection_columns()) <= set(F.METRIC_COLUMNS)
     assert all(F.is_shipped(c) == (c in F.SHIPPED_CHECKS) for c in F.CHECKS)
     with pytest.raises(KeyError, match="unknown check"):
