@@ -51,6 +51,7 @@ def test_correct_summary_has_no_unsupported_mentions():
     ("Steven will meet Jimmy on Friday.", "Steven", "name"),
     ("They meet in Chicago on Friday.", "Chicago", "name"),
     ("They meet on Tuesday.", "Tuesday", "date"),
+    ("They meet at 9 PM on Friday.", "9 PM", "time"),
     ("#Person3# sells the car.", "#Person3#", "speaker"),
     ("The dealer wants four thousand dollars.", "four thousand", "number"),
 ])
@@ -204,6 +205,7 @@ def test_shipped_checks_and_selection_columns_agree():
         assert all(rate >= F.VALIDATION_GOAL["min_detection"] for k, rate in v.items() if k != "false_alarms")
     assert "misattributed_rate" not in F.selection_columns()
     assert F.selection_columns()["support_min"] is True and F.selection_columns()["unsupported_rate"] is False
+    assert F.shipped_checks(200) == F.SHIPPED_CHECKS and F.shipped_checks(4000) == () and F.selection_columns(4000) == {}
     assert set(F.selection_columns()) <= set(F.METRIC_COLUMNS)
     assert all(F.is_shipped(c) == (c in F.SHIPPED_CHECKS) for c in F.CHECKS)
     with pytest.raises(KeyError, match="unknown check"):
