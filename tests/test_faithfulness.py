@@ -212,6 +212,8 @@ def test_shipped_checks_and_selection_columns_agree():
         F.is_shipped("rouge")
     a, b, dropped = F.paired_values([{"x": 1}, {"x": None}, {"x": 3}], [{"x": 2}, {"x": 5}, {"x": None}], "x")
     assert (a, b, dropped) == ([1.0], [2.0], 2)
+    means = F.mean_columns([{"support_min": 0.5}, {"support_min": None}, {"support_min": 0.7}])
+    assert means["support_min"] == {"mean": pytest.approx(0.6), "n": 2} and means["middle_recall"] == {"mean": None, "n": 0}
 
 
 # --- encoder folder -------------------------------------------------------------------------------

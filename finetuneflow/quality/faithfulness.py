@@ -831,6 +831,15 @@ def selection_columns(dialogue_words: float | None = None) -> dict[str, bool]:
     return {col: METRIC_COLUMNS[col] for check in shipped_checks(dialogue_words) for col in CHECK_COLUMNS[check]}
 
 
+def mean_columns(rows: list[dict]) -> dict[str, dict]:
+    """{column: {"mean": mean over the rows that have a value (None if none), "n": how many}}."""
+    out = {}
+    for column in METRIC_COLUMNS:
+        values = [float(r[column]) for r in rows if r.get(column) is not None]
+        out[column] = {"mean": sum(values) / len(values) if values else None, "n": len(values)}
+    return out
+
+
 def paired_values(rows_a: list[dict], rows_b: list[dict], column: str) -> tuple[list[float], list[float], int]:
     """(a, b, dropped): the column's values where both versions have one, for
     metrics.paired_bootstrap; `dropped` counts the samples left out (None on either side)."""
