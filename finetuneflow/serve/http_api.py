@@ -265,10 +265,13 @@ def sse(data, event: str | None = None) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(loaded: LoadedModel, options: ServerOptions) -> FastAPI:
-    """The FastAPI app serving `loaded` with `options` (typed server settings)."""
+def create_app(loaded: LoadedModel, options: ServerOptions | dict) -> FastAPI:
+    """The FastAPI app serving `loaded` with `options` (typed server settings, or serve_api.py's
+    resolved settings dict)."""
     from finetuneflow.serve.openai_api import openai_router
     from finetuneflow.serve.routes import summarize_router
+    if not isinstance(options, ServerOptions):
+        options = ServerOptions.from_config(options)
     service = Service(loaded, options)
 
     @asynccontextmanager
