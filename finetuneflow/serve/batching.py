@@ -74,6 +74,7 @@ class Job:
         self.loop, self.cost, self.budget, self.deadline, self.events = loop, cost, budget, deadline, events
         self.futures = [loop.create_future() for _ in dialogues]
         self.reason: str | None = None      # why it was stopped: client_left | deadline | budget | shutdown
+        self.on_cancel: Callable[[str], None] | None = None
         self.spent = 0                      # work tokens used so far (inputs + beams x new tokens)
         self.parts: dict[int, list[Part]] = {}
 
@@ -84,10 +85,12 @@ class Job:
     def cancel(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+            if self.on_cancel is not None and not all(f.done() for f in self.futures):
+                self.on_cancel(reason)
 
     def stop_reason(self) -> str | None:
         if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
-            self.reason = "deadline"
+            self.cancel("deadline")
         return self.reason
 
     # -- called from the model or job threads -------------------------------------------------

@@ -98,6 +98,7 @@ class Service:
                   budget=self.options.request_token_budget,
                   deadline=time.monotonic() + self.options.request_timeout_s,
                   events=asyncio.Queue() if stream else None)
+        job.on_cancel = lambda reason: self.metrics.cancelled.labels(reason).inc()
         self.scheduler.submit(job)
         return job, plan
 
@@ -106,7 +107,6 @@ class Service:
         """What a failed dialogue means for the client."""
         if isinstance(error, Cancelled):
             reason = job.reason or str(error) or "client_left"
-            self.metrics.cancelled.labels(reason).inc()
             if reason not in STOPPED:
                 return ClientLeft()
             status, code, message = STOPPED[reason]
