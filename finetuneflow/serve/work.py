@@ -24,6 +24,8 @@ from finetuneflow.serve.prompting import prompted
 
 SAMPLING_BACKENDS = ("transformers", "llama.cpp")   # backends that honour do_sample/temperature/top_p/seed
 _WINDOW_MARGIN = 4                                  # as long_input: tokens kept free in every window
+_FILL = 0.85                                        # how full windows of whole turns are, on average
+_SAFETY = 1.1                                       # a long dialogue's estimate errs high: the budget also stops it
 
 
 @dataclass
@@ -37,16 +39,23 @@ class Plan:
 
 
 def estimate(tokens: int, overhead: int, limit: int, new_tokens: int, beams: int) -> tuple[int, int]:
-    """(work tokens, first-level windows) of one dialogue needing `tokens` input tokens."""
-    cost, windows, level = 0, 1, 0
+    """(work tokens, first-level windows) of one dialogue needing `tokens` input tokens. Windows
+    are packed from whole turns (assumed 85% full); a combining level packs whole partial
+    summaries of up to new_tokens each, so when two do not fit a window it barely shrinks."""
     capacity = max(1, limit - overhead - _WINDOW_MARGIN)
-    while tokens > limit and level < MAX_LEVELS:
-        count = math.ceil((tokens - overhead) / capacity)
-        windows = count if level == 0 else windows
-        cost += (tokens - overhead) + count * (overhead + beams * new_tokens)
-        tokens = overhead + count * (new_tokens + 1)      # the joined partial summaries
-        level += 1
-    return cost + min(tokens, limit) + beams * new_tokens, windows
+    if tokens <= limit:
+        return tokens + beams * new_tokens, 1
+    windows = count = math.ceil((tokens - overhead) / (capacity * _FILL))
+    cost = (tokens - overhead) + count * (overhead + beams * new_tokens)
+    for _ in range(1, MAX_LEVELS):
+        joined = count * (new_tokens + 1)
+        if joined + overhead <= limit:
+            break
+        per_window = capacity // (new_tokens + 1)
+        count = math.ceil(count / per_window) if per_window else count * math.ceil((new_tokens + 1) / capacity)
+        cost += joined + count * (overhead + beams * new_tokens)
+    final = min(count * (new_tokens + 1), capacity) + overhead
+    return cost + final + beams * new_tokens, windows
 
 
 class Runner:
@@ -92,7 +101,7 @@ class Runner:
             work, count_windows = estimate(count if chunked else min(count, limit), overhead, limit, new_tokens, beams)
             long.append(chunked)
             windows.append(count_windows)
-            cost += work
+            cost += math.ceil(work * (_SAFETY if chunked else 1))
         budget = self.options.request_token_budget
         if cost > budget:
             raise Rejected(413, "over_token_budget",
