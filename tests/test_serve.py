@@ -330,3 +330,29 @@ def test_sampled_requests_run_alone():
     run_jobs(Scheduler(lambda texts, d: calls.append(list(texts)) or fake_result(texts), None, batch_size=8,
                        wait_ms=0), [("a", ["a0"], [False]), ("b", ["b0"], [False])], decoding=sampled)
     assert sorted(calls) == [["a0"], ["b0"]]
+
+
+def test_the_server_runs_a_ctranslate2_export(tiny_models, tmp_path):
+    """The server codes against the backend protocol: a CTranslate2 folder serves /summarize and the
+    OpenAI routes with the same summaries, and sampling (which that backend does not do here) is a
+    clear 422."""
+    pytest.importorskip("ctranslate2")
+    from fastapi.testclient import TestClient
+    from finetuneflow.serve.http_api import create_app
+    from finetuneflow.serve.inference_io import load_for_inference
+    from finetuneflow.serve.options import ServerOptions
+    from finetuneflow.ship.ct2_export import convert_to_ct2
+    folder = tmp_path / "ct2-bart"
+    convert_to_ct2(tiny_models["bart"], folder, "float32")
+    loaded = load_for_inference(str(folder), device="cpu")
+    assert loaded.backend.name == "ctranslate2"
+    with TestClient(create_app(loaded, ServerOptions(max_new_tokens=8))) as client:
+        plain = client.post("/summarize", json={"dialogue": DIALOGUES[0]}).json()
+        chat = client.post("/v1/chat/completions", json={"model": "ct2-bart", "messages": [
+            {"role": "user", "content": DIALOGUES[0]}]}).json()
+        assert chat["choices"][0]["message"]["content"] == plain["summary"] and plain["summary"]
+        sampled = client.post("/v1/chat/completions", json={"model": "ct2-bart", "temperature": 0.7, "messages": [
+            {"role": "user", "content": DIALOGUES[0]}]})
+        assert sampled.status_code == 422 and sampled.json()["error"]["code"] == "sampling_unavailable"
+        long = client.post("/summarize", json={"dialogue": LONG}).json()
+        assert long["windows"][0] > 1 and long["summary"]

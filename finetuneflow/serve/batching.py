@@ -99,12 +99,18 @@ class Job:
             future = self.futures[index]
             if not future.done():
                 future.set_exception(error) if error is not None else future.set_result(value)
-        self.loop.call_soon_threadsafe(settle)
+        self._call(settle)
 
     def emit(self, part: Part) -> None:
         self.parts.setdefault(part.dialogue, []).append(part)
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, part)
+            self._call(self.events.put_nowait, part)
+
+    def _call(self, function, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:        # the event loop is gone (the server stopped): nobody waits any more
+            pass
 
     async def results(self) -> list[Result]:
         return list(await asyncio.gather(*self.futures))
@@ -163,6 +169,10 @@ class Scheduler:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def queued(self) -> int:

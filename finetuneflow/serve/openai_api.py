@@ -221,9 +221,11 @@ class _Call:
                 yield self.chunk(index, {} if self.chat else "", choice["finish_reason"],
                                  ftf={"type": "summary", "windows": result.windows, "truncated": result.truncated})
         except Rejected as exc:
+            note(self.request, code=exc.code)
             yield sse(error_body(exc.status, exc.code, str(exc), exc.param))
             return
         except ClientLeft:
+            note(self.request, code="client_left")
             return
         if body.stream_options and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]

@@ -64,7 +64,7 @@ def summarize_router(service: Service) -> APIRouter:
 
     @router.get("/health", summary="Liveness (never needs the token)")
     async def health():
-        closing = service.scheduler._closing
+        closing = service.scheduler.closing
         body = {"status": "shutting_down" if closing else "ok", "pending": service.scheduler.queued,
                 "active": service.scheduler.active_jobs}
         return JSONResponse(body, status_code=503 if closing else 200)
@@ -101,9 +101,11 @@ async def summarize_events(service: Service, job, request: Request, head: dict, 
                        "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds},
                       "summary")
     except Rejected as exc:
+        note(request, code=exc.code)
         yield sse({"type": "error", **error_body(exc.status, exc.code, str(exc))}, "error")
         return
     except ClientLeft:
+        note(request, code="client_left")
         return
     ordered = [results[i] for i in sorted(results)]
     seconds = time.perf_counter() - start
