@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from typing import Any, Callable
 
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.engine.long_input import Cancelled, Control, Part
+
+log = logging.getLogger("finetuneflow.serve")
 
 
 class Rejected(Exception):
@@ -290,11 +293,16 @@ class Scheduler:
                     self._cv.wait(0.5 if self._closing else None)
                     turn = self._next_turn()
                 batch = self._gather(turn) if isinstance(turn, _Item) else None
-            if batch is not None:
-                self._run_batch(batch)
-            else:
-                turn.go.set()          # the long job works until it yields its turn back
-                turn.done.wait()
+            try:
+                if batch is not None:
+                    self._run_batch(batch)
+                else:
+                    turn.go.set()          # the long job works until it yields its turn back
+                    turn.done.wait()
+            except Exception:  # noqa: BLE001  a bug must not stop the model thread: log it, serve the next turn
+                log.exception("the model thread failed on a turn")
+                for item in batch or []:
+                    item.job.deliver(item.index, error=RuntimeError("the server failed on this request"))
 
     def _gather(self, first: _Item) -> list[_Item]:
         """`first` plus company (caller holds self._cv): wait up to wait_ms after `first` arrived
