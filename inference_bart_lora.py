@@ -2,14 +2,15 @@
 
 Reads:  MODEL (clean merged folder from post_merge_cleanup.py, a merged folder, an adapter folder
         whose base is found from its run_config.json, or a Hub id)
-        TEXT, INPUT_FILE (.txt = one dialogue; .jsonl / .json / .csv rows) or stdin
+        TEXT, INPUT_FILE (.txt = one dialogue; .jsonl / .json / .csv / .parquet: every row) or stdin
 Writes: stdout (one summary; several as "[id] summary" lines), or OUTPUT_FILE (.jsonl / .csv:
         id, summary, chunked, windows, truncated, generation) and OUTPUT_FILE.run_config.json
 
 Run as:
     echo "Anna: Lunch at noon?\nTom: Sure, see you there." | python inference_bart_lora.py
     python inference_bart_lora.py --text="Anna: Lunch at noon?\nTom: Sure."   (\n starts a new turn)
-    python inference_bart_lora.py --input_file=../shared/data/highlightsum_val200.jsonl --output_file=outputs/summaries.jsonl
+    python inference_bart_lora.py --input_file=../shared/data/highlightsum_val200.jsonl \
+        --output_file=outputs/summaries.jsonl
 Dialogues longer than MAX_INPUT_LENGTH tokens: LONG_INPUT=chunk summarizes them in windows cut at
 turn boundaries and then summarizes the partial summaries; truncate cuts them; error refuses them.
 Settings left at None come from the model folder's run_config.json (what was evaluated).
@@ -17,14 +18,14 @@ Settings left at None come from the model folder's run_config.json (what was eva
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
 BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
 TEXT = ""                              # one dialogue on the command line
-INPUT_FILE = ""                        # .txt (one dialogue), .jsonl, .json or .csv; "" with no TEXT reads stdin
-DIALOGUE_COLUMN = None                 # [str | None] column/key holding the dialogue (None: dialogue, dialog, text, ...)
-ID_COLUMN = None                       # [str | None] column/key holding the id (None: id, sample_id, fname, ...; else row numbers)
+INPUT_FILE = ""                        # .txt (one dialogue), .jsonl/.json/.csv/.parquet (every row); "": stdin
+DIALOGUE_COLUMN = None                 # [str | None] column holding the dialogue (None: dialogue, dialog, text, ...)
+ID_COLUMN = None                       # [str | None] column holding the id (None: id, sample_id, fname...; else row-N)
 OUTPUT_FILE = ""                       # .jsonl or .csv; "" prints to stdout
-LONG_INPUT = "chunk"                   # [truncate | chunk | error] chunk, truncate or error: what to do with dialogues over MAX_INPUT_LENGTH
-MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens per model input; None: from run_config.json, else the model's limit
-INSTRUCTION = None                     # [str | None] causal models' instruction; None: the one the model was trained with
-NUM_BEAMS = None                       # [int >= 1 | None] None: inherited (run_config.json generation, else the model's config)
+LONG_INPUT = "chunk"                   # [truncate | chunk | error] what to do with dialogues over MAX_INPUT_LENGTH
+MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens per model input; None: run_config.json/the model's
+INSTRUCTION = None                     # [str | None] causal models' instruction; None: the one it was trained with
+NUM_BEAMS = None                       # [int >= 1 | None] None: inherited (run_config.json, else the model's config)
 MAX_NEW_TOKENS = None                  # [int >= 1 | None] tokens per summary; None: inherited
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: inherited
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: inherited
@@ -34,62 +35,78 @@ DEVICE = None                          # [str | None] None: cuda when available,
 LOAD_IN_4BIT = None                    # [bool | None] adapter folders: None = as the adapter was trained
 
 import sys
+from pathlib import Path
 
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, run_cli
+from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, write_record
-from finetuneflow.contract.safety import check_output_file
+from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.contract.settings import configure
 from finetuneflow.engine.long_input import summarize_long
-from finetuneflow.contract.paths import resolve
-from finetuneflow.serve.serving import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info, read_inputs,
-                                  write_outputs)
-
+from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info,
+                                             read_inputs, write_outputs)
 
 RENAMED = {"TEXT_COLUMN": "DIALOGUE_COLUMN"}
 STAGE = "inference_bart_lora"
 
 
-def main(argv=None) -> dict:
-    cfg = configure(globals(), argv, renamed=RENAMED)
-    output = None
-    if cfg.OUTPUT_FILE:
-        output = resolve(cfg.OUTPUT_FILE)
-        if output.suffix.lower() not in OUTPUT_FORMATS:
-            raise UserError(f"--OUTPUT_FILE={cfg.OUTPUT_FILE}: use a .jsonl or .csv file")
-        output = check_output_file(output, stage=STAGE, setting="OUTPUT_FILE",
-                                   marker=output.with_name(f"{output.name}.run_config.json"),
-                                   inputs=[cfg.INPUT_FILE or None, cfg.MODEL, cfg.BASE_MODEL])
-    inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.DIALOGUE_COLUMN, cfg.ID_COLUMN, sys.stdin)
-    if inputs.skipped:
-        print(f"skipped {len(inputs.skipped)} rows with an empty dialogue (ids: {', '.join(inputs.skipped[:10])}"
-              f"{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
-    loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE, cfg.LOAD_IN_4BIT)
-    inherited = inherit_defaults(cfg, loaded)
-    settings = GenerationSettings.from_config(cfg)
+def check_output(cfg) -> Path | None:
+    """OUTPUT_FILE (and its run-record sidecar) checked by the output-safety rule before any work:
+    never an input, the project root or a file another stage or the user wrote."""
+    if not cfg.OUTPUT_FILE:
+        return None
+    output = resolve(cfg.OUTPUT_FILE)
+    if output.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--OUTPUT_FILE={cfg.OUTPUT_FILE}: use a .jsonl or .csv file")
+    inputs = [cfg.INPUT_FILE or None, cfg.MODEL, cfg.BASE_MODEL]
+    sidecar = output.with_name(f"{output.name}.run_config.json")
+    output = check_output_file(output, stage=STAGE, setting="OUTPUT_FILE", marker=sidecar, inputs=inputs)
+    check_location(output.with_name(sidecar.name), "OUTPUT_FILE (its .run_config.json)", inputs)
+    if sidecar.is_dir():
+        raise UserError(f"{sidecar} is a folder; choose another OUTPUT_FILE")
+    return output
+
+
+def report(result, inputs, cfg, inherited, loaded) -> None:
     info = model_info(loaded)
+    truncated = sum(result.truncated)
     print(f"model {info['model']} ({loaded.family}, {info['dtype']} on {loaded.device}); "
           f"{len(inputs.dialogues)} dialogues from {inputs.source}; LONG_INPUT={cfg.LONG_INPUT}, "
-          f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH or 'the model limit'}" + (f"; inherited {', '.join(inherited)}" if inherited else ""),
-          file=sys.stderr)
-    result = summarize_long(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
-                            cfg.INSTRUCTION, mode=cfg.LONG_INPUT, progress=len(inputs.dialogues) > 1,
-                            ids=inputs.ids)
-    truncated = sum(result.truncated)
+          f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH or 'the model limit'}"
+          + (f"; inherited {', '.join(inherited)}" if inherited else ""), file=sys.stderr)
     print(f"summarized {len(inputs.dialogues)} dialogues in {result.seconds:.1f}s "
           f"({result.tokens_per_s:.1f} generated tokens/s); {result.chunked} chunked into windows, "
           f"{truncated} truncated; generation {result.settings}", file=sys.stderr)
     if truncated:
         print(f"warning: {truncated} dialogues were longer than {result.max_input_length} input tokens "
               f"and were truncated; --LONG_INPUT=chunk summarizes them whole", file=sys.stderr)
+
+
+def main(argv=None) -> dict:
+    cfg = configure(globals(), argv, renamed=RENAMED)
+    output = check_output(cfg)
+    inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.DIALOGUE_COLUMN, cfg.ID_COLUMN, sys.stdin)
+    if inputs.skipped:
+        print(f"skipped {len(inputs.skipped)} of {inputs.rows} rows with an empty dialogue (ids: "
+              f"{', '.join(inputs.skipped[:10])}{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
+    loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE, cfg.LOAD_IN_4BIT)
+    inherited = inherit_defaults(cfg, loaded)
+    settings = GenerationSettings.from_config(cfg)
+    result = summarize_long(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
+                            cfg.INSTRUCTION, mode=cfg.LONG_INPUT, progress=len(inputs.dialogues) > 1,
+                            ids=inputs.ids)
+    report(result, inputs, cfg, inherited, loaded)
+    truncated = sum(result.truncated)
     rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings}
             for i, s, w, t in zip(inputs.ids, result.summaries, result.windows, result.truncated)]
     if output:
         record = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name,
                            generation=settings, instruction=cfg.INSTRUCTION, max_input_length=result.max_input_length,
                            lineage=loaded.record.lineage if loaded.record else RunRecord(STAGE).lineage,
-                           extra={"model": info, "decoding": result.settings, "chunked": result.chunked,
-                                  "truncated": truncated, "skipped": inputs.skipped, "timing": result.timing()})
+                           extra={"model": model_info(loaded), "decoding": result.settings, "chunked": result.chunked,
+                                  "truncated": truncated, "rows": inputs.rows, "skipped": inputs.skipped,
+                                  "timing": result.timing()})
         write_record(output.parent, record, cfg, [cfg.INPUT_FILE] if cfg.INPUT_FILE else [],
                      name=f"{output.name}.run_config.json")
         write_outputs(output, rows)
@@ -99,7 +116,8 @@ def main(argv=None) -> dict:
     else:
         for row in rows:
             print(f"[{row['id']}] {row['summary']}")
-    return {"rows": rows, "chunked": result.chunked, "truncated": truncated, "settings": result.settings}
+    return {"rows": rows, "chunked": result.chunked, "truncated": truncated, "settings": result.settings,
+            "skipped": inputs.skipped}
 
 
 if __name__ == "__main__":

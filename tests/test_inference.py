@@ -50,7 +50,7 @@ def test_windows_fit_the_limit_and_keep_turns(tiny_models, llama):
         sizes = input_tokens(loaded, windows)
         assert len(windows) > 4 and max(sizes) <= 512 and min(sizes) > 512 // 3
         # every turn stays whole and in order: the windows' lines are the dialogue's lines
-        assert [line for w in windows for line in w.split("\n")] == [l for l in LONG.split("\n") if l.strip()]
+        assert [line for w in windows for line in w.split("\n")] == [t for t in LONG.split("\n") if t.strip()]
     assert split_into_windows(llama, SHORT[0]["dialogue"], 512) == [SHORT[0]["dialogue"]]
 
 
@@ -147,3 +147,72 @@ def test_inference_bad_input(folders, project, tmp_path):
         inference_bart_lora.main([f"--model={orphan}", "--text=hi"])
     with pytest.raises(UserError, match="needs .* input tokens, more than MAX_INPUT_LENGTH=512"):
         inference_bart_lora.main([f"--model={folders['clean']}", f"--text={LONG}", "--long_input=error"])
+
+
+def test_a_control_sees_every_window_and_changes_nothing(llama):
+    """With a Control the engine runs batch by batch: the same summaries as without one, every
+    window announced as a Part, and a cancel stops the work before the next batch."""
+    from finetuneflow.engine.long_input import Cancelled, Control
+    dialogues = [LONG, SHORT[0]["dialogue"], LONG[:2500]]
+    settings = GenerationSettings(max_new_tokens=6)
+    plain = summarize_long(llama, dialogues, settings, batch_size=3, max_input_length=256, mode="chunk",
+                           progress=False)
+
+    class Watch(Control):
+        def __init__(self, stop_after=None):
+            self.parts, self.batches, self.stop_after = [], 0, stop_after
+
+        def check(self):
+            if self.stop_after is not None and self.batches >= self.stop_after:
+                raise Cancelled("deadline")
+
+        def run(self, call):
+            self.batches += 1
+            return call()
+
+        def part(self, part):
+            self.parts.append(part)
+
+    watch = Watch()
+    watched = summarize_long(llama, dialogues, settings, batch_size=3, max_input_length=256, mode="chunk",
+                             progress=False, control=watch)
+    assert watched.summaries == plain.summaries and watched.windows == plain.windows
+    assert watched.generated_tokens == plain.generated_tokens and watched.settings == plain.settings
+    first_level = [p for p in watch.parts if p.level == 0 and not p.final]
+    for index, windows in enumerate(plain.windows):
+        if windows > 1:
+            assert sorted(p.part for p in first_level if p.dialogue == index) == list(range(1, windows + 1))
+    finals = {p.dialogue: p.summary for p in watch.parts if p.final}
+    assert finals == dict(enumerate(plain.summaries))
+    assert all(p.input_tokens > 0 and p.finish_reason in ("stop", "length") for p in watch.parts)
+    stopped = Watch(stop_after=2)
+    with pytest.raises(Cancelled, match="deadline"):
+        summarize_long(llama, dialogues, settings, batch_size=3, max_input_length=256, mode="chunk", progress=False,
+                       control=stopped)
+    assert stopped.batches == 2 and watch.batches > 2
+
+
+def test_every_row_of_a_file_is_read_parquet_too(folders, tmp_path):
+    import pandas as pd
+    rows = [{"id": f"r{i}", "dialogue": r["dialogue"]} for i, r in enumerate(SHORT * 3)] + [{"id": "empty",
+                                                                                          "dialogue": None}]
+    data = tmp_path / "all.parquet"
+    pd.DataFrame(rows).to_parquet(data)
+    out = tmp_path / "all.jsonl"
+    result = inference_bart_lora.main([f"--model={folders['clean']}", f"--input_file={data}", f"--output_file={out}",
+                                       "--max_new_tokens=4"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in written] == [f"r{i}" for i in range(9)] and result["skipped"] == ["empty"]
+    record = json.loads((tmp_path / "all.jsonl.run_config.json").read_text())
+    assert record["rows"] == 10 and record["skipped"] == ["empty"]
+
+
+def test_the_cli_does_not_import_the_web_stack():
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = ("import sys; import inference_bart_lora; "
+            "print(sorted(m for m in ('fastapi', 'pydantic', 'starlette', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

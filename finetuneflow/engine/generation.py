@@ -3,9 +3,10 @@
 Inputs are encoded by the model's family (prompt template or task prefix, cut to fit), sorted by
 length (longest first, so an out-of-memory error shows up on the first batch) and batched so each
 batch pads little; the backend (transformers, CTranslate2, llama.cpp: model/backends) generates
-each batch and the summaries come back in the caller's order. Decoding is deterministic (no
-sampling). On a GPU an out-of-memory error halves the batch and retries from the batch that
-failed (unlike accelerate's find_executable_batch_size, finished batches are kept).
+each batch and the summaries come back in the caller's order. Decoding is deterministic unless
+the caller asks for (seeded) sampling: the server's temperature > 0. On a GPU an out-of-memory
+error halves the batch and retries from the batch that failed (unlike accelerate's
+find_executable_batch_size, finished batches are kept).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class GenerationResult:
                 "generated_tokens": self.generated_tokens, "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
-def effective_settings(loaded: LoadedModel, settings: GenerationSettings) -> dict:
-    """The decoding settings generation will really use, for the record."""
+def effective_settings(loaded: LoadedModel, settings: GenerationSettings, sampling: dict | None = None) -> dict:
+    """The decoding settings generation will really use, for the record. Deterministic unless
+    `sampling` ({"temperature", "top_p", "seed"}) asks for sampled decoding (one beam)."""
     base = loaded.family.generation_defaults(loaded.generation_config)
     overrides = settings.overrides()
     base.update(overrides)
@@ -58,6 +60,8 @@ def effective_settings(loaded: LoadedModel, settings: GenerationSettings) -> dic
     if "min_new_tokens" in overrides:
         base.pop("min_length", None)
     base["do_sample"] = False
+    if sampling:
+        base.update(do_sample=True, num_beams=1, **{k: v for k, v in sampling.items() if v is not None})
     return base
 
 
@@ -73,11 +77,13 @@ def encode(loaded: LoadedModel, dialogue: str, instruction: str, max_input_lengt
 
 def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None = None,
               batch_size: int = 8, max_input_length: int | None = None,
-              instruction: str = DEFAULT_INSTRUCTION, progress: bool = True) -> GenerationResult:
-    """Summaries of `dialogues`, in order, with timing and the effective settings."""
+              instruction: str = DEFAULT_INSTRUCTION, progress: bool = True,
+              sampling: dict | None = None) -> GenerationResult:
+    """Summaries of `dialogues`, in order, with timing and the effective settings (`sampling`:
+    see effective_settings)."""
     settings = settings or GenerationSettings()
     dialogues = list(dialogues)
-    effective = effective_settings(loaded, settings)
+    effective = effective_settings(loaded, settings, sampling)
     limit = max_input_length or default_input_limit(loaded, effective)
     encoded = [encode(loaded, d, instruction or DEFAULT_INSTRUCTION, limit) for d in dialogues]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))

@@ -14,17 +14,25 @@
 
 Token counts are exact: they are made with the same prompt/prefix the engine uses, and every
 window is re-counted after packing (tokenizers merge across seams), so no window is cut.
+
+A caller that watches or stops the work (the HTTP server) passes a `Control`: `check()` runs
+before every engine batch and may raise `Cancelled` (a client left, a deadline or budget ran
+out); `run(call)` runs each engine batch (the server queues it behind other clients' batches);
+`part(Part)` receives each window's summary as soon as its batch finishes ("part 2/5"), then the
+dialogue's final summary. With a control the engine is called one batch at a time, forming
+exactly the batches one call would (same length order, same size), so the summaries are the
+same with or without it.
 """
 from __future__ import annotations
 
 import math
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from finetuneflow.contract.errors import UserError
 from finetuneflow.engine.generation import (GenerationResult, GenerationSettings, default_input_limit,
-                                            effective_settings, summarize)
+                                            effective_settings, encode, summarize)
 from finetuneflow.model.loading import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, text_ids
 
@@ -39,6 +47,39 @@ _MARGIN = 4                 # tokens kept free when estimating; windows are re-c
 class LongGenerationResult(GenerationResult):
     chunked: int = 0                                    # inputs summarized in windows
     windows: list[int] = field(default_factory=list)    # first-level windows per input (1 = fitted)
+
+
+class Cancelled(Exception):
+    """Raised by `Control.check()` to stop the work between engine batches."""
+
+
+@dataclass
+class Part:
+    """One finished summary of a window (level 0), of joined partial summaries (level 1, 2, ...),
+    or a dialogue's final summary (`final`)."""
+    dialogue: int           # index of the input dialogue
+    level: int              # 0: windows of the dialogue; 1+: combining the partial summaries
+    part: int               # 1-based number on this level
+    parts: int              # windows on this level
+    summary: str
+    final: bool
+    input_tokens: int = 0
+    generated: int = 0
+    finish_reason: str = ""
+
+
+class Control:
+    """Hooks for a caller that watches or stops long work; the defaults do nothing."""
+
+    def check(self) -> None:
+        """Called before every engine batch; raise Cancelled to stop."""
+
+    def run(self, call):
+        """Run one engine batch (`call()`); a server may queue it behind other work first."""
+        return call()
+
+    def part(self, part: Part) -> None:
+        """A window's (or the final) summary, as soon as its batch has finished."""
 
 
 def _from_result(result: GenerationResult, **extra) -> LongGenerationResult:
@@ -214,16 +255,19 @@ def _describe(dialogue: str, index: int, ids: list[str] | None) -> str:
 def summarize_long(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None = None,
                    batch_size: int = 8, max_input_length: int | None = None,
                    instruction: str = DEFAULT_INSTRUCTION, mode: str = "truncate", progress: bool = True,
-                   ids: list[str] | None = None) -> LongGenerationResult:
+                   ids: list[str] | None = None, control: Control | None = None) -> LongGenerationResult:
     """Summaries of `dialogues` in order; long ones handled by `mode` (see the module doc).
-    `ids` (optional) name dialogues in errors."""
+    `ids` (optional) name dialogues in errors; `control` (optional) watches and stops the work."""
     if mode not in MODES:
         raise UserError(f"LONG_INPUT={mode!r} is not one of {', '.join(MODES)}")
     dialogues = list(dialogues)
     settings = settings or GenerationSettings()
     limit = input_limit(loaded, settings, max_input_length)
+    run = _Run(loaded, settings, batch_size, limit, instruction, progress, control)
+    if control is not None:
+        control.check()
     if mode == "truncate":
-        result = summarize(loaded, dialogues, settings, batch_size, limit, instruction, progress)
+        result = run.engine(dialogues, run.finals(range(len(dialogues)), level=0))
         return _from_result(result, chunked=0, windows=[1] * len(dialogues))
     counter = _Counter(loaded, instruction)
     sizes = counter.input_tokens(dialogues) if dialogues else []
@@ -232,43 +276,89 @@ def summarize_long(loaded: LoadedModel, dialogues: list[str], settings: Generati
             if size > limit:
                 raise UserError(f"{_describe(dialogues[i], i, ids)} needs {size} input tokens, more than "
                                 f"MAX_INPUT_LENGTH={limit}; use LONG_INPUT=chunk (or truncate)")
-        result = summarize(loaded, dialogues, settings, batch_size, limit, instruction, progress)
+        result = run.engine(dialogues, run.finals(range(len(dialogues)), level=0))
         return _from_result(result, chunked=0, windows=[1] * len(dialogues))
     start = time.perf_counter()
-    state = {"generated": 0, "settings": {}, "batch_size": batch_size}
-    summaries, truncated, windows = _map_reduce(loaded, dialogues, sizes, settings, batch_size, limit,
-                                                instruction, progress, state, level=0)
-    return LongGenerationResult(summaries, state["generated"], time.perf_counter() - start, truncated,
-                                state["settings"], batch_size=state["batch_size"], max_input_length=limit,
+    summaries, truncated, windows = _map_reduce(run, dialogues, sizes, list(range(len(dialogues))), level=0)
+    return LongGenerationResult(summaries, run.generated, time.perf_counter() - start, truncated,
+                                run.settings_used, batch_size=run.batch_size, max_input_length=limit,
                                 chunked=sum(w > 1 for w in windows), windows=windows)
 
 
-def _account(state: dict, result: GenerationResult) -> None:
-    state["generated"] += result.generated_tokens
-    state["settings"] = state["settings"] or result.settings
-    state["batch_size"] = min(state["batch_size"], getattr(result, "batch_size", None) or state["batch_size"])
+class _Run:
+    """One summarize_long call: its settings, the control, and the totals over engine calls."""
+
+    def __init__(self, loaded, settings, batch_size, limit, instruction, progress, control):
+        self.loaded, self.settings, self.batch_size, self.limit = loaded, settings, batch_size, limit
+        self.instruction, self.progress, self.control = instruction, progress, control
+        self.generated, self.settings_used = 0, {}
+
+    def engine(self, texts: list[str], parts: list[Part]) -> GenerationResult:
+        """The engine's summaries of `texts`; without a control in one call, with a control one
+        batch at a time (the same batches), announcing `parts[i]` when text i is done."""
+        if self.control is None:
+            result = summarize(self.loaded, texts, self.settings, self.batch_size, self.limit, self.instruction,
+                               self.progress)
+        else:
+            result = self._batch_by_batch(texts, parts)
+        self.generated += result.generated_tokens
+        self.settings_used = self.settings_used or result.settings
+        self.batch_size = min(self.batch_size, result.batch_size or self.batch_size)
+        return result
+
+    def _batch_by_batch(self, texts: list[str], parts: list[Part]) -> GenerationResult:
+        instruction = self.instruction or DEFAULT_INSTRUCTION
+        lengths = [len(encode(self.loaded, t, instruction, self.limit)[0]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])   # as summarize() orders them
+        n, size = len(texts), self.batch_size
+        merged = GenerationResult([""] * n, 0, 0.0, [False] * n, {}, size, self.limit, [""] * n, [0] * n, [0] * n)
+        position = 0
+        while position < n:
+            self.control.check()
+            chunk = order[position:position + size]
+            result = self.control.run(lambda: summarize(self.loaded, [texts[i] for i in chunk], self.settings, size,
+                                                        self.limit, self.instruction, progress=False))
+            size = min(size, result.batch_size or size)   # halved after an out-of-memory error, as summarize() does
+            for k, i in enumerate(chunk):
+                merged.summaries[i], merged.truncated[i] = result.summaries[k], result.truncated[k]
+                merged.finish_reasons[i], merged.input_tokens[i] = result.finish_reasons[k], result.input_tokens[k]
+                merged.generated[i] = result.generated[k]
+                self.control.part(replace(parts[i], summary=result.summaries[k], input_tokens=result.input_tokens[k],
+                                          generated=result.generated[k], finish_reason=result.finish_reasons[k]))
+            merged.generated_tokens += result.generated_tokens
+            merged.seconds += result.seconds
+            merged.settings = merged.settings or result.settings
+            position += len(chunk)
+        merged.batch_size = size
+        return merged
+
+    @staticmethod
+    def finals(origins, level: int) -> list[Part]:
+        return [Part(dialogue=i, level=level, part=1, parts=1, summary="", final=True) for i in origins]
 
 
-def _map_reduce(loaded, texts, sizes, settings, batch_size, limit, instruction, progress, state, level):
+def _map_reduce(run: _Run, texts: list[str], sizes: list[int], origins: list[int], level: int):
     """One level: texts that fit and the windows of those that do not go through the engine in
-    one call; the joined window summaries of each long text are reduced on the next level."""
-    over = [i for i, size in enumerate(sizes) if size > limit]
+    one call; the joined window summaries of each long text are reduced on the next level.
+    `origins[i]` is the input dialogue text i belongs to."""
+    over = [i for i, size in enumerate(sizes) if size > run.limit]
     if not over or level >= MAX_LEVELS:
-        result = summarize(loaded, texts, settings, batch_size, limit, instruction, progress)
-        _account(state, result)
+        result = run.engine(texts, run.finals(origins, level))
         return result.summaries, result.truncated, [1] * len(texts)
-    split = {i: split_into_windows(loaded, texts[i], limit, instruction) for i in over}
-    batch = [t for i, t in enumerate(texts) if i not in split] + [w for i in over for w in split[i]]
-    result = summarize(loaded, batch, settings, batch_size, limit, instruction, progress)
-    _account(state, result)
+    split = {i: split_into_windows(run.loaded, texts[i], run.limit, run.instruction) for i in over}
+    fitting = [i for i in range(len(texts)) if i not in split]
+    batch = [texts[i] for i in fitting] + [w for i in over for w in split[i]]
+    parts = run.finals([origins[i] for i in fitting], level) + [
+        Part(dialogue=origins[i], level=level, part=k + 1, parts=len(split[i]), summary="", final=False)
+        for i in over for k in range(len(split[i]))]
+    result = run.engine(batch, parts)
     outputs = iter(result.summaries)
-    summaries = {i: next(outputs) for i in range(len(texts)) if i not in split}
-    truncated = {i: flag for i, flag in zip([i for i in range(len(texts)) if i not in split], result.truncated)}
+    summaries = {i: next(outputs) for i in fitting}
+    truncated = dict(zip(fitting, result.truncated))
     joined = [
         "\n".join(s for s in (next(outputs) for _ in split[i]) if s.strip()) for i in over]
     reduced, reduced_truncated, _ = _map_reduce(
-        loaded, joined, input_tokens(loaded, joined, instruction), settings, batch_size, limit,
-        instruction, progress, state, level + 1)
+        run, joined, input_tokens(run.loaded, joined, run.instruction), [origins[i] for i in over], level + 1)
     for i, text, flag in zip(over, reduced, reduced_truncated):
         summaries[i], truncated[i] = text, flag
     windows = [len(split[i]) if i in split else 1 for i in range(len(texts))]

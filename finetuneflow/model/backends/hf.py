@@ -163,7 +163,7 @@ def generation_config_for(loaded: LoadedModel, effective: dict):
     saved = model.generation_config
     config = copy.deepcopy(saved)
     for key, value in effective.items():
-        if key not in ("backend",):
+        if key not in ("backend", "seed"):
             setattr(config, key, value)
     if effective.get("max_new_tokens") is not None:
         config.max_length = None
@@ -225,6 +225,8 @@ class TransformersBackend(Backend):
         if loaded.family == CAUSAL and effective.get("no_repeat_ngram_size"):
             extra["logits_processor"] = LogitsProcessorList(
                 [GeneratedNoRepeatNGram(effective["no_repeat_ngram_size"], width)])
+        if effective.get("do_sample") and effective.get("seed") is not None:
+            torch.manual_seed(int(effective["seed"]))   # seeded sampling repeats
         with generation_config_for(loaded, effective), torch.inference_mode():
             out = loaded.model.generate(**padded, **extra)
         new = loaded.family.new_tokens(out, width)
