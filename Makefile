@@ -11,7 +11,7 @@ export WANDB_MODE ?= disabled
 VPY = $(shell bash scripts/python_env.sh $(PY))
 PIP = $(VPY) -m pip
 
-.PHONY: install install-llama lint test test-fast demo clean
+.PHONY: install install-llama install-browser lint test test-fast demo clean
 
 install:
 	@test -n "$(VPY)" || { echo "error: no usable Python (see the message above)"; exit 1; }
@@ -22,10 +22,16 @@ install:
 install-llama: install
 	$(PIP) install -q "llama-cpp-python==0.3.36"
 
+install-browser:
+	@# The page test drives a real headless Chromium (Selenium); it skips with a reason when none is installed.
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } 2>/dev/null || \
+	  echo "note: could not install chromium + chromium-driver (needs root/apt): the browser test will be skipped"
+
 lint: install
 	$(VPY) -m ruff check .
 
-test: install install-llama lint
+test: install install-llama install-browser lint
 	@PY=$(VPY) bash scripts/run_tests.sh
 
 test-fast: install

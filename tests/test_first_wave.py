@@ -94,7 +94,7 @@ def test_the_server_serves_an_old_clean_folder(old_project, monkeypatch):
     monkeypatch.setenv("FTF_ROOT", str(old_project))
     sys.path.insert(0, str(REPO))
     import serve_api
-    from finetuneflow.serve.serving import inherit_defaults, load_for_inference
+    from finetuneflow.serve.inference_io import inherit_defaults, load_for_inference
     cfg = serve_api.configure(vars(serve_api), [f"--model={old_project}/ft_outputs/old_clean"])
     loaded = load_for_inference(cfg.MODEL, None, "cpu")
     inherit_defaults(cfg, loaded)

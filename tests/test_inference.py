@@ -19,7 +19,7 @@ import post_merge_cleanup
 from finetuneflow.contract.errors import UserError
 from finetuneflow.engine.generation import GenerationSettings, summarize
 from finetuneflow.engine.long_input import input_tokens, split_into_windows, summarize_long
-from finetuneflow.ship.merging import capture_warnings
+from finetuneflow.ship.cleanup import capture_warnings
 from finetuneflow.model.loading import load_model
 
 ROWS = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -257,5 +257,3 @@ def write_outputs(tmp: Path, job: MergeJob, record: RunRecord, report: parity.Pa
     return data
 
 
-# tests/test_inference.py imports capture_warnings from here (it now lives in ship/cleanup.py)
-from finetuneflow.ship.cleanup import capture_warnings  # noqa: E402,F401
