@@ -20,6 +20,7 @@ PREDICTIONS = ["metrics/baseline_predictions.csv", "metrics/lora_predictions.csv
                "metrics/merged_predictions.csv"]  # CSV paths; the default list uses those that exist
 NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions -> lora)
 BERTSCORE_MODEL = "roberta-large"      # bert-score model id (rescaled with its baseline) or local folder; "" = skip
+BERTSCORE_FALLBACK = "minilm"          # [str | None] BERTSCORE_MODEL unavailable offline: use minilm (labelled)
 BERTSCORE_BATCH_SIZE = 32              # [int >= 1] pairs per BERTScore forward pass
 BOOTSTRAP_SAMPLES = 1000               # [int >= 1] resamples for the ROUGE bootstrap aggregate and the paired CIs
 CONFIDENCE = 0.95                      # [0 < float < 1] confidence level of every interval
@@ -27,6 +28,9 @@ BOOTSTRAP_SEED = 42                    # [int >= 0] makes every interval reprodu
 ALLOW_DIFFERENT_SAMPLES = False        # True: compare versions on their shared ids instead of failing
 TRUNCATION_WORDS = 560                 # [int >= 1] without an eval record: inputs over this many words count as cut
 EXAMPLES = 6                           # [int >= 0] example predictions shown side by side in the report
+FAITHFULNESS = True                    # unsupported mentions, speaker attribution, support, coverage by position
+ENCODER = None                         # [str | None] sentence encoder folder for support; None: MiniLM if installed
+BUCKETS = []                           # every metric per bucket: input_words:600, truncated, or any column (col:t1/t2)
 OUTPUT_DIR = "metrics"                 # where everything is written
 
 import re
@@ -42,8 +46,8 @@ STAGE = "eval_metrics"
 DEFAULT_PREDICTIONS = list(PREDICTIONS)
 SUMMARY_COLUMNS = ("model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bleu", "chrf",
                    "pred_words_mean", "ref_words_mean", "len_ratio_mean", "compression_mean")  # first; the rest follow
-CHARTS = ("rouge1.png", "rouge2.png", "rougeL.png", "buckets.png", "score_distribution.png")
-FIXED_OUTPUTS = ("summary_metrics.csv", "summary_metrics.json", "report.html", *CHARTS)
+CHARTS = ("rouge1.png", "rouge2.png", "rougeL.png", "buckets.png", "score_distribution.png", "coverage.png")
+FIXED_OUTPUTS = ("summary_metrics.csv", "summary_metrics.json", "report.html", "bucket_metrics.csv", *CHARTS)
 SAFE_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 
 
@@ -87,50 +91,72 @@ def check_outputs(cfg, names: list[str], files: list):
     return out
 
 
-def score_all(cfg, versions_in: list, out) -> list:
-    from finetuneflow.quality.evaluation import score_version
+def score_all(settings, versions_in: list, out) -> list:
+    from finetuneflow.quality.encoder import load_encoder
+    from finetuneflow.quality.scoring import score_version
+    # load the sentence encoder once for every version; when it cannot load, each version's notes say why
+    loaded = load_encoder(settings.encoder)[0] if settings.faithfulness else None
     versions = []
     for preds in versions_in:
         print(f"scoring {preds.name}: {len(preds.ids)} rows from {preds.path} ({preds.format} format)")
-        scored = score_version(preds, cfg.BERTSCORE_MODEL, cfg.BERTSCORE_BATCH_SIZE, cfg.BOOTSTRAP_SAMPLES,
-                               cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED, cfg.TRUNCATION_WORDS)
+        scored = score_version(preds, settings, encoder=loaded if loaded is not None else settings.encoder)
         with atomic_path(out / f"{preds.name}_metrics.csv") as tmp:
             scored.frame.to_csv(tmp, index=False, float_format="%.4f")
         versions.append(scored)
     return versions
 
 
-def write_summary(cfg, versions: list, pairs: list, shared_ids: list[str], out) -> dict:
+def write_summary(cfg, settings, versions: list, pairs: list, buckets: list, shared_ids: list[str], out) -> dict:
     import pandas as pd
-    from finetuneflow.quality import report
+    from finetuneflow.quality import report, report_faithfulness
     from finetuneflow.quality.metrics import BUCKET_RULES
     summary = pd.DataFrame([v.summary for v in versions])
     columns = list(SUMMARY_COLUMNS) + [c for c in summary.columns if c not in SUMMARY_COLUMNS]
     with atomic_path(out / "summary_metrics.csv") as tmp:
         summary[columns].to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out / "bucket_metrics.csv") as tmp:
+        pd.DataFrame([{"spec": b["spec"], "bucket": b["bucket"], **row} for b in buckets for row in b["versions"]]
+                     ).to_csv(tmp, index=False, float_format="%.4f")
     record = {"versions": [v.summary for v in versions], "bertscore": {v.name: v.bertscore.record() for v in versions},
-              "shared_samples": len(shared_ids), "comparisons": pairs, "bucket_rules": BUCKET_RULES,
+              "shared_samples": len(shared_ids), "comparisons": pairs, "buckets": buckets,
+              "bucket_rules": BUCKET_RULES,
               "settings": {"bootstrap_samples": cfg.BOOTSTRAP_SAMPLES, "confidence": cfg.CONFIDENCE,
-                           "seed": cfg.BOOTSTRAP_SEED}}
+                           "seed": cfg.BOOTSTRAP_SEED, "faithfulness": settings.faithfulness}}
     atomic_write_json(out / "summary_metrics.json", record)
     charts = {key: report.rouge_chart(versions, key, out / f"{key}.png") for key in ("rouge1", "rouge2", "rougeL")}
     charts["buckets"] = report.bucket_chart(versions, out / "buckets.png")
     charts["distribution"] = report.distribution_chart(versions, out / "score_distribution.png")
+    charts["coverage"] = report_faithfulness.coverage_chart(versions, out / "coverage.png")
+    sections = report_faithfulness.faithfulness_section(versions, pairs, cfg.EXAMPLES, charts["coverage"]) \
+        + report.bucket_section(buckets, record["settings"])
     atomic_write_text(out / "report.html", report.html_report(versions, pairs, shared_ids, charts, cfg.EXAMPLES,
-                                                              record["settings"]))
+                                                              record["settings"], sections))
     return record
 
 
-def print_results(versions: list, pairs: list) -> None:
+def _rate(s: dict, check: str) -> str:
+    rate = s.get(f"check_{check}_rate")
+    if rate is None:
+        return "n/a"
+    return f"{rate:.1%} [{s[f'check_{check}_low']:.1%}, {s[f'check_{check}_high']:.1%}]"
+
+
+def print_results(versions: list, pairs: list, buckets: list) -> None:
     for v in versions:
         s = v.summary
         print(f"{v.name:>12}: ROUGE-1 {s['rouge1']:.2f}  ROUGE-2 {s['rouge2']:.2f}  ROUGE-L {s['rougeL']:.2f}  "
               f"ROUGE-Lsum {s['rougeLsum']:.2f}  BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}  "
               f"BERTScore {'%.2f' % s['bertscore_f1'] if s['bertscore_f1'] is not None else 'n/a'}  "
               f"({s['samples']} samples, {s['bucket_ok']} ok)")
+        print(f"{'':>12}  faithfulness: unsupported mentions {_rate(s, 'unsupported_mentions')}, unsupported "
+              f"sentence {_rate(s, 'unsupported_sentence')}, misattribution (experimental) "
+              f"{_rate(s, 'misattribution')}")
         print(f"{'':>12}  BERTScore {v.bertscore.note}")
         for note in v.notes:
             print(f"{'':>12}  note: {note}")
+    for bucket in buckets:
+        cells = "  ".join(f"{row['model']} ROUGE-L {row['rougeL']:.2f}" for row in bucket["versions"])
+        print(f"bucket {bucket['bucket']} ({bucket['samples']} samples): {cells}")
     for pair in pairs:
         print(f"{pair['b']} vs {pair['a']} on {pair['samples']} shared samples "
               f"({pair['differing_predictions']} predictions differ):")
@@ -149,13 +175,15 @@ def main(argv=None) -> dict:
     # claim the outputs first: an interrupted run leaves its own record, so the next run may replace them
     write_record(out, RunRecord(STAGE, extra={"compared": names, "status": "started"}), cfg, files,
                  name=f"{STAGE}.run_config.json")
-    from finetuneflow.quality.evaluation import compare
-    versions = score_all(cfg, versions_in, out)
-    pairs = compare(versions, shared_ids, cfg.BOOTSTRAP_SAMPLES, cfg.CONFIDENCE, cfg.BOOTSTRAP_SEED)
-    record = write_summary(cfg, versions, pairs, shared_ids, out)
+    from finetuneflow.quality.scoring import ScoringSettings, by_bucket, compare
+    settings = ScoringSettings.from_config(cfg)
+    versions = score_all(settings, versions_in, out)
+    pairs = compare(versions, shared_ids, settings)
+    buckets = by_bucket(versions, shared_ids, list(cfg.BUCKETS), settings)
+    record = write_summary(cfg, settings, versions, pairs, buckets, shared_ids, out)
     write_record(out, RunRecord(STAGE, extra={"compared": names, "shared_samples": len(shared_ids),
                                               "status": "finished"}), cfg, files, name=f"{STAGE}.run_config.json")
-    print_results(versions, pairs)
+    print_results(versions, pairs, buckets)
     print(f"wrote {out / 'summary_metrics.csv'}, {out / 'report.html'} and {len(versions)} per-sample metrics CSVs")
     return record
 

@@ -21,8 +21,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 DATA = [f"--dataset={SAMPLES}", "--split=train", "--n_samples=5"]
 PRED_COLUMNS = ["id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
                 "pred_words", "ref_words"]
+LEDGER = ["input_tokens", "cut_tokens", "windows"]      # the truncation ledger of every row
 METRICS_FILES = {"summary_metrics.csv", "summary_metrics.json", "rouge1.png", "rouge2.png", "rougeL.png",
-                 "buckets.png", "score_distribution.png", "report.html", "eval_metrics.run_config.json"}
+                 "buckets.png", "score_distribution.png", "coverage.png", "report.html", "bucket_metrics.csv",
+                 "eval_metrics.run_config.json"}
 
 
 def in_process(*args):
@@ -48,9 +50,11 @@ def test_eval_base_model_writes_predictions_and_record(tiny_models, project):
     assert files_under(project / "metrics") == {"baseline_predictions.csv", "baseline_eval.json",
                                                 "baseline_run_config.json"}
     with open(project / "metrics" / "baseline_predictions.csv", newline="", encoding="utf-8") as handle:
-        assert next(csv.reader(handle)) == PRED_COLUMNS
+        assert next(csv.reader(handle)) == PRED_COLUMNS + LEDGER
     rows = read_csv(project / "metrics" / "baseline_predictions.csv")
     assert len(rows) == 5 and all(0 <= float(r["rouge1"]) <= 100 for r in rows)
+    cut = [r for r in rows if int(r["cut_tokens"]) > 0]
+    assert cut and all(int(r["input_tokens"]) - int(r["cut_tokens"]) == 128 and r["windows"] == "1" for r in cut)
     record = json.loads((project / "metrics" / "baseline_eval.json").read_text())
     assert record["counts"]["samples"] == 5 and record["model"]["kind"] == "base"
     # the tiny BART's own generation config, since nothing overrides it
@@ -156,7 +160,11 @@ def test_metrics_compare_versions_and_report(project):
     assert per_sample["5"]["names_not_in_dialogue"] == "Bob" and per_sample["7"]["flag_repetition"] == "True"
     assert per_sample["0"]["bucket"] == "ok"
     html = (metrics / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "src=\"http" not in html
+    assert html.count("data:image/png;base64,") == 6 and "src=\"http" not in html
+    # faithfulness: "Bob" is in no dialogue, so sample 5's summary has an unsupported mention, marked in the report
+    assert float(per_sample["5"]["check_unsupported_mentions"]) == 1.0 and "<mark" in html and "Bob</mark>" in html
+    assert "Faithfulness: did the summary say something the dialogue did not?" in html
+    assert record["versions"][1]["check_unsupported_mentions_rate"] > 0
     assert "not significant" in html and "merge is lossless" in html and "BERTScore" in html
     assert "merged - lora = +0.00" in result.stdout and "not significant" in result.stdout
     assert "BERTScore not computed: BERTSCORE_MODEL is empty" in result.stdout
@@ -198,6 +206,10 @@ def test_metrics_reproduce_the_seed_baseline(project):
     result = run_stage(METRICS, f"--predictions={seed / 'baseline_predictions.csv'}", "--bootstrap_samples=100",
                        root=project, env=ONE_THREAD)
     assert "ROUGE-1 27.54  ROUGE-2 9.03  ROUGE-L 20.36" in result.stdout
-    assert "BERTScore not computed" in result.stdout and "local model folder" in result.stdout
+    from finetuneflow.quality.encoder import find_encoder
+    if find_encoder("minilm")[0] is not None:   # offline: the MiniLM fallback, labelled as such
+        assert "NOT comparable with published BERTScore" in result.stdout
+    else:
+        assert "BERTScore not computed" in result.stdout and "local model folder" in result.stdout
     summary = read_csv(project / "metrics" / "summary_metrics.csv")[0]
     assert summary["model"] == "baseline" and summary["samples"] == "200"

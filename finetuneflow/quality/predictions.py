@@ -20,8 +20,12 @@ from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.record import sha256_file
 from finetuneflow.contract.io import atomic_write_text
 
-COLUMNS = ("id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
-           "pred_words", "ref_words")
+BASE_COLUMNS = ("id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                "pred_words", "ref_words")
+# The truncation ledger: the dialogue's input tokens with the model's prompt, the tokens cut from it,
+# and the windows it was summarized in (1 = whole). Files of the first wave lack these columns.
+LEDGER_COLUMNS = ("input_tokens", "cut_tokens", "windows")
+COLUMNS = BASE_COLUMNS + LEDGER_COLUMNS
 REFERENCE_COLUMNS = ("reference", "human_summary", "summary", "target", "highlights", "gold")
 PREDICTION_COLUMNS = ("prediction", "model_summary", "generated_summary", "generated", "output", "hypothesis")
 ID_COLUMNS = ("id", "sample_id", "fname", "idx", "guid", "example_id")
@@ -38,6 +42,7 @@ class Predictions:
     columns: dict[str, str | None]       # role -> column in the file
     notes: list[str] = field(default_factory=list)
     eval_record: dict | None = None      # <tag>_eval.json written next to it by eval_bart_lora.py
+    extras: pd.DataFrame | None = None   # every other column of the file (strings), for --buckets
 
     @property
     def ids(self) -> list[str]:
@@ -137,8 +142,11 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
         "reference": references, "prediction": predictions})
     if found["dialogue"] is None:
         notes.append("no dialogue column: compression and the copied/names/truncation buckets are skipped")
-    fmt = "finetuneflow" if set(COLUMNS) <= set(columns) else "seed"
-    return Predictions(name or default_name(path), path, standard, fmt, found, notes, eval_record_for(path))
+    fmt = "finetuneflow" if set(BASE_COLUMNS) <= set(columns) else "seed"
+    used = {c for c in found.values() if c}
+    extras = frame[[c for c in columns if c not in used]].copy()
+    extras.insert(0, "id", ids)
+    return Predictions(name or default_name(path), path, standard, fmt, found, notes, eval_record_for(path), extras)
 
 
 def check_same_samples(versions: list[Predictions], allow_different: bool = False) -> list[str]:
@@ -147,12 +155,14 @@ def check_same_samples(versions: list[Predictions], allow_different: bool = Fals
     Different id sets are an error unless `allow_different`; the same id with a different
     reference always is (the versions were evaluated on different data)."""
     first = versions[0]
-    shared = set(first.ids)
+    first_ids = set(first.ids)
+    shared = set(first_ids)
     for other in versions[1:]:
         shared &= set(other.ids)
     for other in versions[1:]:
-        only_first = [i for i in first.ids if i not in set(other.ids)]
-        only_other = [i for i in other.ids if i not in set(first.ids)]
+        other_ids = set(other.ids)
+        only_first = [i for i in first.ids if i not in other_ids]
+        only_other = [i for i in other.ids if i not in first_ids]
         if (only_first or only_other) and not allow_different:
             example = (only_first or only_other)[0]
             raise UserError(

@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 
 from finetuneflow.quality import metrics as M
-from finetuneflow.quality.evaluation import METRIC_LABELS, VersionScores
+from finetuneflow.quality.scoring import METRIC_LABELS, VersionScores
 from finetuneflow.contract.io import atomic_path
 
 esc = html.escape
@@ -241,3 +241,26 @@ def examples_section(versions: list[VersionScores], shared_ids: list[str], examp
                      f"<td><pre>{esc(indexed[0].at[sample, 'reference'])}"
                      f"</pre></td>{cells}</tr>")
     return parts + ["</table>"]
+
+
+def bucket_section(buckets: list[dict], settings: dict) -> list[str]:
+    """Every version's means and every paired comparison within each bucket of rows."""
+    if not buckets:
+        return []
+    parts = ["<h2>By bucket</h2><p class='small'>The same metrics and paired comparisons on each bucket's rows "
+             "(BUCKETS setting).</p>"]
+    keys = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "check_unsupported_mentions", "check_unsupported_sentence",
+            "middle_recall")
+    for bucket in buckets:
+        parts.append(f"<h3>{esc(bucket['bucket'])} <span class='small'>({bucket['samples']} samples)</span></h3>"
+                     "<table><tr><th>version</th>" + "".join(f"<th>{esc(METRIC_LABELS.get(k, k))}</th>" for k in keys)
+                     + "</tr>")
+        for row in bucket["versions"]:
+            parts.append(f"<tr><td>{esc(row['model'])}</td>"
+                         + "".join(f"<td>{_fmt(row.get(k), 3 if k.startswith(('check_', 'middle')) else 2)}</td>"
+                                   for k in keys) + "</tr>")
+        parts.append("</table>")
+        for pair in bucket["comparisons"]:
+            parts += pair_table({**pair, "metrics": {k: v for k, v in pair["metrics"].items() if k in keys}},
+                                settings["confidence"])
+    return parts
