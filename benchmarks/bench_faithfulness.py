@@ -88,7 +88,8 @@ def swap_speakers(summary: str, dialogue: str) -> str | None:
         pa, pb = re.escape(a), re.escape(b)
     else:
         pa, pb = rf"\b{re.escape(a)}\b", rf"\b{re.escape(b)}\b"
-    subject = re.compile(rf"(?:^|[.;!?]\s+|,\s+|\band\s+|\bbut\s+|\bso\s+|\bthen\s+)({pa}|{pb})(?!'s|’s|\s+and\b|\s*&)")
+    subject = re.compile(rf"(?:^|[.;!?]\s+|,\s+|\band\s+|\bbut\s+|\bso\s+|\bthen\s+)({pa}|{pb})"
+                         rf"(?!'s|’s|\s+and\b|\s*&)")
     joint = re.compile(rf"(?:{pa}|{pb})\s+(?:and|&)\s+$")
     if not any(not joint.search(summary[:m.start(1)]) for m in subject.finditer(summary)):
         return None   # only "A and B ..." subjects: a swap changes nothing
@@ -108,8 +109,8 @@ def change_number(summary: str, dialogue: str, rng: random.Random) -> str | None
             for delta in rng.sample([1, 2, 3, 5, 10], 5):
                 new = value + delta if value < 1000 else value + delta * 100
                 text = f"{new:,}" if "," in m.group(1) else str(new)
-                if re.search(rf"{re.escape(m.group(1))}\s*:\s*\d\d|{re.escape(m.group(1))}\s*[ap]\.?\s?m", summary[m.start():]) \
-                        and new > 12:
+                number = re.escape(m.group(1))
+                if re.search(rf"{number}\s*:\s*\d\d|{number}\s*[ap]\.?\s?m", summary[m.start():]) and new > 12:
                     new = (value % 12) + 2
                     text = str(new)
                 candidate = summary[:m.start()] + text + summary[m.end():]
@@ -136,7 +137,8 @@ def name_pool(rows: list[dict]) -> list[str]:
     for r in rows:
         lower_words.update(re.findall(r"\b[a-z]+\b", r["dialogue"] + " " + r["summary"]))
     names = Counter()
-    cue = re.compile(r"\b(?:Hi|Hey|Hello|Thanks|Thank you|Dear|Bye|I'm|I am|This is|name is|Mr\.|Mrs\.|Ms\.|Miss)\s*,?\s+"
+    cue = re.compile(r"\b(?:Hi|Hey|Hello|Thanks|Thank you|Dear|Bye|I'm|I am|This is|name is|Mr\.|Mrs\.|Ms\.|Miss)"
+                     r"\s*,?\s+"
                      r"([A-Z][a-z]{2,})\b")
     for r in rows:
         for m in cue.finditer(r["dialogue"]):
@@ -319,12 +321,14 @@ def main(argv=None) -> dict:
     support = [refs.rows[i]["support_min"] for i in dev if refs.rows[i]["support_min"] is not None]
     if support:
         import numpy as np
-        appended = [corrupted_rows["sentence_append"][i]["support_min"] for i in dev
-                    if i in corrupted_rows["sentence_append"] and corrupted_rows["sentence_append"][i]["support_min"] is not None]
+        appended_rows = corrupted_rows["sentence_append"]
+        appended = [appended_rows[i]["support_min"] for i in dev
+                    if i in appended_rows and appended_rows[i]["support_min"] is not None]
         quantiles = {q: float(np.quantile(support, q)) for q in (0.03, 0.05, 0.08, 0.10)}
         record["dialogsum"]["dev_reference_support_min_quantiles"] = quantiles
         print("\ndev references' support_min quantiles (for SUPPORT_THRESHOLD): " + ", ".join(
-            f"{q:.0%}: {v:.3f} (flags {np.mean(np.array(appended) < v):.0%} of appended)" for q, v in quantiles.items()))
+            f"{q:.0%}: {v:.3f} (flags {np.mean(np.array(appended) < v):.0%} of appended)"
+            for q, v in quantiles.items()))
     decided = record["dialogsum"]["held-out" if held else "dev"]["verdicts"]
     shipped = tuple(c for c, v in decided.items() if v["shipped"])
     record["shipped_checks"] = shipped
@@ -350,8 +354,9 @@ def main(argv=None) -> dict:
             cov = coverage_check(hs, resolve(cfg.SEED_PREDICTIONS), encoder, cfg.INPUT_LIMIT_WORDS)
             record["coverage_truncation"] = cov
             if cov:
-                print(f"\nCoverage on the {cov['dialogues']} HighlightSum dialogues longer than {cov['limit_words']} words "
-                      f"(median {cov['dialogue_words_median']:.0f} words): reference vs the seed's truncated bart-large-cnn")
+                print(f"\nCoverage on the {cov['dialogues']} HighlightSum dialogues longer than {cov['limit_words']} "
+                      f"words (median {cov['dialogue_words_median']:.0f} words): reference vs the seed's truncated "
+                      f"bart-large-cnn")
                 print("| column | reference | truncated BART | difference (95% CI) |\n|---|---:|---:|---|")
                 for column, v in cov.items():
                     if isinstance(v, dict):

@@ -166,7 +166,8 @@ def test_middle_recall_needs_a_dialogue_over_the_limit():
     ("Anna und Tom treffen sich am Freitag um drei Uhr.",
      "Anna: Wollen wir uns am Freitag um drei Uhr treffen? Ich habe morgen keine Zeit.\nTom: Ja, gerne, "
      "bis dann am Bahnhof.", "does not look like English"),
-    ("安娜和汤姆周五见面。", "安娜：我们周五三点见面吧？\n汤姆：好的，车站见。", "not ASCII"),
+    ("安娜和汤姆周五见面。",
+     "安娜：我们周五三点见面吧？\n汤姆：好的，车站见。", "not ASCII"),
 ])
 def test_bad_input_degrades_with_a_reason(summary, dialogue, reason):
     rows, notes = F.score_samples([summary], [dialogue], encoder="")
@@ -205,7 +206,8 @@ def test_shipped_checks_and_selection_columns_agree():
         assert all(rate >= F.VALIDATION_GOAL["min_detection"] for k, rate in v.items() if k != "false_alarms")
     assert "misattributed_rate" not in F.selection_columns()
     assert F.selection_columns()["support_min"] is True and F.selection_columns()["unsupported_rate"] is False
-    assert F.shipped_checks(200) == F.SHIPPED_CHECKS and F.shipped_checks(4000) == () and F.selection_columns(4000) == {}
+    assert F.shipped_checks(200) == F.SHIPPED_CHECKS and F.shipped_checks(4000) == ()
+    assert F.selection_columns(4000) == {}
     assert set(F.selection_columns()) <= set(F.METRIC_COLUMNS)
     assert all(F.is_shipped(c) == (c in F.SHIPPED_CHECKS) for c in F.CHECKS)
     with pytest.raises(KeyError, match="unknown check"):
@@ -213,7 +215,8 @@ def test_shipped_checks_and_selection_columns_agree():
     a, b, dropped = F.paired_values([{"x": 1}, {"x": None}, {"x": 3}], [{"x": 2}, {"x": 5}, {"x": None}], "x")
     assert (a, b, dropped) == ([1.0], [2.0], 2)
     means = F.mean_columns([{"support_min": 0.5}, {"support_min": None}, {"support_min": 0.7}])
-    assert means["support_min"] == {"mean": pytest.approx(0.6), "n": 2} and means["middle_recall"] == {"mean": None, "n": 0}
+    assert means["support_min"] == {"mean": pytest.approx(0.6), "n": 2}
+    assert means["middle_recall"] == {"mean": None, "n": 0}
 
 
 # --- encoder folder -------------------------------------------------------------------------------

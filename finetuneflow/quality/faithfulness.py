@@ -13,8 +13,8 @@ These checks read a summary against its own dialogue (no reference needed):
   speakers ("#Person2# agrees to ...", "Tom asks Anna ...") is compared with every turn
   (content words, Porter-stemmed, weighted by how rare they are among the turns); it looks
   misattributed when another speaker's best turn supports it better than any turn of the named
-  speaker by at least `ATTRIBUTION_MARGIN` of the clause's content weight. Clauses without at least `ATTRIBUTION_MIN_CONTENT` content
-  words are not judged.
+  speaker by at least `ATTRIBUTION_MARGIN` of the clause's content weight. Clauses without at
+  least `ATTRIBUTION_MIN_CONTENT` content words are not judged.
 * **Support** (`support_*`, `weakest_sentence`): each summary sentence's best cosine similarity
   to a window of dialogue turns, with a local sentence encoder (all-MiniLM-L6-v2, see
   quality/encoder.py). The weakest sentence is the one a reader should check first.
@@ -56,7 +56,8 @@ from finetuneflow.quality.metrics import split_sentences
 SEGMENTS = ("begin", "middle", "end")     # coverage by thirds of the dialogue's words
 MIDDLE_KEY_WORDS = 20                     # key words of the middle third for middle_recall ...
 MIDDLE_SHARE = 0.75                       # ... words with at least this share of their occurrences there
-SUPPORT_THRESHOLD = 0.41                  # best window similarity below this: unsupported (5% quantile of DialogSum dev references)
+SUPPORT_THRESHOLD = 0.41                  # best window similarity below this: unsupported
+#                                           (the 5% quantile of DialogSum dev references)
 WINDOW_UNIT_WORDS = 64                    # turns longer than this are cut into pieces of this many words
 WINDOW_SPAN = 3                           # windows: each piece, and runs of 2..WINDOW_SPAN consecutive pieces
 ATTRIBUTION_MIN_CONTENT = 2               # content words a clause needs to be judged
@@ -133,7 +134,8 @@ a an the this that these those it its he she they we you i his her their our my 
 both each every all some many most several few no none either neither one another other others
 after before when while since because although though if unless until as so but and or yet also also
 finally eventually later earlier afterwards meanwhile due following overall according despite apparently
-unfortunately fortunately luckily hopefully currently initially recently originally actually basically then next first second third last lastly however therefore
+unfortunately fortunately luckily hopefully currently initially recently originally actually basically
+then next first second third last lastly however therefore
 thus instead still soon now today tomorrow yesterday tonight once twice again anyway besides otherwise
 at in on by for from with without about into during under over through to of between among against
 what who whom whose which where why how everyone everybody someone somebody nobody nothing everything
@@ -212,7 +214,8 @@ def _content_stems(text: str) -> list[str]:
 # --- numbers --------------------------------------------------------------------------------------
 _UNITS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
                                      "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
-_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if w != "_"}
+_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split())
+         if w != "_"}
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
 _ORDINALS = {"third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8, "ninth": 9, "tenth": 10,
              "eleventh": 11, "twelfth": 12, "thirteenth": 13, "fifteenth": 15, "twentieth": 20, "thirtieth": 30,
@@ -378,7 +381,8 @@ def parse_turns(dialogue: str) -> list[Turn]:
             continue
         match = _LABEL_LINE.match(line)
         if match and not match.group(1).strip().isdigit():
-            speaker = re.sub(r"\s+", "", match.group(1)) if match.group(1).lstrip().startswith("#") else match.group(1).strip()
+            label = match.group(1)
+            speaker = re.sub(r"\s+", "", label) if label.lstrip().startswith("#") else label.strip()
             text = match.group(2)
         else:
             speaker = turns[-1].speaker if turns else None
@@ -523,7 +527,8 @@ _LEAD_IN = re.compile(r"^(?:(?:then|finally|later|afterwards|after that|at last|
 
 
 _JOINT_VERBS = re.compile(r"\s*(?:helps?|helped|helping|assists?|assisted|serves?|served|interviews?|interviewed|"
-                          r"accompan\w*|meets?|met|joins?|joined|works? with|chats? with|talks? (?:with|to))\b", re.IGNORECASE)
+                          r"accompan\w*|meets?|met|joins?|joined|works? with|chats? with|talks? (?:with|to))\b",
+                          re.IGNORECASE)
 
 
 def _mention_pattern(speakers: list[str]) -> re.Pattern | None:
@@ -765,7 +770,8 @@ def score_sample(prediction: str, dialogue: str, *, encoder=None, input_limit_wo
             weakest = min(range(len(support)), key=support.__getitem__)
             row.update({"support_min": support[weakest], "support_mean": sum(support) / len(support),
                         "weakest_sentence": sentences[weakest],
-                        "sentence_support": [{"sentence": s, "support": round(v, 4)} for s, v in zip(sentences, support)]})
+                        "sentence_support": [{"sentence": s, "support": round(v, 4)}
+                                             for s, v in zip(sentences, support)]})
     # 4. coverage
     cov, why_cov = coverage(prediction, dialogue, input_limit_words)
     row.update(cov)
