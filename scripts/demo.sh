@@ -54,7 +54,7 @@ $PY post_merge_cleanup.py --model=$MERGED --output_dir=$CLEAN --overwrite=True
 step "8. evaluate the merged model and compare all three versions"
 $PY eval_bart_lora.py --model=$CLEAN --tag=merged --dataset=$DATA --split=test --n_samples=0
 $PY eval_metrics_bart_lora.py --predictions=metrics/baseline_predictions.csv,metrics/lora_predictions.csv,metrics/merged_predictions.csv \
-  --bertscore_model=
+  --buckets=input_words:300
 
 step "9. summarize a new dialogue (stdin) and the long sample (chunked)"
 printf 'Anna: Are we still on for lunch tomorrow?\nTom: Yes, 12:30 at the usual place.\nAnna: Great, see you there.\n' \

@@ -26,7 +26,7 @@ def coverage_chart(versions: list[VersionScores], path: Path) -> Path:
     ax.set_ylabel("share of the summary's content")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title("Coverage by position (which third of the dialogue the summary draws on)", fontsize=9)
+    ax.set_title("Coverage by position: which third\nof the dialogue the summary draws on", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
