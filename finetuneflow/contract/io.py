@@ -36,6 +36,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def read_json_object(path: str | os.PathLike, fix: str) -> dict:
+    """A JSON object from `path`; an unreadable or non-object file is one UserError ending in `fix`."""
+    from finetuneflow.contract.errors import UserError
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; {fix}")
+    return data
+
+
 def atomic_write_json(path: str | os.PathLike, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
 

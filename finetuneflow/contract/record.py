@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
-import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -29,8 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from finetuneflow.contract.decoding import GenerationSettings
-from finetuneflow.contract.errors import UserError
-from finetuneflow.contract.io import atomic_write_json
+from finetuneflow.contract.io import atomic_write_json, read_json_object
 from finetuneflow.contract.paths import CODE_ROOT, ROOT, resolve
 
 RECORD_FILE = "run_config.json"
@@ -283,14 +281,7 @@ def read_record(folder: str | Path, name: str | None = None) -> RunRecord | None
     path = Path(resolve(folder)) / (name or RECORD_FILE)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.__class__.__name__}); restore it or re-run the stage "
-                        f"that wrote it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a run record (expected a JSON object)")
-    return RunRecord.from_dict(data)
+    return RunRecord.from_dict(read_json_object(path, "restore it or re-run the stage that wrote it"))
 
 
 def write_record(out_dir: str | Path, record: RunRecord, cfg: dict | None = None, inputs: Iterable = (),

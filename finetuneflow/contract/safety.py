@@ -68,10 +68,10 @@ def check_location(out: Path, setting: str, inputs: Iterable = ()) -> None:
             raise UserError(f"{setting}={out} is inside an input of this run ({source}); choose a folder outside it")
 
 
-def _writable_parent(out: Path, setting: str) -> None:
-    """The output can be created: its nearest existing ancestor is a writable folder (nothing is
-    created yet, so a run that fails later leaves no empty folders behind)."""
-    existing = out.parent
+def check_writable(out: Path, setting: str, folder: bool = False) -> None:
+    """The output can be created: it (a folder output) or its nearest existing ancestor is a
+    writable folder (nothing is created yet, so a run that fails later leaves no empty folders)."""
+    existing = out if folder else out.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -97,7 +97,7 @@ def check_output_dir(path: str | os.PathLike, *, stage: str, setting: str = "OUT
         if not overwrite:
             raise UserError(f"{setting}={out} holds an earlier {stage} output; pass --OVERWRITE=True to replace it, "
                             f"or choose another {setting}")
-    _writable_parent(out, setting)
+    check_writable(out, setting, folder=True)
     return out
 
 
@@ -112,7 +112,7 @@ def check_output_file(path: str | os.PathLike, *, stage: str, setting: str, inpu
     if out.exists() and not overwrite and not (marker is not None and _stage_of(Path(marker)) == stage):
         raise UserError(f"{setting}={out} exists and was not written by {stage}; choose another name, or delete it "
                         f"first")
-    _writable_parent(out, setting)
+    check_writable(out, setting)
     return out
 
 

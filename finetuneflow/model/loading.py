@@ -12,13 +12,13 @@ opts in, and remote code runs only when the caller opts in.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetuneflow.contract import architectures as arch
 from finetuneflow.contract.errors import UserError, first_line
+from finetuneflow.contract.io import read_json_object
 from finetuneflow.contract.paths import is_hub_id, resolve
 from finetuneflow.contract.record import RunRecord, read_record
 from finetuneflow.model.backends import Backend, backend_for
@@ -66,24 +66,14 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (resolve(path) / ADAPTER_CONFIG).is_file()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}); restore it or re-create the "
-                        f"folder") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; restore it or re-create the folder")
-    return data
-
-
 def adapter_base(adapter_dir: str | Path, record: RunRecord | None = None) -> str:
     """The base model an adapter was trained on: its run record, else adapter_config.json."""
     folder = resolve(adapter_dir)
     record = record if record is not None else read_record(folder)
     base = record.lineage.base_model if record else None
     if not base:
-        base = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+        base = read_json_object(folder / ADAPTER_CONFIG, "restore it or re-create the folder").get(
+            "base_model_name_or_path")
     if not base:
         raise UserError(f"{folder}: adapter_config.json names no base model; pass --BASE_MODEL=<id or folder>")
     return base

@@ -28,7 +28,7 @@ from typing import Iterable
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, read_record, sha256_file, write_record
-from finetuneflow.contract.safety import check_location
+from finetuneflow.contract.safety import check_location, check_writable
 
 BENCHMARK, RECOMMEND = "benchmark_models", "recommend_finetune"
 RECORDS = {BENCHMARK: "run_config.json", RECOMMEND: "recommend_finetune.run_config.json"}
@@ -64,16 +64,6 @@ def _stage_records(folder: Path) -> dict[str, RunRecord]:
     return found
 
 
-def _writable(out: Path, setting: str) -> None:
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{setting}={out}: {existing} is a file, not a folder; choose another location")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{setting}={out}: {existing} is not writable; choose a writable location")
-
-
 def _check_place(out: Path, setting: str, inputs: list[Path], shared_inputs: list[Path]) -> None:
     """Rule 1 and contract.safety's rules; `shared_inputs` may lie inside the folder (the ranking
     recommend_finetune reads sits beside the plan it writes)."""
@@ -83,7 +73,7 @@ def _check_place(out: Path, setting: str, inputs: list[Path], shared_inputs: lis
     check_location(out, setting, [p for p in inputs if not (p in shared_inputs and _inside(p, out))])
     if out.exists() and not out.is_dir():
         raise UserError(f"{setting}={out} is a file, not a folder; choose a folder name")
-    _writable(out, setting)
+    check_writable(out, setting, folder=True)
 
 
 @dataclass
