@@ -117,7 +117,9 @@ def test_stop_token_ends_a_row_and_is_not_returned(loaded):
     stop = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 10], [5, 6, 7, 8, 9, 11, 12]]
     picks = {0: [40, 41, stop], 1: [50] * 10, 2: [stop]}
-    choose = lambda row, generated, logits: picks[row][len(generated)]
+
+    def choose(row, generated, logits):
+        return picks[row][len(generated)]
     out = runtime.generate(prompts, choose, 6, {stop})
     assert [(g.ids, g.counted, g.finish_reason) for g in out] == [
         ([40, 41], 3, "stop"), ([50] * 6, 6, "length"), ([], 1, "stop")]
@@ -184,7 +186,8 @@ def test_quantize_q4_k_m_and_q8_0_then_audit_passes(tiny_gguf, tmp_path):
     assert report["passed"] is True and report["failure"] is None, report["failures"]
     checks = report["checks"]
     assert checks["vocabulary"] == {"transformers": 600, "llama.cpp": 600}
-    assert checks["special_tokens"]["llama.cpp"]["eos"] == 2 and checks["special_tokens"]["transformers"]["stop"] == [2, 0]
+    assert checks["special_tokens"]["llama.cpp"]["eos"] == 2
+    assert checks["special_tokens"]["transformers"]["stop"] == [2, 0]
     assert all(row["gguf_chat_template"] and row["ollama_modelfile"] for row in checks["prompts"])
     assert all(row["llama_cpp_equals_transformers"] for row in checks["dialogue_text"])
 
@@ -265,7 +268,8 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
         f"GGUF file not found: {tmp_path / 'missing.gguf'} (export one with `python export_gguf.py`, or pass a .gguf "
         f"from Ollama, LM Studio or llama.cpp)")
     (tmp_path / "empty").mkdir()
-    assert error(backend.load, tmp_path / "empty") == f"{tmp_path / 'empty'} holds no .gguf file; pass the .gguf file itself"
+    assert error(backend.load, tmp_path / "empty") == \
+        f"{tmp_path / 'empty'} holds no .gguf file; pass the .gguf file itself"
     two = tmp_path / "two"
     two.mkdir()
     for name in ("a.gguf", "b.gguf"):
