@@ -321,3 +321,29 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
     assert error(backend.load, tiny_gguf["f32"]) == (
         "the llama.cpp backend needs llama-cpp-python, which is not installed: run `make install-llama` or "
         "`pip install llama-cpp-python==0.3.36`")
+
+
+@pytest.mark.parametrize("case", ["truncated", "an unsupported architecture", "a BART GGUF", "not a GGUF"])
+def test_eval_refuses_a_bad_gguf_in_one_line(tiny_gguf, tmp_path, case):
+    """eval_bart_lora.py --model=<bad .gguf>: one error line, exit 2, no predictions or scores written."""
+    from conftest import error_line, run_stage
+    bad = tmp_path / "models" / "bad.gguf"
+    bad.parent.mkdir()
+    data = tiny_gguf["f32"].read_bytes()
+    if case == "truncated":
+        bad.write_bytes(data[:len(data) // 2])
+    elif case == "not a GGUF":
+        bad.write_text("hello")
+    else:
+        _fake_gguf(bad, "nonsense" if case == "an unsupported architecture" else "bart")
+    message = {"truncated": "the file is truncated or corrupt: re-download or re-export it",
+               "an unsupported architecture": "has no architecture 'nonsense', so it cannot run bad.gguf",
+               "a BART GGUF": "bad.gguf is a BART GGUF (encoder-decoder)",
+               "not a GGUF": "is not a GGUF file (it starts with b'hell', not b'GGUF')"}[case]
+    result = run_stage("eval_bart_lora.py", f"--model={bad}", "--tag=bad", f"--dataset={SAMPLES}", "--split=test",
+                       "--n_samples=0", root=tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in error_line(result)
+    metrics = tmp_path / "metrics"
+    written = sorted(p.name for p in metrics.iterdir()) if metrics.is_dir() else []
+    assert "bad_predictions.csv" not in written and "bad_eval.json" not in written

@@ -149,9 +149,16 @@ def _eval_candidates(gate_eval: str | None) -> tuple[list[Path], bool]:
         return (sorted(folder.glob("*_eval.json"), key=lambda p: -p.stat().st_mtime) if folder.is_dir() else []), False
     path = resolve(gate_eval)
     if path.is_dir():
-        return sorted(path.glob("*_eval.json"), key=lambda p: -p.stat().st_mtime), True
+        found = sorted(path.glob("*_eval.json"), key=lambda p: -p.stat().st_mtime)
+        if not found:
+            raise UserError(f"GATE_EVAL={gate_eval} holds no <tag>_eval.json; pass the folder eval_bart_lora.py "
+                            f"wrote (OUTPUT_DIR, default metrics) or one of its files")
+        return found, True
     if path.name.endswith("_predictions.csv"):
         path = path.with_name(path.name[:-len("_predictions.csv")] + "_eval.json")
+    elif path.is_file() and not path.name.endswith("_eval.json"):
+        raise UserError(f"GATE_EVAL={gate_eval} is not an evaluation: pass a <tag>_eval.json (or its "
+                        f"<tag>_predictions.csv) written by eval_bart_lora.py, or a folder of them")
     if not path.is_file():
         raise UserError(f"GATE_EVAL={gate_eval}: {path} does not exist; pass a <tag>_eval.json (or its "
                         f"<tag>_predictions.csv) written by eval_bart_lora.py, or leave GATE_EVAL unset")
