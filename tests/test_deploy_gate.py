@@ -266,14 +266,14 @@ def test_a_chat_template_the_gguf_would_not_use_fails_the_export(converter, tiny
     config["chat_template"] = "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + \
         (folder / "chat_template.jinja").read_text()
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1", root=tmp_path,
-                       check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = error_line(result)
-    assert re.fullmatch(r"error: GGUF audit failed: prompt \(dialogue 0, the GGUF's chat template\): token 1 differs: "
-                        r"project '[^']+' \(\d+\) vs llama\.cpp '[^']+' \(\d+\) \(\+\d+ more in the audit report\)",
-                        line)
-    assert not (tmp_path / "ft_outputs" / "gguf").exists() or not any((tmp_path / "ft_outputs" / "gguf").iterdir())
+    for unverified in ([], ["--verify=false"]):   # unverified but gated: the audit still runs before any score
+        result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1",
+                           *unverified, root=tmp_path, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.fullmatch(r"error: GGUF audit failed: prompt \(dialogue 0, the GGUF's chat template\): token 1 "
+                            r"differs: project '[^']+' \(\d+\) vs llama\.cpp '[^']+' \(\d+\) \(\+\d+ more in the "
+                            r"audit report\)", error_line(result))
+        assert not (tmp_path / "ft_outputs" / "gguf").exists()
 
 
 def test_gate_settings_are_checked_before_anything_runs(gated, tmp_path):

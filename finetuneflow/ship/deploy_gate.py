@@ -230,37 +230,49 @@ def _dataset_path(source: str) -> str | None:
     return source if is_hub_id(source) else None
 
 
-def held_out_rows(source, n: int, probe_dataset: str, probe_split: str, seed: int) -> tuple[list[dict], str, list[str]]:
-    """`n` rows the model was not trained on: the test (else validation) split of the data its
-    record names, rows it was trained on dropped; without such a record, the probe dataset's split."""
-    from finetuneflow.contract.data import load_dialogues, subset, training_overlap
-    from finetuneflow.ship.parity import load_probes
-    split = source.record.split
-    dataset = _dataset_path(split.source) if split is not None and split.source else None
-    if dataset is None:
-        rows, where = load_probes(probe_dataset, n, probe_split, seed)
-        return rows, f"{len(rows)} rows of split {probe_split!r} of {portable(where)} (the model's record names no " \
-                     f"training data)", []
+def _split_rows(split, dataset: str, n: int, seed: int) -> tuple[list[dict], str]:
+    """`n` rows of the test (else validation) split of the model's training data, as it was split."""
+    from finetuneflow.contract.data import load_dialogues, subset
     columns = split.columns or {}
-    try:
-        data = load_dialogues(dataset, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
-                              split.seed if split.seed is not None else 42, split.val_fraction or 0.1,
-                              split.test_fraction or 0.1, bool(split.normalize), split.hub_config)
-    except UserError as exc:
-        raise UserError(f"the deploy gate cannot read the model's training data {split.source} ({exc}); pass "
-                        f"--GATE_EVAL=<an evaluation of the model> or --GATE=off") from None
+    data = load_dialogues(dataset, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
+                          split.seed if split.seed is not None else 42, split.val_fraction or 0.1,
+                          split.test_fraction or 0.1, bool(split.normalize), split.hub_config)
     name = next((s for s in ("test", "validation") if len(data.splits.get(s, ())) > 0), None)
     if name is None:
-        raise UserError(f"{split.source} has no test or validation rows for the deploy gate; pass "
-                        f"--GATE_EVAL=<an evaluation of the model> or --GATE=off")
+        raise UserError(f"{split.source} has no test or validation rows")
     rows = [{"id": str(r["id"]), "dialogue": r["dialogue"], "summary": r["summary"]}
             for r in subset(data.splits[name], n, seed)]
+    return rows, f"the {name} split of {portable(split.source)}"
+
+
+def held_out_rows(source, n: int, probe_dataset: str, probe_split: str, seed: int) -> tuple[list[dict], str, list[str]]:
+    """`n` rows the model was not trained on: the test (else validation) split of the data its
+    record names; when that data is not here, the probe dataset's split. Rows the record lists as
+    training rows are dropped and counted."""
+    from finetuneflow.contract.data import training_overlap
+    from finetuneflow.ship.parity import load_probes
+    split, notes = source.record.split, []
+    dataset = _dataset_path(split.source) if split is not None and split.source else None
+    rows = None
+    if dataset is not None:
+        try:
+            rows, where = _split_rows(split, dataset, n, seed)
+        except UserError as exc:
+            notes.append(f"the model's training data could not be read for held-out rows ({exc})")
+    elif split is not None and split.source:
+        notes.append(f"the model's training data {split.source} is not here")
+    if rows is None:
+        rows, probes = load_probes(probe_dataset, n, probe_split, seed)
+        where = f"split {probe_split!r} of {portable(probes)}" + \
+            ("" if split is not None and split.source else " (the model's record names no training data)")
     trained = set(training_overlap(rows, split) or [])
-    notes = [f"{len(trained)} of the {len(rows)} rows were training rows and were dropped"] if trained else []
-    rows = [r for r in rows if r["id"] not in trained]
+    if trained:
+        notes.append(f"{len(trained)} of the {len(rows)} rows were training rows and were dropped")
+        rows = [r for r in rows if r["id"] not in trained]
     if not rows:
-        raise UserError(f"every {name} row of {split.source} the gate took was a training row; pass --GATE_EVAL")
-    return rows, f"{len(rows)} held-out rows of the {name} split of {portable(split.source)}", notes
+        raise UserError(f"every row the deploy gate took from {where} was a training row of the model; pass "
+                        f"--GATE_EVAL=<an evaluation of the model> or --GATE=off")
+    return rows, f"{len(rows)} held-out rows of {where}", notes
 
 
 def gate_input(source, settings, resolved) -> GateInput:

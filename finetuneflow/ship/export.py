@@ -138,6 +138,12 @@ class Exporter:
         """Where the deploy report is written now (inside a staged folder, or the checked paths)."""
         return report_paths
 
+    def audit(self, source: ModelFolder, settings: ExportSettings, resolved: Resolved, kind: str, staged: Path,
+              log) -> dict | None:
+        """The format's prompt and token audit alone (VERIFY=False with the gate on: it runs before any
+        score); None when the format has none."""
+        return None
+
     def forget_deploy_report(self, report_paths: dict[str, Path], kinds: list[str], log) -> None:
         """GATE=off: an earlier deploy report that judged a file this run replaces no longer holds."""
 
@@ -224,6 +230,9 @@ def _verify_all(exporter: Exporter, source: ModelFolder, settings: ExportSetting
                 raise UserError(failure if len(staged) == 1 else f"{kind}: {failure}")
         else:
             verification = {"passed": None, "skipped": "VERIFY=False: the export was not compared with the model"}
+            audit = exporter.audit(source, settings, resolved, kind, path, log) if settings.gate == "on" else None
+            if audit is not None:
+                verification["checks"] = {"audit": audit}
         out[kind] = verification
     return out
 

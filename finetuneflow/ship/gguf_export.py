@@ -288,6 +288,13 @@ class GGUFExporter(Exporter):
         name = f"{output_name(settings, source)}-{kind}.gguf"
         return self._verification.verify(kind, staged, self.modelfile(source, resolved, kind, name), log)
 
+    def audit(self, source, settings, resolved, kind, staged, log) -> dict:
+        from finetuneflow.model.loading import load_tokenizer
+        from finetuneflow.ship.gguf_verify import audit_gguf
+        name = f"{output_name(settings, source)}-{kind}.gguf"
+        return audit_gguf(source, load_tokenizer(str(source.path), source.family), resolved, staged, [],
+                          self.modelfile(source, resolved, kind, name), log)
+
     def artifact(self, source, kind, targets, staged):
         from finetuneflow.ship.deploy_gate import Artifact
         skipped = None

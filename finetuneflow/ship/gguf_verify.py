@@ -124,7 +124,7 @@ def llama_cpp_judged(source: ModelFolder, reference: LoadedModel, gguf_path: Pat
     return {**report.to_dict(), **details}
 
 
-def audit_gguf(source: ModelFolder, reference: LoadedModel, resolved: Resolved, gguf_path: Path, probes: list[dict],
+def audit_gguf(source: ModelFolder, tokenizer, resolved: Resolved, gguf_path: Path, probes: list[dict],
                modelfile: str | None, log=print) -> dict:
     """The prompt and token audit (ship/gguf_audit.py) before any score: the GGUF's vocabulary,
     stop tokens, chat template and the Ollama Modelfile that ships with it against the evaluated
@@ -136,7 +136,7 @@ def audit_gguf(source: ModelFolder, reference: LoadedModel, resolved: Resolved, 
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
     from finetuneflow.ship.gguf_audit import PROBES, check_gguf, side_by_side_lines
-    report = check_gguf(gguf_path, reference=reference.tokenizer, instruction=resolved.instruction,
+    report = check_gguf(gguf_path, reference=tokenizer, instruction=resolved.instruction,
                         dialogues=[text for _, text in PROBES] + [p["dialogue"] for p in probes], forged_turn=True,
                         max_input_length=resolved.max_input_length, modelfile=modelfile,
                         max_new_tokens=resolved.max_new_tokens if modelfile else None)
@@ -173,7 +173,7 @@ class GGUFVerification:
 
     def verify(self, outtype: str, gguf_path: Path, modelfile: str | None, log=print) -> dict:
         source, reference = self.source, self.source.reference_model()
-        audit = audit_gguf(source, reference, self.resolved, gguf_path, self.probes, modelfile, log)
+        audit = audit_gguf(source, reference.tokenizer, self.resolved, gguf_path, self.probes, modelfile, log)
         context = self.context()
         checks = {"transformers": transformers_check(source, reference, gguf_path, outtype, context),
                   "llama_cpp": llama_cpp_judged(source, reference, gguf_path, outtype, context)}
