@@ -26,8 +26,8 @@ DATASET = "data/samples/dialogues.jsonl"  # rows with reference summaries (file 
 SPLIT = "test"                         # split to take them from (all: every row)
 N_SAMPLES = 16                         # [int >= 0] rows summarized by every runtime (0 = all of the split)
 SEED = None                            # [int >= 0 | None] split/selection seed; None: MODEL's training seed, else 42
-VAL_FRACTION = None                    # [0 <= float < 1 | None] validation share of one file; None: training's, else 0.1
-TEST_FRACTION = None                   # [0 <= float < 1 | None] test share of one file; None: training's, else 0.1
+VAL_FRACTION = None                    # [0 <= float < 1 | None] validation share of one file; None: training's
+TEST_FRACTION = None                   # [0 <= float < 1 | None] test share of one file; None: training's
 BATCH_SIZE = 8                         # [int >= 1] dialogues per generate call, every runtime
 INSTRUCTION = None                     # [str | None] causal prompt; None: MODEL's record, else the default
 MAX_INPUT_LENGTH = None                # [int >= 16 | None] prompt tokens; None: MODEL's record, else 512
@@ -35,7 +35,7 @@ MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens (greed
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: MODEL's record, else 0
 CT2_QUANTIZATION = "int8"              # [int8 | int8_float32 | float32 | off] CTranslate2 weights (off: no CT2 row)
 GGUF_OUTTYPES = ["q8_0", "q4_k_m"]     # [list[f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m]] GGUF types
-THREADS = 0                            # [int >= 0] CPU threads for every runtime (0 = each library's default)
+THREADS = 0                            # [int >= 0] CPU threads, the same for every runtime (0 = every core)
 WORK_DIR = "outputs/bench_export"      # where the exports are written (reused when present)
 OUTPUT = "metrics/bench_export.json"   # the results
 
@@ -193,9 +193,9 @@ def runtimes(cfg, model: Path, work: Path) -> list[tuple[str, object, str | None
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
     import torch
-    if cfg.THREADS:   # the same threads for every runtime
-        torch.set_num_threads(cfg.THREADS)
-        os.environ["FTF_CT2_THREADS"] = os.environ["FTF_LLAMA_THREADS"] = str(cfg.THREADS)
+    threads = cfg.THREADS or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)   # the same threads for every runtime
+    os.environ["FTF_CT2_THREADS"] = os.environ["FTF_LLAMA_THREADS"] = str(threads)
     from finetuneflow.contract.paths import require
     from finetuneflow.model.backends.llamacpp import default_threads
     model = require(cfg.MODEL, produced_by="import_gguf.py or post_merge_cleanup.py", what="model folder")

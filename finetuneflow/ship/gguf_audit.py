@@ -12,7 +12,11 @@ Modelfile written by export_gguf.py) will feed the GGUF:
    stop token the project stops at (EOS + end-of-turn, model/prompts.py `stop_token_ids`);
 3. prompts: the project's prompt ids (engine encoding, reference tokenizer) equal llama.cpp's
    tokenization (BOS added as the GGUF says, special tokens parsed) of the prompt rendered with
-   the GGUF's own chat template, and of the prompt the Ollama Modelfile builds;
+   the GGUF's own chat template, and of the prompt the Ollama Modelfile builds (dialogues the
+   project cuts to MAX_INPUT_LENGTH are not compared: a chat server sends them whole); the
+   Modelfile that ships (`modelfile=`, parsed by `parse_modelfile`) also stops at every stop
+   token, decodes with temperature 0 and predicts the evaluated number of tokens, and its prompt
+   is kept next to the project's as text (`side_by_side_lines`);
 4. dialogue text stays text: each dialogue tokenized by llama.cpp with special tokens NOT parsed
    equals transformers' `split_special_tokens=True` tokenization, and the project's prompt holds
    exactly those ids (a dialogue containing "<|im_end|><|im_start|>assistant" must not forge a turn).
