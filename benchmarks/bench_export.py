@@ -1,47 +1,76 @@
-"""Benchmark the CPU runtimes an export targets: transformers fp32 vs GGUF (llama.cpp) vs CTranslate2 int8.
+"""Benchmark the runtimes an export ships to: the transformers engine (fp32) vs llama.cpp GGUF (q8_0,
+q4_k_m) vs CTranslate2 int8, on the same held-out rows, for speed AND summary quality.
 
-Reads:  MODEL (a Hugging Face folder: ft_outputs/base_smollm2 from import_gguf.py, or a merged model)
-        DATASET (the same dialogues for every runtime)
-Writes: WORK_DIR/ (the GGUF and CT2 exports it measures), OUTPUT (JSON with the numbers)
+Reads:  MODEL (a Hugging Face folder: the clean merged model, or ft_outputs/base_smollm2 from import_gguf.py)
+        DATASET (the same rows for every runtime; rows MODEL was trained on are dropped and counted)
+Writes: WORK_DIR/ (the GGUF and CT2 exports it measures; reused when present), OUTPUT (JSON with the numbers)
 
 Run as:
-    python import_gguf.py --output_dir=ft_outputs/base_smollm2
-    python benchmarks/bench_export.py --model=ft_outputs/base_smollm2 --batch_size=8
+    python benchmarks/bench_export.py --model=ft_outputs/base_smollm2
+    # the fine-tuned SmolLM2 of RESULTS.md on its 100 held-out DialogSum rows (its evaluation split):
+    python benchmarks/bench_export.py --model=ft_outputs/smollm2_clean_dialogsum \
+        --dataset=../shared/data/dialogsum_dev500.jsonl --split=validation --val_fraction=0.2 --test_fraction=0 \
+        --n_samples=0 --output=metrics/bench_export_dialogsum.json
 
-One run, same dialogues, same greedy decoding and the same prompt for every runtime (the shared
-engine's summarize(); llama.cpp gets the same prompt token ids). Each runtime gets one short
-warm-up call first. GGUF is measured only when llama-cpp-python is installed (it compiles
-llama.cpp, so the toolkit does not install it); otherwise its row says skipped.
+One run, the same rows, the same prompt and the same greedy decoding for every runtime, all through
+the project's one engine (engine/generation.py `summarize`: llama.cpp decodes each batch as parallel
+sequences of one context, CTranslate2 and transformers as padded batches). Each runtime gets one
+warm-up batch first. Per runtime: samples/s and generated tokens/s, the speed-up over transformers,
+ROUGE-1/2/L, and ROUGE-L(runtime) - ROUGE-L(transformers) with a paired-bootstrap 95% CI and the
+deploy gate's verdict (ship: not significantly worse), plus the share of identical summaries. The
+machine (CPU model, cores, threads) is recorded with the numbers. GGUF rows need llama-cpp-python;
+without it they say skipped.
 """
 MODEL = "ft_outputs/base_smollm2"     # Hugging Face model folder to benchmark
-DATASET = "data/samples/dialogues.jsonl"  # dialogues (file or Hub id)
-SPLIT = "train"                        # split to take them from
-N_SAMPLES = 16                         # [int >= 0] dialogues summarized by every runtime
-SEED = 42                              # [int >= 0] dialogue selection seed
-BATCH_SIZE = 8                         # [int >= 1] dialogues per generate call (llama.cpp: one at a time)
-MAX_INPUT_LENGTH = 512                 # [int >= 16] prompt tokens
-MAX_NEW_TOKENS = 64                    # [int >= 1 | None] summary tokens (greedy)
-CT2_QUANTIZATION = "int8"              # CTranslate2 weights
-GGUF_OUTTYPE = "q8_0"                  # GGUF weights (measured with llama-cpp-python when installed)
-THREADS = 0                            # [int >= 0] CPU threads for torch and CTranslate2 (0 = each library's default)
+DATASET = "data/samples/dialogues.jsonl"  # rows with reference summaries (file or Hub id)
+SPLIT = "test"                         # split to take them from (all: every row)
+N_SAMPLES = 16                         # [int >= 0] rows summarized by every runtime (0 = all of the split)
+SEED = None                            # [int >= 0 | None] split/selection seed; None: MODEL's training seed, else 42
+VAL_FRACTION = None                    # [0 <= float < 1 | None] validation share of one file; None: training's
+TEST_FRACTION = None                   # [0 <= float < 1 | None] test share of one file; None: training's
+BATCH_SIZE = 8                         # [int >= 1] dialogues per generate call, every runtime
+INSTRUCTION = None                     # [str | None] causal prompt; None: MODEL's record, else the default
+MAX_INPUT_LENGTH = None                # [int >= 16 | None] prompt tokens; None: MODEL's record, else 512
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens (greedy); None: MODEL's record, else 64
+NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: MODEL's record, else 0
+CT2_QUANTIZATION = "int8"              # [int8 | int8_float32 | float32 | off] CTranslate2 weights (off: no CT2 row)
+GGUF_OUTTYPES = ["q8_0", "q4_k_m"]     # [list[f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m]] GGUF types
+THREADS = 0                            # [int >= 0] CPU threads, the same for every runtime (0 = every core)
 WORK_DIR = "outputs/bench_export"      # where the exports are written (reused when present)
 OUTPUT = "metrics/bench_export.json"   # the results
 
 import os
+import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from finetuneflow.contract.errors import run_cli
+from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.io import atomic_dir, atomic_write_json
 from finetuneflow.contract.paths import resolve
-from finetuneflow.contract.record import RunRecord, write_record
+from finetuneflow.contract.record import RunRecord, read_record, write_record
 from finetuneflow.contract.settings import configure
 
+TRANSFORMERS = "transformers fp32"
+
+
+def machine() -> dict:
+    """The CPU the numbers come from."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else None, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- exports (reused when present)
 
 def ct2_export(model: Path, out: Path, quantization: str) -> Path:
     from finetuneflow.contract.record import Lineage
@@ -54,107 +83,143 @@ def ct2_export(model: Path, out: Path, quantization: str) -> Path:
     return out
 
 
-def llama_cpp_row(model: Path, work: Path, outtype: str, prompts: list[list[int]], max_new: int,
-                  stops: list[str]) -> dict:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
+def gguf_exports(model: Path, work: Path, outtypes: list[str]) -> dict[str, Path]:
+    """{type: file}: converter types directly, k-quants from one f16 file (as export_gguf.py makes them)."""
     from finetuneflow.contract.io import atomic_path
     from finetuneflow.ship.gguf_export import run_converter
-    gguf = work / f"{model.name}-{outtype}.gguf"
-    if not gguf.is_file():
-        with atomic_path(gguf) as tmp:
-            run_converter(model, tmp, outtype, None)
-    llm = Llama(model_path=str(gguf), n_ctx=max(len(p) for p in prompts) + max_new + 8, verbose=False, seed=0)
-    llm.create_completion(prompt=prompts[0][:16], max_tokens=4, temperature=0.0)   # warm-up
-    tokens, start, summaries = 0, time.perf_counter(), []
-    for ids in prompts:   # llama-cpp-python decodes one sequence at a time
-        out = llm.create_completion(prompt=ids, max_tokens=max_new, temperature=0.0, top_k=1, repeat_penalty=1.0,
-                                    stop=stops)
-        tokens += out["usage"]["completion_tokens"]
-        summaries.append(out["choices"][0]["text"].strip())
-    seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "samples_per_s": round(len(prompts) / seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "generated_tokens": tokens, "summaries": summaries,
-            "batch_size": 1, "gguf": str(gguf)}
+    from finetuneflow.ship.quantize import CONVERTER_TYPES, quantize
+    files = {kind: work / f"{model.name}-{kind}.gguf" for kind in outtypes}
+    for kind, path in files.items():
+        if path.is_file():
+            continue
+        if kind in CONVERTER_TYPES:
+            with atomic_path(path) as tmp:
+                run_converter(model, tmp, kind, None)
+        else:
+            source = gguf_exports(model, work, ["f16"])["f16"]
+            quantize(source, path, kind, log=lambda *_: None)
+    return files
 
 
-def load_dialogues_for(cfg) -> list[str]:
-    from finetuneflow.contract.data import get_split, load_dialogues, subset
+# ----------------------------------------------------------------------------- rows and decoding
+
+def rows_and_decoding(cfg, model: Path) -> tuple[list[dict], object, list[str]]:
+    """The rows (held out from MODEL's training, counted) and the one decoding every runtime uses."""
+    from finetuneflow.contract.data import get_split, load_dialogues, subset, training_overlap
+    from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.contract.paths import CODE_ROOT
+    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+    from finetuneflow.ship.deploy_gate import Decoding
+    record = read_record(model) or RunRecord("unknown")
+    record.inherit_into(cfg, ("SEED", "VAL_FRACTION", "TEST_FRACTION", "INSTRUCTION", "MAX_INPUT_LENGTH",
+                              "MAX_NEW_TOKENS", "NO_REPEAT_NGRAM_SIZE"))
+    defaults = {"SEED": 42, "VAL_FRACTION": 0.1, "TEST_FRACTION": 0.1, "INSTRUCTION": DEFAULT_INSTRUCTION,
+                "MAX_INPUT_LENGTH": 512, "MAX_NEW_TOKENS": 64, "NO_REPEAT_NGRAM_SIZE": 0}
+    for name, value in defaults.items():
+        if cfg[name] is None:
+            cfg[name] = value
     dataset = cfg.DATASET if resolve(cfg.DATASET).exists() or not (CODE_ROOT / cfg.DATASET).exists() \
         else str(CODE_ROOT / cfg.DATASET)
-    rows = subset(get_split(load_dialogues(dataset, seed=cfg.SEED), cfg.SPLIT), cfg.N_SAMPLES, cfg.SEED)
-    return [r["dialogue"] for r in rows]
+    data = load_dialogues(dataset, seed=cfg.SEED, val_fraction=cfg.VAL_FRACTION, test_fraction=cfg.TEST_FRACTION,
+                          normalize=bool(record.split.normalize) if record.split else False)
+    rows = [{"id": str(r["id"]), "dialogue": r["dialogue"], "summary": r["summary"]}
+            for r in subset(get_split(data, cfg.SPLIT), cfg.N_SAMPLES, cfg.SEED, shuffle=False)]
+    trained = set(training_overlap(rows, record.split) or [])
+    notes = [f"{len(trained)} of {len(rows)} rows were training rows of {model.name} and were dropped"] if trained \
+        else []
+    rows = [r for r in rows if r["id"] not in trained]
+    if not rows:
+        raise UserError(f"no held-out rows in split {cfg.SPLIT!r} of {cfg.DATASET}; choose another split")
+    generation = GenerationSettings(num_beams=1, max_new_tokens=cfg.MAX_NEW_TOKENS,
+                                    no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE, length_penalty=1.0)
+    return rows, Decoding(cfg.INSTRUCTION, cfg.MAX_INPUT_LENGTH, "truncate", generation), notes
 
 
-def measure(cfg, model: Path, dialogues: list[str]):
-    """transformers fp32 and CTranslate2 side by side, same dialogues and greedy settings."""
-    from finetuneflow.engine.generation import GenerationSettings, summarize
-    from finetuneflow.model.loading import load_model
-    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-    work = resolve(cfg.WORK_DIR)
-    settings = GenerationSettings(num_beams=1, max_new_tokens=cfg.MAX_NEW_TOKENS, no_repeat_ngram_size=0)
-    ct2_dir = work / f"ct2-{cfg.CT2_QUANTIZATION}"
-    runtimes = [("transformers fp32", lambda: load_model(str(model), device="cpu", dtype=torch.float32)),
-                (f"ctranslate2 {cfg.CT2_QUANTIZATION}",
-                 lambda: load_model(str(ct2_export(model, ct2_dir, cfg.CT2_QUANTIZATION)), device="cpu"))]
-    rows, outputs, reference, hf = {}, {}, None, None
-    for name, load in runtimes:
-        loaded = load()
-        hf = hf or loaded
-        summarize(loaded, dialogues[:1], GenerationSettings(num_beams=1, max_new_tokens=4), 1, cfg.MAX_INPUT_LENGTH,
-                  DEFAULT_INSTRUCTION, progress=False)   # warm-up: first-call allocations are not throughput
-        result = summarize(loaded, dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH, DEFAULT_INSTRUCTION,
-                           progress=False)
-        reference = reference or result.summaries
-        outputs[name] = result.summaries
-        rows[name] = {**result.timing(), "batch_size": cfg.BATCH_SIZE,
-                      "identical_to_transformers": sum(a == b for a, b in zip(result.summaries, reference))}
-        print(f"{name:>22}: {result.samples_per_s:.3f} summaries/s, {result.tokens_per_s:.1f} tokens/s "
-              f"({result.generated_tokens} tokens in {result.seconds:.1f} s)")
-    return rows, outputs, hf, work
+# ----------------------------------------------------------------------------- measuring
 
-
-def gguf_row(cfg, model: Path, work: Path, hf, dialogues: list[str]) -> dict:
-    from finetuneflow.engine.generation import encode
-    from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, stop_token_ids
-    if hf.family != "causal":
-        return {"skipped": "llama.cpp has no encoder-decoder support for this architecture"}
-    prompts = [encode(hf, d, DEFAULT_INSTRUCTION, cfg.MAX_INPUT_LENGTH)[0] for d in dialogues]
-    stops = [hf.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(hf.tokenizer)]
-    row = llama_cpp_row(model, work, cfg.GGUF_OUTTYPE, prompts, cfg.MAX_NEW_TOKENS, stops)
-    label = f"gguf {cfg.GGUF_OUTTYPE} (llama.cpp)"
-    print(f"{label:>22}: " + (f"skipped: {row['skipped']}" if "skipped" in row else
-                              f"{row['samples_per_s']:.3f} summaries/s, {row['tokens_per_s']:.1f} tokens/s (batch 1)"))
+def measure(name: str, load, rows: list[dict], decoding, batch_size: int, reference: dict | None) -> dict:
+    """One runtime: its summaries of the rows (after a warm-up batch), speed and quality."""
+    from finetuneflow.ship.deploy_gate import judge, run_side, scores_of
+    loaded = load()
+    try:
+        side = run_side(loaded, rows, decoding, batch_size, "run now")
+    finally:
+        close = getattr(loaded.model, "close", None)
+        if loaded.backend.name == "llama.cpp" and close is not None:
+            close()
+    scores = scores_of(side.summaries, rows)
+    row = {**side.timing, "batch_size": batch_size, "backend": loaded.backend.name, "dtype": str(loaded.dtype),
+           **{k: round(sum(s[k] for s in scores) / len(scores), 2) for k in ("rouge1", "rouge2", "rougeL")},
+           "summaries": side.summaries, "_scores": scores}
+    if reference is not None:
+        verdict = judge(reference["_scores"], scores, reference["summaries"], side.summaries)
+        row.update(verdict, speedup_samples_per_s=round(row["samples_per_s"] / reference["samples_per_s"], 2),
+                   speedup_tokens_per_s=round(row["tokens_per_s"] / reference["tokens_per_s"], 2))
+    print(line(name, row), flush=True)
     return row
+
+
+def line(name: str, row: dict) -> str:
+    text = f"{name:>24}: {row['samples_per_s']:.3f} samples/s, {row['tokens_per_s']:.1f} tokens/s, ROUGE-L " \
+           f"{row['rougeL']:.2f}"
+    if "delta_rougeL" in row:
+        d = row["delta_rougeL"]
+        text += (f"; {row['speedup_samples_per_s']}x samples/s, ΔROUGE-L {d['mean']:+.2f} [{d['low']:+.2f}, "
+                 f"{d['high']:+.2f}] -> {row['verdict']}, identical {row['identical']}/{len(row['summaries'])}")
+    return text
+
+
+def runtimes(cfg, model: Path, work: Path) -> list[tuple[str, object, str | None]]:
+    """(name, loader, why skipped) for every runtime, transformers first."""
+    import torch
+    from finetuneflow.model.loading import load_model
+    found = [(TRANSFORMERS, lambda: load_model(str(model), device="cpu", dtype=torch.float32), None)]
+    if cfg.GGUF_OUTTYPES:
+        try:
+            import llama_cpp  # noqa: F401
+            skipped = None
+        except ImportError:
+            skipped = "llama-cpp-python is not installed (make install-llama)"
+        files = gguf_exports(model, work, cfg.GGUF_OUTTYPES) if skipped is None else {}
+        for kind in cfg.GGUF_OUTTYPES:
+            found.append((f"llama.cpp {kind}", (lambda f=files.get(kind): load_model(str(f))), skipped))
+    if cfg.CT2_QUANTIZATION != "off":
+        ct2_dir = work / f"ct2-{cfg.CT2_QUANTIZATION}"
+        found.append((f"ctranslate2 {cfg.CT2_QUANTIZATION}",
+                      lambda: load_model(str(ct2_export(model, ct2_dir, cfg.CT2_QUANTIZATION)), device="cpu"), None))
+    return found
 
 
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
-    if cfg.THREADS:   # equal threads for both runtimes; 1 is the fair choice on a machine shared with other jobs
-        torch.set_num_threads(cfg.THREADS)
-        os.environ["FTF_CT2_THREADS"] = str(cfg.THREADS)
+    import torch
+    threads = cfg.THREADS or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)   # the same threads for every runtime
+    os.environ["FTF_CT2_THREADS"] = os.environ["FTF_LLAMA_THREADS"] = str(threads)
     from finetuneflow.contract.paths import require
-    model = require(cfg.MODEL, produced_by="import_gguf.py", what="model folder")
-    dialogues = load_dialogues_for(cfg)
-    rows, outputs, hf, work = measure(cfg, model, dialogues)
-    rows[f"gguf {cfg.GGUF_OUTTYPE} (llama.cpp)"] = gguf_row(cfg, model, work, hf, dialogues)
-    base = rows["transformers fp32"]
-    for row in rows.values():
-        if "tokens_per_s" in row:
-            row["speedup_tokens_per_s"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
-            row["speedup_samples_per_s"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
-    ct2_row = rows[f"ctranslate2 {cfg.CT2_QUANTIZATION}"]
-    print(f"ctranslate2 {cfg.CT2_QUANTIZATION} / transformers fp32: {ct2_row['speedup_samples_per_s']}x summaries/s, "
-          f"{ct2_row['speedup_tokens_per_s']}x tokens/s at batch {cfg.BATCH_SIZE}; "
-          f"{ct2_row['identical_to_transformers']}/{len(dialogues)} summaries identical")
-    report = {"model": str(model), "dialogues": len(dialogues), "max_input_length": cfg.MAX_INPUT_LENGTH,
-              "max_new_tokens": cfg.MAX_NEW_TOKENS, "torch_threads": torch.get_num_threads(),
-              "ct2_threads": int(os.environ.get("FTF_CT2_THREADS", "0")) or "default", "cpu_count": os.cpu_count(),
-              "load_average": os.getloadavg(), "runtimes": rows,
-              "examples": [{name: texts[i] for name, texts in outputs.items()} for i in range(min(2, len(dialogues)))]}
+    from finetuneflow.model.backends.llamacpp import default_threads
+    model = require(cfg.MODEL, produced_by="import_gguf.py or post_merge_cleanup.py", what="model folder")
+    rows, decoding, notes = rows_and_decoding(cfg, model)
+    work = resolve(cfg.WORK_DIR)
+    print(f"{len(rows)} rows of {cfg.DATASET} ({cfg.SPLIT}), greedy, {decoding.generation.max_new_tokens} new tokens, "
+          f"input {decoding.max_input_length} tokens, batch {cfg.BATCH_SIZE}; machine: {machine()['cpu']}")
+    results, reference = {}, None
+    for name, load, skipped in runtimes(cfg, model, work):
+        if skipped:
+            results[name] = {"skipped": skipped}
+            print(f"{name:>24}: skipped: {skipped}")
+            continue
+        results[name] = measure(name, load, rows, decoding, cfg.BATCH_SIZE, reference)
+        reference = reference or results[name]
+    for row in results.values():
+        row.pop("_scores", None)
+    report = {"model": str(model), "rows": len(rows), "dataset": cfg.DATASET, "split": cfg.SPLIT,
+              "decoding": decoding.as_dict(), "batch_size": cfg.BATCH_SIZE, "machine": machine(),
+              "threads": {"torch": torch.get_num_threads(), "llama.cpp": default_threads(),
+                          "ctranslate2": int(os.environ.get("FTF_CT2_THREADS", "0")) or "default"},
+              "notes": notes, "runtimes": results,
+              "examples": [{"id": rows[i]["id"], **{name: r["summaries"][i] for name, r in results.items()
+                                                    if "summaries" in r}} for i in range(min(3, len(rows)))]}
     out = resolve(cfg.OUTPUT)
     atomic_write_json(out, report)
     write_record(out.parent, RunRecord("bench_export"), cfg, [model], name=f"{out.stem}.run_config.json")

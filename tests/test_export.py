@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))   # the stage scripts, for in-process calls of mai
 GENERATION = {"num_beams": 4, "max_new_tokens": 12, "min_new_tokens": None, "no_repeat_ngram_size": 3,
               "length_penalty": None}
 INSTRUCTION = "Summarize this chat in one sentence."
-FAST = ["--n_probes=2", "--batch_size=2"]
+FAST = ["--n_probes=2", "--batch_size=2", "--gate=off"]   # the deploy gate: tests/test_deploy_gate.py, and below
 NOT_INSTALLED = "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"
 
 
@@ -43,6 +43,10 @@ def merged_llama(tiny_models, tmp_path_factory):
         "stage": "post_merge_cleanup", "family": "causal", "instruction": INSTRUCTION, "generation": GENERATION,
         "max_input_length": 256, "merged_from": "ft_outputs/llama_lora"}))
     return folder
+
+
+def report_verdict(folder) -> str:
+    return json.loads((folder / "export_report.json").read_text())["deploy"]
 
 
 def render_go_template(template: str, prompt: str, system: str = "") -> str:
@@ -141,11 +145,21 @@ def test_bart_to_gguf_is_refused_with_the_ct2_command(tiny_models, project):
 
 def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     result = run_stage("export_gguf.py", f"--model={tiny_models['bart']}", "--format=ct2", "--quantization=float32",
-                       *FAST, root=project)
+                       "--n_probes=2", "--batch_size=2", root=project)
     out = project / "ft_outputs" / "ct2" / "tiny-bart-float32"
     assert files_under(out) == {"model.bin", "config.json", "shared_vocabulary.json", "tokenizer.json",
                                 "tokenizer_config.json", "generation_config.json", "hf_config.json",
-                                "run_config.json", "export_report.json"}
+                                "run_config.json", "export_report.json", "deploy_report.json", "deploy_report.html"}
+    # the deploy gate ran CTranslate2 on held-out rows (no evaluation of this model: transformers ran too)
+    deploy = json.loads((out / "deploy_report.json").read_text())
+    (row,) = deploy["artifacts"]
+    assert (row["label"], row["runtime"]) == ("float32", "ctranslate2") and row["bytes"] > 0
+    # float32, but other kernels: a random tiny model's near-ties can flip a beam (3 of 4 rows identical here)
+    assert row["identical_share"] >= 0.5 and row["verdict"] == ("ship" if row["delta_rougeL"]["high"] >= 0 else "hold")
+    assert deploy["rows"]["from"] == "4 held-out rows of split 'test' of data/samples/dialogues.jsonl (the model's " \
+                                     "record names no training data)"
+    assert deploy["reference"]["how"].endswith("run now with the same decoding as the artifacts")
+    assert report_verdict(out) == row["verdict"] and "deploy gate on 4 rows" in result.stdout
     report = json.loads((out / "export_report.json").read_text())
     check = report["verification"]["checks"]["ctranslate2"]
     assert report["verification"]["passed"] is True and (check["check"], check["key"]) == ("ct2", "float32")

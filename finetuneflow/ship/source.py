@@ -10,7 +10,7 @@ are not).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetuneflow.contract.errors import UserError, first_line
@@ -30,10 +30,20 @@ class ModelFolder:
     family: Family
     model_type: str
     record: RunRecord           # its run record (stage "unknown" when it has none)
+    _reference: object = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    def reference_model(self):
+        """The model loaded in float32 by transformers, once: the verification and the deploy gate
+        compare every export against it."""
+        if self._reference is None:
+            import torch
+            from finetuneflow.model.loading import load_model
+            self._reference = load_model(str(self.path), dtype=torch.float32)
+        return self._reference
 
 
 def has_model_weights(folder: Path) -> bool:

