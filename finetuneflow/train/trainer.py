@@ -163,6 +163,33 @@ def loss_follows_num_items(model: torch.nn.Module) -> bool:
         return True
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (causal) model can compute logits for chosen positions only (`logits_to_keep`)."""
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def summary_logits_only(inputs: dict) -> dict:
+    """Causal rows carry labels (-100 elsewhere) on the summary only, so only the positions that
+    predict a summary token need the vocabulary projection and the cross-entropy (~90% of the
+    logits of a DialogSum row are prompt positions): keep the span of positions from the one
+    before the batch's first label to its last label (`logits_to_keep`, one span for the batch;
+    group_by_length keeps the rows of a batch alike) and the labels over the same span. The
+    model's loss shifts the sliced labels exactly as it shifts full ones, so the loss and the
+    gradients are the same as with every position."""
+    labels = inputs.get("labels")
+    if labels is None or labels.dim() != 2:
+        return inputs
+    targets = (labels != -100).any(dim=0).nonzero().flatten()
+    if not len(targets):
+        return inputs
+    first, last = max(0, int(targets[0]) - 1), int(targets[-1])
+    return {**inputs, "labels": labels[:, first:last + 1],
+            "logits_to_keep": torch.arange(first, last + 1, device=labels.device)}
+
+
 class SummarizationTrainer(Trainer):
     """A Trainer whose evaluations add ROUGE of generated summaries (key `eval_rougeL` etc.), which
     counts samples and real (non-padding) tokens of its training steps, keeps a resumable data
@@ -180,6 +207,7 @@ class SummarizationTrainer(Trainer):
         self.select_on, self.faithfulness_margin = select_on, faithfulness_margin
         self.selection = selection.Selection(None, None)
         self.decoder_tokens_count = bool(getattr(unwrap(self.model).config, "is_encoder_decoder", False))
+        self.slice_logits = not self.decoder_tokens_count and accepts_logits_to_keep(self.model)
         self.session = {"samples": 0, "tokens": 0, "padded_tokens": 0, "eval_seconds": 0.0, "save_seconds": 0.0,
                         "wall_seconds": 0.0, "start_step": 0, "generation_seconds": 0.0, "loss_seconds": 0.0}
         self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=self.args.device)
@@ -205,9 +233,15 @@ class SummarizationTrainer(Trainer):
             pad = self.processing_class.pad_token_id if self.processing_class is not None else None
             self.session["tokens"] += int(((labels != -100) & (labels != pad)).sum())
             self.session["padded_tokens"] += int(labels.numel())
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, summary_logits_only(inputs) if self.slice_logits else inputs,
+                                     num_items_in_batch)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).to(self.nonfinite_losses.device).sum()
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.slice_logits and prediction_loss_only:
+            inputs = summary_logits_only(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
