@@ -123,8 +123,9 @@ def main(argv=None) -> dict:
     from finetuneflow.train.lora import add_lora, load_base
     steps.begin(job)                       # process state (one per device under accelerate) and seed
     base = load_base(settings, job.state.device)   # config, lengths, 4-bit, weights, LoRA targets
+    steps.decide(job, base)                # precision and family decoding defaults (checked, nothing written)
     tokenized = steps.tokenize(job, base)  # impossible lengths fail here, before the run folder is touched
-    steps.decide(job, base, tokenized)     # precision, family decoding defaults, evaluation subset, selection rule
+    steps.plan_evaluations(job, base, tokenized)   # the fixed evaluation subset, the selection rule
     steps.start(job)                       # the run folder is prepared only now
     model = add_lora(base.loaded, base.targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout,
                      base.in_4bit, settings.gradient_checkpointing)

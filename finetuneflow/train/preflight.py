@@ -92,6 +92,11 @@ def check_tracking(settings: TrainSettings, out: Path) -> tuple[list[str], Path 
     if where == out or out in where.parents:
         raise UserError(f"TRACKING_DIR={where} is inside OUTPUT_DIR {out}, whose files are the run's outputs; choose "
                         f"a folder outside it (the default is runs)")
+    existing = where
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"TRACKING_DIR={where}: {existing} is not a writable folder; choose a writable location")
     return chosen, where
 
 

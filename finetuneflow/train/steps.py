@@ -1,9 +1,9 @@
 """The heavy part of a training run (torch, transformers, peft), after preflight.py has decided:
 
 1. `begin`: the process state (one per device under `accelerate launch`) and the seed;
-   lora.load_base, `tokenize` and `decide` (precision, decoding defaults, the evaluation subset,
-   the selection rule) run every check that needs the model or the tokenizer (only the
-   tokenized-split cache is written).
+   lora.load_base, `decide` (precision, decoding defaults) and `tokenize` run every check that
+   needs the model or the tokenizer (only the tokenized-split cache is written);
+   `plan_evaluations` fixes the evaluation subset and the selection rule.
 2. `start`: the run folder is prepared (main process) - from here on a failure leaves an
    unfinished run that the next command resumes, or replaces when it is not worth keeping.
 3. `build_trainer`, `run_training` (a non-finite loss marks the run failed and stops with one
@@ -75,22 +75,36 @@ def evaluation_subset(job: TrainJob, base: Base, tokenized: dict) -> GenerationE
                           float(s.eval_budget_seconds), selectable, why)
 
 
-def decide(job: TrainJob, base: Base, tokenized: dict) -> None:
-    """Precision, decoding (family defaults), the evaluation subset and the selection rule: all
-    resolved before the run folder is touched, printed once and recorded."""
+def summary_lengths(job: TrainJob, base: Base) -> list[int]:
+    """Tokens of each training summary as the model learns it (EOS included, at most MAX_TARGET_LENGTH)."""
+    summaries = [str(text) for text in job.train_rows["summary"]]
+    if not summaries:
+        return []
+    ids = base.loaded.tokenizer(summaries, add_special_tokens=False)["input_ids"]
+    return [min(len(row) + 1, job.settings.max_target_length) for row in ids]
+
+
+def decide(job: TrainJob, base: Base) -> None:
+    """Precision and decoding (family defaults from the training summaries), before anything is
+    written (a MIN_NEW_TOKENS over the resolved maximum fails here)."""
     s = job.settings
     job.precision = resolve_precision(s.precision, job.state.device, base.family, base.in_4bit,
                                       parameter_count(base.loaded.model)[1])
-    summary_tokens = [sum(1 for t in labels if t != -100) for labels in tokenized["train"]["labels"]]
-    job.generation, job.generation_sources = evaluation.resolve_generation(base.family, s.generation, summary_tokens,
+    lengths = summary_lengths(job, base) if s.max_new_tokens is None else []
+    job.generation, job.generation_sources = evaluation.resolve_generation(base.family, s.generation, lengths,
                                                                           s.max_target_length)
+    job.say(f"precision: {job.precision.describe()} ({job.precision.reason})")
+
+
+def plan_evaluations(job: TrainJob, base: Base, tokenized: dict) -> None:
+    """The evaluation subset and the selection rule in force, said once."""
+    s = job.settings
     job.eval_spec = evaluation_subset(job, base, tokenized)
     job.select_on, job.select_note = s.select_on, ""
     if s.select_on == "rougeL_faithful" and not job.eval_spec.rate_selectable:
         job.select_on = "rougeL"
         job.select_note = f"SELECT_ON=rougeL_faithful falls back to rougeL: {job.eval_spec.rate_note}"
     g, spec = job.generation, job.eval_spec
-    job.say(f"precision: {job.precision.describe()} ({job.precision.reason})")
     sources = "; ".join(f"{k}: {v}" for k, v in job.generation_sources.items())
     job.say(f"evaluations generate {len(spec.dialogues)} of {len(job.val_rows)} validation rows (length-stratified) "
             f"with num_beams={g.num_beams}, max_new_tokens={g.max_new_tokens}" + (f" ({sources})" if sources else "")
