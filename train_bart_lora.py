@@ -3,8 +3,26 @@
 Works for seq2seq models (BART, T5) and decoder-only models (Llama, Phi-3, Qwen, SmolLM, ...): the
 family comes from the model's config. Causal models learn "prompt -> summary + EOS" with the loss on
 the summary only, through the same prompt the generation engine uses later. Every evaluation
-reports the validation loss AND the ROUGE of summaries generated with NUM_BEAMS ... LENGTH_PENALTY
-below (recorded in run_config.json, so later stages generate the same way).
+reports the validation loss (every validation row) AND the ROUGE and unsupported-mention rate of
+summaries generated with NUM_BEAMS ... LENGTH_PENALTY below (recorded in run_config.json, so later
+stages generate the same way) for a fixed, length-stratified subset of the validation rows
+(EVAL_GENERATE_SAMPLES), on a time budget (EVAL_BUDGET_SECONDS), and logs what each part cost.
+
+Family defaults (NUM_BEAMS, MAX_NEW_TOKENS, EVAL_GENERATE_SAMPLES left at None):
+  seq2seq (BART, T5): the seed's 4 beams, 192 new tokens, every validation row;
+  causal (Llama, SmolLM, ...): greedy, 1.25 x the 95th percentile of the training summaries' tokens
+  (rounded up to 8, at most MAX_TARGET_LENGTH), 24 rows. The resolved values and their source are
+  printed and recorded (run_config.json "generation" / "generation_sources").
+Time budget: the first evaluation stops starting batches once the next would end past
+EVAL_BUDGET_SECONDS; the rows it finished are the rows of every later evaluation (same rows for
+every checkpoint); the log line says when a later one runs over.
+Checkpoint selection (SELECT_ON): rougeL = highest validation ROUGE-L. rougeL_faithful = highest
+ROUGE-L among the checkpoints whose unsupported-mention rate is at most the lowest rate seen so far
++ FAITHFULNESS_MARGIN, decided again after every evaluation (finetuneflow/train/selection.py);
+on dialogues longer than the check was validated for, it falls back to rougeL and says so.
+Precision (PRECISION): autocast only, LoRA weights and AdamW stay fp32. auto = bf16 on a GPU that
+has it (else fp16); on a CPU, bf16 only with native bf16 (avx512_bf16/AMX) for causal models of
+>= 50M parameters (measured as good as fp32; see benchmarks/training.md), else fp32.
 
 Reads:  DATASET (Hub id or local file/folder), MODEL (Hub id or local folder)
 Writes: OUTPUT_DIR/ exactly these files when the run finishes:
@@ -34,7 +52,9 @@ Run as:
     accelerate launch --num_processes 2 train_bart_lora.py ...  # DDP on 2 GPUs (FSDP/DeepSpeed: `accelerate config`)
     accelerate launch --multi_gpu --num_processes 2 train_bart_lora.py ...  # no GPU: 2 CPU processes, DDP over gloo
       (accelerate's `--cpu --num_processes 2` starts only ONE process unless MPI is set up)
-Tracking: W&B online with WANDB_API_KEY, offline with WANDB_MODE=offline (files in ./wandb), off otherwise.
+Tracking (REPORT_TO, the Trainer's integrations, the same metrics in each): auto = W&B online with
+WANDB_API_KEY, offline with WANDB_MODE=offline (files in ./wandb), off otherwise; tensorboard
+(TRACKING_DIR/tensorboard/), mlflow (a file store in TRACKING_DIR/mlflow, or $MLFLOW_TRACKING_URI).
 """
 MODEL = "facebook/bart-large-cnn"       # Hub id or local folder; seq2seq (BART/T5) or causal (Llama, Qwen, ...)
 DATASET = "knkarthick/highlightsum"  # Hub id or local .jsonl/.json/.csv/.parquet file or folder
@@ -61,14 +81,18 @@ LOAD_IN_4BIT = False                   # [bool | None] QLoRA: nf4 4-bit base wit
 ALLOW_CPU_FALLBACK = False    # when 4-bit is unavailable here, train the full-precision model instead of failing
 GRADIENT_CHECKPOINTING = False  # trade compute for memory (long inputs, small GPUs)
 INSTRUCTION = None                     # [str | None] causal prompt instruction; None: prompts.DEFAULT_INSTRUCTION
-NUM_BEAMS = 4                          # [int >= 1 | None] beams for eval ROUGE, recorded for later stages
-MAX_NEW_TOKENS = 192                   # [int >= 1 | None] longest generated summary, tokens
+NUM_BEAMS = None                       # [int >= 1 | None] eval beams (recorded); None: family default (see above)
+MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens; None: family default (seq2seq 192)
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] shortest generated summary, tokens (None: model default)
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: model default (bart-large-cnn: 3)
 LENGTH_PENALTY = 1.0                   # [float | None] beam-search length penalty (None: model default)
 EVAL_STEPS = 0                         # [int >= 0] evaluate and checkpoint every N optimizer steps; 0 = once per epoch
 EVAL_ON_START = True          # evaluate before training too: the zero-shot ROUGE baseline
 EVAL_BATCH_SIZE = 8                    # [int >= 1] batch size for validation loss and generation
+EVAL_GENERATE_SAMPLES = None           # [int >= 0 | None] stratified rows per eval (0 = all); None: family default
+EVAL_BUDGET_SECONDS = 120              # [float >= 0] generation seconds per evaluation (0 = no limit)
+SELECT_ON = "rougeL"                   # [rougeL | rougeL_faithful] how the best checkpoint is chosen
+FAITHFULNESS_MARGIN = 0.05             # [0 <= float <= 1] rougeL_faithful: rate allowed above the lowest
 EARLY_STOPPING_PATIENCE = 0            # [int >= 0] stop after N evaluations without a better ROUGE-L (0 = off)
 MAX_STEPS = 0                          # [int >= 0] cap on optimizer steps (0 = EPOCHS decides)
 LOGGING_STEPS = 10                     # [int >= 1] log the training loss every N steps
@@ -79,6 +103,9 @@ OVERWRITE = False             # replace an OUTPUT_DIR that holds a run with othe
 KEEP_CHECKPOINTS = False      # keep OUTPUT_DIR/checkpoints after a finished run
 CACHE_DIR = ".cache/tokenized"  # tokenized-split cache ("" = off)
 OUTPUT_DIR = "ft_outputs/bart_lora_highlightsum"  # the adapter folder later stages read
+PRECISION = "auto"                     # [auto | fp32 | bf16 | fp16] autocast precision (fp32 weights); auto: see above
+REPORT_TO = "auto"                     # [auto | none | list[wandb | tensorboard | mlflow]] trackers
+TRACKING_DIR = "runs"                  # tensorboard event files and the MLflow file store go below this folder
 
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.settings import configure
@@ -96,7 +123,9 @@ def main(argv=None) -> dict:
     from finetuneflow.train.lora import add_lora, load_base
     steps.begin(job)                       # process state (one per device under accelerate) and seed
     base = load_base(settings, job.state.device)   # config, lengths, 4-bit, weights, LoRA targets
+    steps.decide(job, base)                # precision and family decoding defaults (checked, nothing written)
     tokenized = steps.tokenize(job, base)  # impossible lengths fail here, before the run folder is touched
+    steps.plan_evaluations(job, base, tokenized)   # the fixed evaluation subset, the selection rule
     steps.start(job)                       # the run folder is prepared only now
     model = add_lora(base.loaded, base.targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout,
                      base.in_4bit, settings.gradient_checkpointing)
@@ -104,9 +133,9 @@ def main(argv=None) -> dict:
     job.say(f"model {settings.model} ({base.family}{', 4-bit' if base.in_4bit else ''}) on {job.state.device} "
             f"x{job.state.num_processes}: LoRA r={settings.lora_r} on {base.targets}: {trainable:,} trainable of "
             f"{total:,} parameters ({trainable / total:.3%})")
-    run = steps.start_tracking(job)
+    run, active = steps.start_tracking(job)
     try:
-        trainer = steps.build_trainer(job, base, model, tokenized, run)
+        trainer = steps.build_trainer(job, base, model, tokenized, active)
         steps.run_training(job, trainer)
         return steps.finish(job, base, trainer, tokenized, run)
     finally:

@@ -1,10 +1,14 @@
-"""Benchmark: the seed's training batches vs this trainer's, same model, same rows, same steps.
+"""Benchmark: the seed's training batches vs this trainer's (fp32 and bf16 autocast), same model,
+same rows, same steps.
 
 The seed tokenized in `datasets.map` with padding="max_length" (dialogues to 768 tokens, summaries
 to 192; for a causal model: prompt + summary padded to 768 + 192) and left the label pads as the
 pad id, so every sample costs the full length and the loss also trains on padding.
 train_bart_lora.py tokenizes without padding, pads each batch to its longest row (labels -100)
-and groups rows of similar length (group_by_length).
+and groups rows of similar length (group_by_length); on a CPU with native bf16 (avx512_bf16 or
+AMX) it also trains under bf16 autocast (`--precision=auto|bf16`: LoRA weights, gradients and
+AdamW stay fp32). The recipes: `seed_max_length` (fp32, as the seed ran on a CPU), `dynamic`
+(fp32) and `dynamic_bf16` (skipped with a note where the CPU has no native bf16).
 
 Both recipes train the same LoRA (r=8 on the architecture's default targets) for STEPS optimizer
 steps of BATCH_SIZE x GRAD_ACCUM samples on the same STEPS x BATCH_SIZE x GRAD_ACCUM training rows
@@ -33,6 +37,8 @@ MAX_INPUT_LENGTH = 768                 # [int >= 16] the seed's input padding le
 MAX_TARGET_LENGTH = 192                # [int >= 2] the seed's label padding length
 SEED = 42                              # [int >= 0] row subset and data order
 REPEATS = 1                            # [int >= 1] runs per recipe, interleaved; the fastest counts (noisy machines)
+THREADS = 0                            # [int >= 0] torch CPU threads per recipe (0 = torch's default; 1 is steadier when shared)
+RECIPES = ["seed_max_length", "dynamic", "dynamic_bf16"]  # [list[seed_max_length | dynamic | dynamic_bf16]] recipes to run
 OUTPUT_JSON = ""                     # also write the results here ("" = print only)
 
 import multiprocessing
@@ -48,7 +54,7 @@ from finetuneflow.contract.errors import run_cli  # noqa: E402
 from finetuneflow.contract.io import atomic_write_json  # noqa: E402
 from finetuneflow.contract.paths import resolve  # noqa: E402
 
-RECIPES = ("seed_max_length", "dynamic")
+BASELINE = "seed_max_length"
 
 
 def seed_batches(rows, tokenizer, spec):
@@ -119,8 +125,12 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
     from finetuneflow.model.loading import load_model
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
 
+    import torch
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
+    if settings.get("THREADS"):
+        torch.set_num_threads(settings["THREADS"])
+    bf16 = recipe.endswith("_bf16")
     set_seed(settings["SEED"])
     loaded = load_model(model_name, device="cpu", for_training=True)
     targets = lora.resolve_target_modules(loaded.model, None, loaded.family)
@@ -132,7 +142,7 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
                                  seq2seq_prefix(loaded.model.config) if loaded.family == SEQ2SEQ else "",
                                  settings["MAX_INPUT_LENGTH"], settings["MAX_TARGET_LENGTH"])
     start = time.perf_counter()
-    if recipe == "dynamic":
+    if recipe.startswith("dynamic"):
         train_ds, _ = encoding.tokenize_split(rows, loaded.tokenizer, spec, None, "bench")
         collator, sampling = encoding.make_collator(loaded.tokenizer, loaded.device), "group_by_length"
     else:
@@ -142,9 +152,9 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=settings["BATCH_SIZE"],
                                  gradient_accumulation_steps=settings["GRAD_ACCUM"], max_steps=settings["STEPS"],
                                  learning_rate=2e-4, save_strategy="no", eval_strategy="no", report_to="none",
-                                 logging_steps=1, train_sampling_strategy=sampling, use_cpu=True,
+                                 logging_steps=1, train_sampling_strategy=sampling, use_cpu=True, bf16=bf16,
                                  seed=settings["SEED"], disable_tqdm=True, label_names=["labels"])
-        trainer_class = GroupedTrainer if recipe == "dynamic" else trainer.SummarizationTrainer
+        trainer_class = GroupedTrainer if recipe.startswith("dynamic") else trainer.SummarizationTrainer
         run = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                             processing_class=loaded.tokenizer)
         run.remove_callback(PrinterCallback)
@@ -154,6 +164,7 @@ def run_recipe(recipe: str, model_name: str, dataset: str, settings: dict) -> di
     speed = run.throughput()
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     return {"recipe": recipe, "model": model_name, "family": loaded.family, "rows": len(rows),
+            "precision": "bf16 autocast" if bf16 else "fp32", "threads": torch.get_num_threads(),
             "steps": run.state.global_step, "samples": speed["samples"], "train_seconds": speed["train_seconds"],
             "samples_per_s": speed["samples_per_s"], "tokens_per_s": speed["tokens_per_s"],
             "cpu_seconds": round(cpu_seconds, 2), "samples_per_cpu_s": round(speed["samples"] / cpu_seconds, 4),
@@ -166,11 +177,51 @@ def in_fresh_process(*args) -> dict:
         return pool.apply(run_recipe, args)
 
 
+def cpu_has_native_bf16() -> bool:
+    from finetuneflow.train.precision import cpu_bf16_support
+    return cpu_bf16_support()[0]
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    """Every recipe's speed and memory as ratios to the seed's recipe (same run, same rows)."""
+    seed = runs.get(BASELINE)
+    ratios = {}
+    for recipe, r in runs.items():
+        if seed is None or recipe == BASELINE:
+            continue
+        ratios[recipe] = {"samples_per_s": round(r["samples_per_s"] / seed["samples_per_s"], 2),
+                          "tokens_per_s": round(r["tokens_per_s"] / seed["tokens_per_s"], 2),
+                          "samples_per_cpu_s": round(r["samples_per_cpu_s"] / seed["samples_per_cpu_s"], 2),
+                          "peak_rss": round(r["peak_rss_mb"] / seed["peak_rss_mb"], 2)}
+    return ratios
+
+
+def print_result(result: dict, cfg, settings: dict) -> None:
+    runs = result["runs"]
+    first = next(iter(runs.values()))
+    print(f"\n{result['model']} ({first['family']}): {first['steps']} steps x {cfg.BATCH_SIZE}x{cfg.GRAD_ACCUM} samples, "
+          f"lengths {settings['MAX_INPUT_LENGTH']}/{settings['MAX_TARGET_LENGTH']}, {first['threads']} thread(s), "
+          f"best of {max(1, cfg.REPEATS)}")
+    print(f"  {'recipe':<16}{'samples/s':>10}{'tokens/s':>10}{'padded tok/s':>13}{'train s':>9}"
+          f"{'samples/CPU-s':>14}{'peak RSS MB':>12}{'first loss':>11}")
+    for recipe, r in runs.items():
+        print(f"  {recipe:<16}{r['samples_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}{r['padded_tokens_per_s']:>13.1f}"
+              f"{r['train_seconds']:>9.1f}{r['samples_per_cpu_s']:>14.4f}{r['peak_rss_mb']:>12.1f}"
+              f"{r['first_loss'] or float('nan'):>11.4f}")
+    for recipe, ratio in result["vs_seed"].items():
+        print(f"  {recipe} / seed: samples/s x{ratio['samples_per_s']}, tokens/s x{ratio['tokens_per_s']}, "
+              f"samples/CPU-s x{ratio['samples_per_cpu_s']}, peak RSS x{ratio['peak_rss']}")
+
+
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv)
     settings = {k: cfg[k] for k in ("STEPS", "BATCH_SIZE", "GRAD_ACCUM", "MAX_INPUT_LENGTH", "MAX_TARGET_LENGTH",
-                                    "SEED")}
+                                    "SEED", "THREADS")}
     dataset = str(resolve(cfg.DATASET))
+    recipes = list(dict.fromkeys(cfg.RECIPES))
+    if "dynamic_bf16" in recipes and not cpu_has_native_bf16():
+        recipes.remove("dynamic_bf16")
+        print("note: this CPU has no native bf16 (avx512_bf16 or AMX): the dynamic_bf16 recipe is skipped")
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.MODEL_NAME:
             models = [str(resolve(cfg.MODEL_NAME)) if resolve(cfg.MODEL_NAME).exists() else cfg.MODEL_NAME]
@@ -182,32 +233,14 @@ def main(argv=None) -> dict:
             models = [str(build_tiny_bart(tmp)), str(build_tiny_llama(tmp))]
         results = []
         for model in models:
-            runs = {recipe: [] for recipe in RECIPES}
+            found = {recipe: [] for recipe in recipes}
             for _ in range(max(1, cfg.REPEATS)):
-                for recipe in RECIPES:
-                    runs[recipe].append(in_fresh_process(recipe, model, dataset, settings))
-            pair = {recipe: max(found, key=lambda r: r["samples_per_s"]) for recipe, found in runs.items()}
-            seed, dynamic = pair["seed_max_length"], pair["dynamic"]
-            results.append({"model": model, "settings": settings, "seed_max_length": seed, "dynamic": dynamic,
-                            "samples_per_s_ratio": round(dynamic["samples_per_s"] / seed["samples_per_s"], 2),
-                            "tokens_per_s_ratio": round(dynamic["tokens_per_s"] / seed["tokens_per_s"], 2),
-                            "samples_per_cpu_s_ratio": round(dynamic["samples_per_cpu_s"] / seed["samples_per_cpu_s"],
-                                                             2),
-                            "peak_rss_ratio": round(dynamic["peak_rss_mb"] / seed["peak_rss_mb"], 2)})
+                for recipe in recipes:
+                    found[recipe].append(in_fresh_process(recipe, model, dataset, settings))
+            runs = {recipe: max(done, key=lambda r: r["samples_per_s"]) for recipe, done in found.items()}
+            results.append({"model": model, "settings": settings, "runs": runs, "vs_seed": compare(runs)})
     for result in results:
-        print(f"\n{result['model']} ({result['dynamic']['family']}): {result['dynamic']['steps']} steps x "
-              f"{cfg.BATCH_SIZE}x{cfg.GRAD_ACCUM} samples, "
-              f"lengths {settings['MAX_INPUT_LENGTH']}/{settings['MAX_TARGET_LENGTH']}, "
-              f"best of {max(1, cfg.REPEATS)}")
-        print(f"  {'recipe':<16}{'samples/s':>10}{'tokens/s':>10}{'padded tok/s':>13}{'train s':>9}"
-              f"{'samples/CPU-s':>14}{'peak RSS MB':>12}")
-        for recipe in RECIPES:
-            r = result[recipe]
-            print(f"  {recipe:<16}{r['samples_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}"
-                  f"{r['padded_tokens_per_s']:>13.1f}{r['train_seconds']:>9.1f}{r['samples_per_cpu_s']:>14.4f}{r['peak_rss_mb']:>12.1f}")
-        print(f"  dynamic / seed: samples/s x{result['samples_per_s_ratio']}, "
-              f"tokens/s x{result['tokens_per_s_ratio']}, "
-              f"samples/CPU-s x{result['samples_per_cpu_s_ratio']}, peak RSS x{result['peak_rss_ratio']}")
+        print_result(result, cfg, settings)
     report = {"results": results}
     if cfg.OUTPUT_JSON:
         atomic_write_json(resolve(cfg.OUTPUT_JSON), report)

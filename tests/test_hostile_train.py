@@ -155,9 +155,32 @@ def contradiction_cases(project, model: Path) -> dict[str, tuple[list[str], str]
         "zero epochs": (["--epochs=0"], "out of range"),
         "finished run, other settings, no OVERWRITE": ([f"--output_dir={finished}"],
                                                        "holds a finished run with other settings"),
+        "unknown precision": (["--precision=fp8"], "must be one of auto, fp32, bf16, fp16"),
+        "unknown tracker": (["--report_to=tensorbord"], "must be one of wandb, tensorboard, mlflow"),
+        "TRACKING_DIR inside OUTPUT_DIR": (["--report_to=mlflow", "--tracking_dir=ft_outputs/lora/runs"],
+                                           "is inside OUTPUT_DIR"),
+        "TRACKING_DIR is the project root": (["--report_to=tensorboard", "--tracking_dir=."], "is the project root"),
+        "TRACKING_DIR is a user's file": (["--report_to=tensorboard", "--tracking_dir=README.md"],
+                                          "is a file, not a folder"),
+        "TRACKING_DIR is the dataset": (["--report_to=tensorboard", f"--tracking_dir={project.data}"],
+                                        "is an input of this run"),
+        "unknown SELECT_ON": (["--select_on=faithful"], "must be one of rougeL, rougeL_faithful"),
+        "faithfulness margin over 1": (["--faithfulness_margin=2"], "out of range"),
+        "negative evaluation budget": (["--eval_budget_seconds=-1"], "out of range"),
+        "infinite evaluation budget": (["--eval_budget_seconds=inf"], "is not a finite number"),
+        "negative evaluation rows": (["--eval_generate_samples=-3"], "out of range"),
+        "MIN_NEW_TOKENS over the family default": (["--max_new_tokens=None", "--min_new_tokens=40"],
+                                                   "is more than MAX_NEW_TOKENS"),
     }
+    if not torch_cuda():   # on a GPU fp16 is a valid request
+        cases["fp16 on a CPU"] = (["--precision=fp16"], "--precision=fp16 needs a CUDA GPU")
     return {f"settings: {name}": (["--output_dir=ft_outputs/lora", *args], message)
             for name, (args, message) in cases.items()}
+
+
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 CLASSES = {"protected outputs": protected_cases, "corrupt inputs": corrupt_cases,

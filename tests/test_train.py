@@ -67,6 +67,8 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
                                     "no_repeat_ngram_size": None, "length_penalty": 1.0}
     assert record["max_input_length"] == 192 and record["max_target_length"] == 64
     assert record["load_in_4bit"] is False and record["prompt_style"] == "seq2seq"
+    assert record["precision"]["mode"] == "fp32" and "parameters trains faster in fp32" in record["precision"]["reason"]
+    assert record["generation_sources"] == {}                            # every decoding value was given
     assert record["instruction"] == DEFAULT_INSTRUCTION and record["split"]["train_rows"] == 16
     assert sorted(record["files"]) == sorted(CONTRACT)
 
@@ -75,6 +77,10 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
     assert all(0 <= e["rougeL"] <= 100 and e["eval_loss"] > 0 for e in metrics["evals"])
     assert metrics["best_step"] in (5, 10) and metrics["zero_shot_rougeL"] is not None
     assert metrics["evals"][-1]["eval_loss"] < metrics["evals"][0]["eval_loss"]   # learned (same rows, not batch luck)
+    assert all(e["generated_rows"] == 4 and e["generation_seconds"] >= 0 and e["loss_seconds"] >= 0
+               for e in metrics["evals"])                                # seq2seq default: every validation row
+    assert metrics["evaluation"]["subset_rows"] == 4 and metrics["selection"]["select_on"] == "rougeL"
+    assert 0 <= metrics["throughput"]["generation_share"] <= 1
     assert metrics["throughput"]["samples_per_s"] > 0 and metrics["throughput"]["tokens_per_s"] > 0
     assert metrics["memory"]["peak_rss_mb"] > 0 and metrics["global_step"] == 10
 
@@ -124,7 +130,7 @@ def test_a_run_killed_and_resumed_ends_with_the_adapter_of_an_uninterrupted_run(
     assert start >= 3 and metrics["global_step"] == reference["global_step"] == 12
     assert [e["step"] for e in metrics["evals"]] == [3, 6, 9, 12]
     assert metrics["best_step"] == reference["best_step"]
-    untimed = [[{k: v for k, v in e.items() if k != "generation_seconds"} for e in m["evals"]]
+    untimed = [[{k: v for k, v in e.items() if not k.endswith("_seconds")} for e in m["evals"]]
                for m in (metrics, reference)]
     assert untimed[0] == untimed[1]                      # validation loss and ROUGE of every evaluation
     later = [p for p in reference["loss_curve"] if p["step"] > start + FAST_LOGGING_STEPS]   # full logging windows
@@ -461,3 +467,169 @@ def test_replacing_a_run_killed_at_any_removal_leaves_a_folder_the_next_run_reco
             break
     else:
         raise AssertionError("prepare_run_dir never finished")
+
+
+# ----------------------------------------------------------------------------- precision, evaluations, selection
+
+def test_precision_is_autocast_where_it_pays_and_explicit_requests_fail_with_one_line(monkeypatch):
+    from finetuneflow.train import precision as P
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (True, "this CPU has native bf16 (avx512_bf16)"))
+    assert P.resolve_precision("auto", cpu, CAUSAL, False, 135_000_000).mode == "bf16"
+    assert P.resolve_precision("auto", cpu, SEQ2SEQ, False, 400_000_000).mode == "fp32"     # not measured
+    assert P.resolve_precision("auto", cpu, CAUSAL, True, 135_000_000).mode == "fp32"       # 4-bit on a CPU
+    assert P.resolve_precision("auto", cpu, CAUSAL, False, 60_000).mode == "fp32"           # tiny: casts cost more
+    assert P.resolve_precision("bf16", cpu, SEQ2SEQ, False, 60_000).mode == "bf16"          # asked for: done
+    assert P.resolve_precision("fp32", cpu, CAUSAL, False, 135_000_000).mode == "fp32"
+    with pytest.raises(UserError, match="--precision=fp16 needs a CUDA GPU"):
+        P.resolve_precision("fp16", cpu, CAUSAL, False)
+    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (False, "this CPU has no native bf16 instructions"))
+    with pytest.raises(UserError, match=r"--precision=bf16: this CPU has no native bf16 .*--precision=fp32 or auto"):
+        P.resolve_precision("bf16", cpu, CAUSAL, False)
+    fallback = P.resolve_precision("auto", cpu, CAUSAL, False, 135_000_000)   # only auto falls back
+    assert fallback.mode == "fp32" and "no native bf16" in fallback.reason
+
+
+def test_family_decoding_defaults_are_the_seeds_for_seq2seq_and_from_the_data_for_causal():
+    from finetuneflow.contract.decoding import GenerationSettings
+    from finetuneflow.train import evaluation as E
+    unset = GenerationSettings(None, None, None, None, 1.0)
+    seq2seq, sources = E.resolve_generation(SEQ2SEQ, unset, [30] * 10, 192)
+    assert (seq2seq.num_beams, seq2seq.max_new_tokens, seq2seq.length_penalty) == (4, 192, 1.0)
+    assert set(sources) == {"num_beams", "max_new_tokens"}
+    lengths = list(range(10, 50))                                   # 95th percentile 47.05 -> x1.25 = 58.8 -> 64
+    causal, sources = E.resolve_generation(CAUSAL, unset, lengths, 192)
+    assert (causal.num_beams, causal.max_new_tokens) == (1, 64) and "greedy" in sources["num_beams"]
+    assert "95th percentile of the 40 training summaries' tokens (47)" in sources["max_new_tokens"]
+    assert E.resolve_generation(CAUSAL, unset, lengths, 48)[0].max_new_tokens == 48      # never past the targets
+    assert E.resolve_generation(CAUSAL, unset, [3, 4], 192)[0].max_new_tokens == 16      # at least 16
+    given = GenerationSettings(2, 20, None, 3, 1.0)
+    assert E.resolve_generation(CAUSAL, given, lengths, 192) == (given, {})
+    with pytest.raises(UserError, match="MIN_NEW_TOKENS=80 is more than MAX_NEW_TOKENS=64"):
+        E.resolve_generation(CAUSAL, GenerationSettings(None, None, 80, None, 1.0), lengths, 192)
+
+
+def test_the_evaluation_subset_is_length_stratified_fixed_and_every_prefix_spans_the_lengths():
+    from finetuneflow.train import evaluation as E
+    lengths = [(i * 37) % 100 for i in range(100)]                  # a permutation of 0..99
+    order = E.stratified_order(lengths, 10, seed=42)
+    assert order == E.stratified_order(lengths, 10, seed=42) != E.stratified_order(lengths, 10, seed=7)
+    assert sorted(lengths[i] // 10 for i in order) == list(range(10))   # one row per decile
+    first4 = sorted(lengths[i] for i in order[:4])
+    assert first4[0] < 30 and first4[-1] >= 70                        # a prefix spans short and long rows
+    assert sorted(E.stratified_order(lengths, 0, 42)) == list(range(100))      # 0 = every row
+    assert sorted(E.stratified_order(lengths, 500, 42)) == list(range(100))
+    assert E.spread_order(5) == [0, 2, 1, 3, 4] and sorted(E.spread_order(13)) == list(range(13))
+
+
+def test_the_first_evaluation_stops_at_the_budget_and_fixes_the_rows_of_every_later_one(monkeypatch):
+    from finetuneflow.contract.decoding import GenerationSettings
+    from finetuneflow.train import evaluation as E
+    clock = [0.0]
+    monkeypatch.setattr(E.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def summarize_rows(positions, seconds_per_row=1.0):
+        calls.append(list(positions))
+        clock[0] += seconds_per_row * len(positions)
+        return [f"summary {p}" for p in positions], [5] * len(positions)
+
+    spec = E.GenerationEval([f"d{i}" for i in range(20)], [f"r{i}" for i in range(20)], GenerationSettings(),
+                            batch_size=4, max_input_length=64, instruction="", family=CAUSAL, base="m", tokenizer=None,
+                            budget_seconds=10)
+    first = E.generate_rows(spec, summarize_rows, fixed_rows=None)
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7]] and first.rows == 8 and first.budget_stopped   # a 3rd: 12 s
+    assert first.summaries == [f"summary {p}" for p in range(8)] and first.generated_tokens == 40
+    calls.clear()
+    later = E.generate_rows(spec, lambda p: summarize_rows(p, 3.0), fixed_rows=first.rows)   # slower, same rows
+    assert calls == [list(range(8))] and later.rows == 8 and not later.budget_stopped and later.seconds == 24
+    calls.clear()
+    # two processes: each generates its share of every round, the decision is shared
+    shares = E.generate_rows(spec, summarize_rows, fixed_rows=None, rank=1, world=2)
+    assert calls[0] == [1, 3, 5, 7] and shares.rows in (8, 16)
+    unlimited = E.GenerationEval(**{**spec.__dict__, "budget_seconds": 0})
+    calls.clear()
+    assert E.generate_rows(unlimited, summarize_rows, fixed_rows=None).rows == 20 and len(calls) == 1
+
+
+def test_faithfulness_steers_selection_only_where_the_check_was_validated():
+    from finetuneflow.train import evaluation as E
+    chat = "#Person1#: Can we meet at 3 pm on Friday?\n#Person2#: Yes, see you at the cafe."
+    assert E.rate_is_selectable([chat] * 3)[0]
+    meeting = "\n".join(f"Speaker A: point number {i} about the budget and the plan" for i in range(80))
+    usable, why = E.rate_is_selectable([meeting] * 3)
+    assert not usable and "over the 515 words" in why
+    rate, readable = E.unsupported_mention_rate(["They meet at 3 pm on Friday.", "They meet at 5 pm on Monday.", ""],
+                                                [chat, chat, chat])
+    assert (rate, readable) == (0.5, 2)                                 # the empty summary cannot be read
+
+
+def test_checkpoint_selection_rules():
+    from finetuneflow.train.selection import Evaluation, evaluations, select
+    history = [Evaluation(0, 40.0, 0.0), Evaluation(10, 30.0, 0.30), Evaluation(20, 28.0, 0.10),
+               Evaluation(30, 29.0, 0.12), Evaluation(40, 27.0, 0.20)]
+    assert select(history, "rougeL").best_step == 10                    # the zero-shot evaluation never counts
+    faithful = select(history, "rougeL_faithful", 0.05)
+    assert faithful.best_step == 30 and faithful.eligible == [20, 30] and faithful.threshold == pytest.approx(0.15)
+    assert faithful.keep == {20, 30}                                   # both may still become the best
+    # the best moves back to an earlier, kept checkpoint when a later one lowers the lowest rate
+    moved = select([*history, Evaluation(50, 20.0, 0.06)], "rougeL_faithful", 0.05)
+    assert moved.best_step == 20 and moved.keep == {20, 50}
+    assert select(history[:3], "rougeL_faithful", 0.5).best_step == 10     # a wide margin: plain ROUGE-L
+    unrated = select([Evaluation(5, 10.0), Evaluation(10, 12.0)], "rougeL_faithful", 0.05)
+    assert unrated.best_step == 10 and "selected on ROUGE-L" in unrated.note
+    ties = select([Evaluation(5, 10.0, 0.2), Evaluation(10, 10.0, 0.1)], "rougeL_faithful", 0.5)
+    assert ties.best_step == 10 and ties.keep == {10}                   # same ROUGE-L: the lower rate wins
+    logged = [{"eval_rougeL": 1.0, "step": 0}, {"loss": 3.0, "step": 4},
+              {"eval_rougeL": 2.0, "eval_unsupported_mention_rate": 0.25, "step": 8}]
+    assert evaluations(logged) == [Evaluation(0, 1.0, None), Evaluation(8, 2.0, 0.25)]
+
+
+def test_settings_added_later_are_not_part_of_an_old_runs_identity(tmp_path):
+    old = {"LEARNING_RATE": 0.01, "NUM_BEAMS": 4, "MAX_NEW_TOKENS": 192}       # a record made before they existed
+    new = {**old, "NUM_BEAMS": None, "MAX_NEW_TOKENS": None, "PRECISION": "auto", "SELECT_ON": "rougeL",
+           "EVAL_BUDGET_SECONDS": 120, "REPORT_TO": "auto"}
+    same = run_dir.run_identity(old, {}), run_dir.run_identity(new, {})
+    assert run_dir.identity_differences(*same) == []
+    changed = run_dir.run_identity({**new, "PRECISION": "fp32"}, {})
+    assert run_dir.identity_differences(run_dir.run_identity(new, {}), changed) == ["PRECISION 'auto' -> 'fp32'"]
+    assert run_dir.identity_differences(run_dir.run_identity(new, {}),
+                                        run_dir.run_identity({**new, "REPORT_TO": "none"}, {})) == []
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_bf16_training_with_tensorboard_and_mlflow_logs_the_same_metrics_and_keeps_fp32_weights(tiny_models, project):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from safetensors.torch import load_file
+    from finetuneflow.train.precision import cpu_bf16_support
+    if not cpu_bf16_support()[0]:
+        pytest.skip("this CPU has no native bf16")
+    result = run_stage(SCRIPT, f"--model={tiny_models['llama']}", "--max_steps=4", "--eval_steps=2", "--precision=bf16",
+                       "--report_to=tensorboard,mlflow", "--select_on=rougeL_faithful", "--output_dir=run", *FAST,
+                       root=project, env={"MLFLOW_TRACKING_URI": "", "TENSORBOARD_LOGGING_DIR": ""})
+    assert "precision: bf16 autocast (fp32 weights and optimizer)" in result.stdout
+    assert "evaluation at step 2:" in result.stdout and "best so far: step" in result.stdout
+    out = project / "run"
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["precision"]["requested"] == record["precision"]["mode"] == "bf16"
+    assert "asked for" in record["precision"]["reason"]
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["precision"] == "bf16" and metrics["selection"]["select_on"] == "rougeL_faithful"
+    assert all(e["unsupported_mention_rate"] is None or 0 <= e["unsupported_mention_rate"] <= 1
+               for e in metrics["evals"])
+    [events] = list((project / "runs" / "tensorboard").iterdir())
+    scalars = tensorboard_scalars(events)
+    from_tensorboard = {tag.replace("train/", "", 1).replace("eval/", "eval_", 1) for tag in scalars}
+    store = project / "runs" / "mlflow"
+    from_mlflow = {p.name for p in store.glob("*/*/metrics/*")}
+    assert {"loss", "eval_loss", "eval_rougeL", "eval_generation_seconds", "eval_generated_rows"} <= from_mlflow
+    assert from_mlflow == from_tensorboard, from_mlflow ^ from_tensorboard   # the same metrics in each tracker
+    assert scalars["eval/rougeL"] == [e["rougeL"] for e in metrics["evals"]]

@@ -15,25 +15,54 @@ import torch
 from finetuneflow.contract.io import atomic_path, atomic_write_json
 from finetuneflow.contract.record import RunRecord, write_record
 from finetuneflow.quality.metrics import ROUGE_KEYS
+from finetuneflow.train import selection
+from finetuneflow.train.evaluation import RATE_KEY
 from finetuneflow.train.run_dir import STAGING_PREFIX, RunPlan, remove_checkpoints
 from finetuneflow.train.trainer import SummarizationTrainer, peak_rss_mb
 
+# per evaluation: the cost of each part (seconds) and what was generated
+EVAL_COST_KEYS = ("generation_seconds", "loss_seconds", "scoring_seconds", "generated_rows", "generated_tokens",
+                  "budget_stopped", "faithfulness_readable")
+
+
+def evaluation_rows(history: list[dict]) -> list[dict]:
+    """One row per evaluated step: loss, ROUGE, unsupported-mention rate and what it cost."""
+    by_step = {}
+    for h in history:
+        if "eval_loss" in h:
+            row = {"step": h["step"], "epoch": round(h.get("epoch") or 0, 4), "eval_loss": round(h["eval_loss"], 5),
+                   **{k: h.get(f"eval_{k}") for k in ROUGE_KEYS}, RATE_KEY: h.get(f"eval_{RATE_KEY}")}
+            row.update({k: h.get(f"eval_{k}") for k in EVAL_COST_KEYS})
+            if row["budget_stopped"] is not None:
+                row["budget_stopped"] = bool(row["budget_stopped"])
+            by_step[h["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def evaluation_summary(trainer: SummarizationTrainer) -> tuple[dict, dict]:
+    """What the evaluations generated and cost, and how the best checkpoint was chosen."""
+    spec = trainer.generation_eval
+    choice = selection.select(selection.evaluations(trainer.state.log_history), trainer.select_on,
+                              trainer.faithfulness_margin)
+    evaluation = {"subset_rows": len(spec.dialogues) if spec else None, "rows_generated": trainer.fixed_rows(),
+                  "budget_seconds": spec.budget_seconds if spec else None,
+                  "generation": spec.settings.as_dict() if spec else None,
+                  "faithfulness_check": spec.rate_note if spec else None}
+    chosen = {"select_on": trainer.select_on, "faithfulness_margin": trainer.faithfulness_margin,
+              "best_step": choice.best_step, "threshold": choice.threshold, "eligible_steps": choice.eligible,
+              "note": choice.note, "rule": selection.RULE_TEXT[trainer.select_on]}
+    return evaluation, chosen
+
 
 def train_metrics(trainer: SummarizationTrainer, extra: dict) -> dict:
-    """Loss curve, every evaluation, the best step, throughput and peak memory."""
+    """Loss curve, every evaluation (with its cost), the best step, throughput and peak memory."""
     history = trainer.state.log_history
     curve = [{"step": h["step"], "epoch": round(h.get("epoch") or 0, 4), "loss": round(h["loss"], 5),
               "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
              for h in history if "loss" in h]
-    evals_by_step = {}
-    for h in history:
-        if "eval_loss" in h:
-            evals_by_step[h["step"]] = {"step": h["step"], "epoch": round(h.get("epoch") or 0, 4),
-                                        "eval_loss": round(h["eval_loss"], 5),
-                                        **{k: h.get(f"eval_{k}") for k in ROUGE_KEYS},
-                                        "generation_seconds": h.get("eval_generation_seconds")}
-    evals = [evals_by_step[s] for s in sorted(evals_by_step)]
-    zero_shot = evals_by_step.get(0)
+    evals = evaluation_rows(history)
+    zero_shot = next((e for e in evals if e["step"] == 0), None)
+    evaluation, chosen = evaluation_summary(trainer)
     state = trainer.state
     speed = trainer.throughput()
     steps_run = state.global_step - trainer.session["start_step"]
@@ -45,7 +74,7 @@ def train_metrics(trainer: SummarizationTrainer, extra: dict) -> dict:
             "resumed_from_step": trainer.session["start_step"] or None,
             "best_step": state.best_global_step, "best_rougeL": state.best_metric,
             "zero_shot_rougeL": zero_shot["rougeL"] if zero_shot else None,
-            "final_train_loss": curve[-1]["loss"] if curve else None,
+            "final_train_loss": curve[-1]["loss"] if curve else None, "evaluation": evaluation, "selection": chosen,
             "loss_curve": curve, "evals": evals, "throughput": speed, "memory": memory, **extra}
 
 

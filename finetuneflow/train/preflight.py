@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -18,6 +18,7 @@ from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RECORD_FILE
 from finetuneflow.contract.safety import check_location, check_output_dir
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.train import trackers
 from finetuneflow.train.run_dir import CHECKPOINTS, RunPlan, plan_run, prepare_run_dir
 from finetuneflow.train.settings import STAGE, TrainSettings
 
@@ -32,7 +33,15 @@ class TrainJob:
     cache: Path | None
     plan: RunPlan
     note: str | None = None        # how the validation rows were found
+    trackers: list = field(default_factory=list)   # REPORT_TO resolved: wandb / tensorboard / mlflow
+    tracking_dir: Path | None = None
     state: object = None           # accelerate's PartialState, once the heavy part starts
+    precision: object = None       # precision.Precision, once the base is loaded
+    generation: object = None      # the resolved GenerationSettings (family defaults filled in)
+    generation_sources: dict = field(default_factory=dict)   # where each resolved decoding value came from
+    eval_spec: object = None       # evaluation.GenerationEval
+    select_on: str = "rougeL"      # the selection rule in force (rougeL when the faithfulness check cannot apply)
+    select_note: str = ""
 
     @property
     def is_main_process(self) -> bool:
@@ -69,10 +78,33 @@ def check_outputs(settings: TrainSettings) -> tuple[Path, Path | None]:
     return out, cache
 
 
+def check_tracking(settings: TrainSettings, out: Path) -> tuple[list[str], Path | None]:
+    """REPORT_TO's trackers (installed?) and, for the file-based ones, TRACKING_DIR against the
+    output-safety rule (not an input, not the project root, not inside OUTPUT_DIR, not a file)."""
+    chosen = trackers.requested(settings.report_to)
+    trackers.check_installed(chosen)
+    if not any(t in trackers.FILE_TRACKERS for t in chosen):
+        return chosen, None
+    where = resolve(settings.tracking_dir or "runs").resolve()
+    check_location(where, "TRACKING_DIR", [settings.dataset, settings.model])
+    if where.exists() and not where.is_dir():
+        raise UserError(f"TRACKING_DIR={where} is a file, not a folder; choose a folder for the tracker files")
+    if where == out or out in where.parents:
+        raise UserError(f"TRACKING_DIR={where} is inside OUTPUT_DIR {out}, whose files are the run's outputs; choose "
+                        f"a folder outside it (the default is runs)")
+    existing = where
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"TRACKING_DIR={where}: {existing} is not a writable folder; choose a writable location")
+    return chosen, where
+
+
 def plan_job(settings: TrainSettings) -> TrainJob:
     """Checks, data, splits and the plan: everything decided, nothing written."""
     settings.check()
     out, cache = check_outputs(settings)
+    chosen, tracking_dir = check_tracking(settings, out)
     try:
         data = load_data(settings.data_spec)
         train_rows, val_rows, note = training_splits(data, settings.train_samples, settings.val_samples,
@@ -81,7 +113,7 @@ def plan_job(settings: TrainSettings) -> TrainJob:
         raise UserError(f"DATASET {settings.dataset}: not UTF-8 text ({exc.reason} in {exc.object[:40]!r}); "
                         f"re-save the file as UTF-8") from None
     plan = plan_run(out, settings.recorded, data.local_files, str(settings.resume), settings.overwrite)
-    return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note)
+    return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note, chosen, tracking_dir)
 
 
 def already_finished(job: TrainJob) -> dict:

@@ -5,7 +5,9 @@ the stage decides, and refuses, before loading the heavy libraries).
   only once `ftf_complete.json` lists every file in it with its size (written by
   trainer.CheckpointCallback after every process has saved its part), so a SIGKILL at any moment
   leaves the newest complete checkpoint usable.
-* RESUME=auto continues from it when the settings match. Other settings are an error unless
+* RESUME=auto continues from it when the settings match (settings added since a run was recorded
+  are not part of its identity; NUM_BEAMS=4 / MAX_NEW_TOKENS=192 recorded by runs made before
+  they became None = "family default" match None). Other settings are an error unless
   OVERWRITE, except when the unfinished run is not worth protecting: it has no complete
   checkpoint (a start that failed after its checks) or it stopped on a non-finite loss. Such a
   run is replaced, and the stage says so in one line.
@@ -24,7 +26,7 @@ from typing import Iterable, Mapping
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_write_json
 from finetuneflow.contract.record import RECORD_FILE, RunRecord, describe_inputs, read_record, write_record
-from finetuneflow.train.settings import CHECKPOINT_NAME, IDENTITY_IGNORED, RENAMED, STAGE
+from finetuneflow.train.settings import ADDED_LATER, CHECKPOINT_NAME, FORMER_DEFAULTS, IDENTITY_IGNORED, RENAMED, STAGE
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "ftf_complete.json"
@@ -95,9 +97,19 @@ def run_identity(config: Mapping, inputs: dict) -> dict:
     return json.loads(json.dumps({"config": kept, "inputs": contents}, default=str, sort_keys=True))
 
 
+def _same_setting(name: str, old: dict, new: dict) -> bool:
+    """Equal values; or a setting the saved run predates; or an old default that is now None
+    (the family default that replaced it)."""
+    if name in ADDED_LATER and name not in old:
+        return True
+    before, now = old.get(name), new.get(name)
+    return before == now or (now is None and name in FORMER_DEFAULTS and before == FORMER_DEFAULTS[name])
+
+
 def identity_differences(saved: dict, current: dict) -> list[str]:
     old, new = saved["config"], current["config"]
-    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if not _same_setting(k, old, new)]
     if saved["inputs"] != current["inputs"]:
         diffs.append("the input data changed")
     return diffs

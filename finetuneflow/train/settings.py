@@ -21,7 +21,14 @@ STAGE = "train_bart_lora"
 RENAMED = {"MODEL_NAME": "MODEL"}   # old setting names (first-wave run folders record them)
 # Settings that do not change what is trained, so a resumed run may differ in them.
 IDENTITY_IGNORED = frozenset({"RESUME", "OVERWRITE", "KEEP_CHECKPOINTS", "LOGGING_STEPS", "CACHE_DIR",
-                              "OUTPUT_DIR", "ALLOW_CPU_FALLBACK"})
+                              "OUTPUT_DIR", "ALLOW_CPU_FALLBACK", "REPORT_TO", "TRACKING_DIR"})
+# Settings added after runs were recorded: a record without one was made before it existed, so it is
+# not part of that run's identity (first-wave folders stay recognized).
+ADDED_LATER = frozenset({"PRECISION", "EVAL_GENERATE_SAMPLES", "EVAL_BUDGET_SECONDS", "SELECT_ON",
+                         "FAITHFULNESS_MARGIN", "REPORT_TO", "TRACKING_DIR"})
+# Defaults that became None ("family default"): an old record holding the old default matches None.
+FORMER_DEFAULTS = {"NUM_BEAMS": 4, "MAX_NEW_TOKENS": 192}
+SELECT_ON = ("rougeL", "rougeL_faithful")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -62,6 +69,10 @@ class TrainSettings(FromConfig):
     eval_steps: int
     eval_on_start: bool
     eval_batch_size: int
+    eval_generate_samples: int | None
+    eval_budget_seconds: float
+    select_on: str
+    faithfulness_margin: float
     early_stopping_patience: int
     max_steps: int
     logging_steps: int
@@ -72,6 +83,9 @@ class TrainSettings(FromConfig):
     keep_checkpoints: bool
     cache_dir: str
     output_dir: str
+    precision: str
+    report_to: str | list
+    tracking_dir: str
     recorded: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

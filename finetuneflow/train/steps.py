@@ -1,8 +1,9 @@
 """The heavy part of a training run (torch, transformers, peft), after preflight.py has decided:
 
 1. `begin`: the process state (one per device under `accelerate launch`) and the seed;
-   lora.load_base and `tokenize` run every check that needs the model or the tokenizer (only the
-   tokenized-split cache is written).
+   lora.load_base, `decide` (precision, decoding defaults) and `tokenize` run every check that
+   needs the model or the tokenizer (only the tokenized-split cache is written);
+   `plan_evaluations` fixes the evaluation subset and the selection rule.
 2. `start`: the run folder is prepared (main process) - from here on a failure leaves an
    unfinished run that the next command resumes, or replaces when it is not worth keeping.
 3. `build_trainer`, `run_training` (a non-finite loss marks the run failed and stops with one
@@ -14,23 +15,28 @@ from transformers import set_seed
 
 from finetuneflow.contract.paths import ROOT
 from finetuneflow.contract.record import Lineage, RunRecord, Split, fingerprint, ids_digest, portable
+from finetuneflow.model.backends.hf import parameter_count
 from finetuneflow.model.family import SEQ2SEQ
 from finetuneflow.model.loading import local_or_hub
 from finetuneflow.model.prompts import prompt_style, seq2seq_prefix
 from finetuneflow.quality import tracking
-from finetuneflow.train import encoding, outputs
+from finetuneflow.train import encoding, evaluation, outputs, trackers
 from finetuneflow.train.lora import Base
+from finetuneflow.train.precision import resolve_precision
 from finetuneflow.train.preflight import TrainJob
 from finetuneflow.train.run_dir import mark_failed, prepare_run_dir
 from finetuneflow.train.settings import STAGE
-from finetuneflow.train.trainer import (GenerationEval, NonFiniteTraining, SummarizationTrainer, precision,
-                                        process_state, training_arguments, training_callbacks)
+from finetuneflow.train.trainer import (GenerationEval, NonFiniteTraining, SummarizationTrainer, process_state,
+                                        training_arguments, training_callbacks)
 
 
 def begin(job: TrainJob) -> None:
-    """The process state and the seed (before any weights are made or loaded)."""
+    """The process state and the seed (before any weights are made or loaded); an explicit
+    precision this device cannot run fails here."""
     job.state = process_state()
     set_seed(job.settings.seed)
+    if str(job.settings.precision).lower() in ("bf16", "fp16"):
+        resolve_precision(job.settings.precision, job.state.device, "", False)
     job.say(f"data {job.data.source}: {len(job.train_rows)} train / {len(job.val_rows)} validation rows "
             f"({sum(job.data.dropped.values())} empty rows dropped)" + (f"; {job.note}" if job.note else ""))
 
@@ -52,6 +58,61 @@ def tokenize(job: TrainJob, base: Base) -> dict:
                 f"tokens, {stats['truncated_dialogues']} dialogues and {stats['truncated_summaries']} summaries cut "
                 f"(cache {stats['cache']})")
     return {"train": train_ds, "validation": val_ds, "stats": {"train": train_stats, "validation": val_stats}}
+
+
+def evaluation_subset(job: TrainJob, base: Base, tokenized: dict) -> GenerationEval:
+    """The fixed, length-stratified validation rows every evaluation generates (train/evaluation.py)."""
+    s = job.settings
+    wanted = s.eval_generate_samples
+    if wanted is None:
+        wanted = 0 if base.family == SEQ2SEQ else evaluation.CAUSAL_EVAL_SAMPLES
+    order = evaluation.stratified_order([len(ids) for ids in tokenized["validation"]["input_ids"]], wanted, s.seed)
+    dialogues, references = list(job.val_rows["dialogue"]), list(job.val_rows["summary"])
+    subset = [dialogues[i] for i in order]
+    selectable, why = evaluation.rate_is_selectable(subset)
+    return GenerationEval(subset, [references[i] for i in order], job.generation, s.eval_batch_size,
+                          s.max_input_length, job.instruction, base.family, s.model, base.loaded.tokenizer,
+                          float(s.eval_budget_seconds), selectable, why)
+
+
+def summary_lengths(job: TrainJob, base: Base) -> list[int]:
+    """Tokens of each training summary as the model learns it (EOS included, at most MAX_TARGET_LENGTH)."""
+    summaries = [str(text) for text in job.train_rows["summary"]]
+    if not summaries:
+        return []
+    ids = base.loaded.tokenizer(summaries, add_special_tokens=False)["input_ids"]
+    return [min(len(row) + 1, job.settings.max_target_length) for row in ids]
+
+
+def decide(job: TrainJob, base: Base) -> None:
+    """Precision and decoding (family defaults from the training summaries), before anything is
+    written (a MIN_NEW_TOKENS over the resolved maximum fails here)."""
+    s = job.settings
+    job.precision = resolve_precision(s.precision, job.state.device, base.family, base.in_4bit,
+                                      parameter_count(base.loaded.model)[1])
+    lengths = summary_lengths(job, base) if s.max_new_tokens is None else []
+    job.generation, job.generation_sources = evaluation.resolve_generation(base.family, s.generation, lengths,
+                                                                          s.max_target_length)
+    job.say(f"precision: {job.precision.describe()} ({job.precision.reason})")
+
+
+def plan_evaluations(job: TrainJob, base: Base, tokenized: dict) -> None:
+    """The evaluation subset and the selection rule in force, said once."""
+    s = job.settings
+    job.eval_spec = evaluation_subset(job, base, tokenized)
+    job.select_on, job.select_note = s.select_on, ""
+    if s.select_on == "rougeL_faithful" and not job.eval_spec.rate_selectable:
+        job.select_on = "rougeL"
+        job.select_note = f"SELECT_ON=rougeL_faithful falls back to rougeL: {job.eval_spec.rate_note}"
+    g, spec = job.generation, job.eval_spec
+    sources = "; ".join(f"{k}: {v}" for k, v in job.generation_sources.items())
+    job.say(f"evaluations generate {len(spec.dialogues)} of {len(job.val_rows)} validation rows (length-stratified) "
+            f"with num_beams={g.num_beams}, max_new_tokens={g.max_new_tokens}" + (f" ({sources})" if sources else "")
+            + (f"; budget {spec.budget_seconds:g} s per evaluation" if spec.budget_seconds else "; no time budget")
+            + f"; best checkpoint by {job.select_on}"
+            + (f" (margin {s.faithfulness_margin:g})" if job.select_on == "rougeL_faithful" else ""))
+    if job.select_note:
+        job.say(job.select_note)
 
 
 def start(job: TrainJob) -> None:
@@ -76,28 +137,39 @@ def run_record(job: TrainJob, base: Base) -> RunRecord:
         prompt_style="seq2seq" if seq2seq else prompt_style(base.loaded.tokenizer),
         seq2seq_prefix=seq2seq_prefix(base.loaded.config) if seq2seq else None,
         max_input_length=s.max_input_length, max_target_length=s.max_target_length, load_in_4bit=base.in_4bit,
-        backend="transformers", generation=s.generation,
+        backend="transformers", generation=job.generation,
         lineage=Lineage(base_model=portable(local_or_hub(s.model)), adapter=portable(job.out)),
         split=split, extra={"lora": {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
-                                     "target_modules": base.targets}})
+                                     "target_modules": base.targets},
+                            "precision": job.precision.as_record(), "generation_sources": job.generation_sources})
 
 
-def build_trainer(job: TrainJob, base: Base, model, tokenized: dict, run) -> SummarizationTrainer:
-    """The Trainer with its evaluation (generated ROUGE), collator and callbacks."""
+def build_trainer(job: TrainJob, base: Base, model, tokenized: dict, active: list[str]) -> SummarizationTrainer:
+    """The Trainer with its evaluation (generated ROUGE on the subset), collator and callbacks."""
     s, tokenizer = job.settings, base.loaded.tokenizer
-    generation_eval = GenerationEval(list(job.val_rows["dialogue"]), list(job.val_rows["summary"]), s.generation,
-                                     s.eval_batch_size, s.max_input_length, job.instruction, base.family, s.model,
-                                     tokenizer)
+    args = training_arguments(s, job.plan, job.state.device, active or "none", job.precision)
+    args.run_name = job.out.name
     return SummarizationTrainer(
-        model=model, args=training_arguments(s, job.plan, job.state.device, ["wandb"] if run else "none"),
-        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
-        data_collator=encoding.make_collator(tokenizer, job.state.device),
-        callbacks=training_callbacks(s.save_total_limit, s.early_stopping_patience), generation_eval=generation_eval)
+        model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        processing_class=tokenizer, data_collator=encoding.make_collator(tokenizer, job.state.device),
+        callbacks=training_callbacks(s.save_total_limit, s.early_stopping_patience, job.select_on,
+                                     s.faithfulness_margin),
+        generation_eval=job.eval_spec, select_on=job.select_on, faithfulness_margin=s.faithfulness_margin)
 
 
-def start_tracking(job: TrainJob):
-    return tracking.start_run(STAGE, job.settings.recorded, ROOT, name=job.out.name) \
-        if job.state.is_main_process else None
+def start_tracking(job: TrainJob) -> tuple[object, list[str]]:
+    """The W&B run (when W&B logs) and the trackers the Trainer reports to (train/trackers.py)."""
+    if not job.state.is_main_process:
+        return None, [t for t in job.trackers if t != "wandb"]
+    active = trackers.prepare(job.trackers, job.tracking_dir, job.out.name, job.say)
+    run = None
+    if "wandb" in active:
+        run = tracking.start_run(STAGE, job.settings.recorded, ROOT, name=job.out.name)
+        if run is None:
+            active.remove("wandb")
+    if active:
+        job.say(f"tracking: {trackers.where(active)}")
+    return run, active
 
 
 def run_training(job: TrainJob, trainer: SummarizationTrainer) -> None:
@@ -119,11 +191,14 @@ def finish(job: TrainJob, base: Base, trainer: SummarizationTrainer, tokenized: 
     metrics = outputs.train_metrics(trainer, {
         "model": job.settings.model, "family": base.family, "device": str(device),
         "processes": job.state.num_processes,
-        "precision": ("4-bit + " if base.in_4bit else "") + precision(device),
+        "precision": ("4-bit + " if base.in_4bit else "") + job.precision.mode,
+        "precision_detail": job.precision.as_record(),
+        "generation": {**job.generation.as_dict(), "sources": job.generation_sources},
         "parameters": {"trainable": trainable, "total": total}, "data": tokenized["stats"]})
     if job.state.is_main_process:
         record = run_record(job, base)
-        record.extra.update(best_step=metrics["best_step"], best_rougeL=metrics["best_rougeL"])
+        record.extra.update(best_step=metrics["best_step"], best_rougeL=metrics["best_rougeL"],
+                            evaluation=metrics["evaluation"], selection=metrics["selection"])
         outputs.save_outputs(job.plan, trainer.model, base.loaded.tokenizer, metrics, job.settings.recorded,
                              job.data.local_files, record, job.settings.keep_checkpoints)
         tracking.log(run, {"best/rougeL": metrics["best_rougeL"], "best/step": metrics["best_step"]})
@@ -132,5 +207,9 @@ def finish(job: TrainJob, base: Base, trainer: SummarizationTrainer, tokenized: 
     job.say(f"best validation ROUGE-L {metrics['best_rougeL']} at step {metrics['best_step']} (zero-shot "
             f"{metrics['zero_shot_rougeL']}); {speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s, "
             f"peak RSS {metrics['memory']['peak_rss_mb']} MB")
+    share = speed.get("generation_share")
+    job.say(f"in-training generation: {speed['generation_seconds']} s"
+            + (f" = {100 * share:.1f}% of the {speed['wall_seconds']} s training wall clock" if share else "")
+            + f"; validation loss {speed['eval_loss_seconds']} s")
     job.say(f"wrote {job.out} (adapter, tokenizer, train_metrics.json, loss_curve.png, run_config.json)")
     return {"output_dir": str(job.out), **metrics}

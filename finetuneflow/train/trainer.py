@@ -1,9 +1,12 @@
 """The Trainer: evaluations with ROUGE of generated summaries, throughput counts, a data order
 that a resumed run reproduces exactly, and a stop with one clear line on a non-finite loss.
 
-* Every evaluation adds ROUGE of generated summaries (engine/generation.summarize +
-  quality/metrics, shared across processes) to the validation loss; the best checkpoint is the
-  one with the best validation ROUGE-L.
+* Every evaluation adds ROUGE and the unsupported-mention rate of summaries generated for a fixed,
+  length-stratified subset of the validation rows, on a time budget (train/evaluation.py; shared
+  across processes), to the validation loss, and reports what each part cost. The best
+  checkpoint follows SELECT_ON (train/selection.py), decided again after every evaluation.
+* Mixed precision is autocast only (train/precision.py): the weights and AdamW stay fp32; the
+  evaluations' generation runs under the same autocast.
 * Resume equivalence: transformers' group_by_length sampler draws each epoch's order from the
   global RNG, whose state a resumed process cannot know at the start of the epoch (the RNG state
   saved in a checkpoint is restored only after the order is drawn), so a run killed and resumed
@@ -19,36 +22,27 @@ import inspect
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetuneflow.contract.errors import UserError
-from finetuneflow.engine.generation import GenerationSettings, summarize
+from finetuneflow.engine.generation import summarize
 from finetuneflow.model.backends.hf import BACKEND as HF
 from finetuneflow.model.backends.hf import unwrap
 from finetuneflow.model.family import family_of
 from finetuneflow.model.loading import LoadedModel
-from finetuneflow.quality.metrics import mean_scores, rouge_per_sample
-from finetuneflow.train.run_dir import RunPlan, complete_checkpoints, drop_checkpoint, mark_complete
+from finetuneflow.train import evaluation, selection
+from finetuneflow.train.evaluation import GenerationEval
+from finetuneflow.train.precision import Precision
+from finetuneflow.train.run_dir import RunPlan, checkpoint_step, complete_checkpoints, drop_checkpoint, mark_complete
 from finetuneflow.train.settings import TrainSettings
 
-
-@dataclass
-class GenerationEval:
-    """What an evaluation generates from and scores against."""
-    dialogues: list[str]
-    references: list[str]
-    settings: GenerationSettings
-    batch_size: int
-    max_input_length: int
-    instruction: str
-    family: str
-    base: str
-    tokenizer: object
+__all__ = ["CheckpointCallback", "EpochSeededLengthSampler", "GenerationEval", "NonFiniteTraining",
+           "SummarizationTrainer", "peak_rss_mb", "process_state", "training_arguments", "training_callbacks"]
 
 
 class NonFiniteTraining(UserError):
@@ -112,10 +106,11 @@ class _FiniteGuard(TrainerCallback):
 
 class CheckpointCallback(TrainerCallback):
     """Marks each saved checkpoint complete (once every process has written its part), then keeps
-    the newest `keep` (and always the best)."""
+    the newest `keep`, the best, and (SELECT_ON=rougeL_faithful) every checkpoint that may still
+    become the best (train/selection.py)."""
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, keep: int, rule: str = "rougeL", margin: float = 0.0):
+        self.keep, self.rule, self.margin = keep, rule, margin
 
     def on_save(self, args, state, control, **kwargs):
         if args.world_size > 1:   # other processes write their own RNG state into the same checkpoint
@@ -133,6 +128,8 @@ class CheckpointCallback(TrainerCallback):
         if state.best_model_checkpoint:
             protected.add(Path(state.best_model_checkpoint).resolve())
         complete = complete_checkpoints(folder)
+        candidates = selection.select(selection.evaluations(state.log_history), self.rule, self.margin).keep
+        protected |= {c.resolve() for c in complete if checkpoint_step(c) in candidates}
         excess = len(complete) - max(self.keep, len(protected))
         for checkpoint in [c for c in complete if c.resolve() not in protected][:max(0, excess)]:
             drop_checkpoint(checkpoint)
@@ -166,12 +163,40 @@ def loss_follows_num_items(model: torch.nn.Module) -> bool:
         return True
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (causal) model can compute logits for chosen positions only (`logits_to_keep`)."""
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def summary_logits_only(inputs: dict) -> dict:
+    """Causal rows carry labels (-100 elsewhere) on the summary only, so only the positions that
+    predict a summary token need the vocabulary projection and the cross-entropy (~90% of the
+    logits of a DialogSum row are prompt positions): keep the span of positions from the one
+    before the batch's first label to its last label (`logits_to_keep`, one span for the batch;
+    group_by_length keeps the rows of a batch alike) and the labels over the same span. The
+    model's loss shifts the sliced labels exactly as it shifts full ones, so the loss and the
+    gradients are the same as with every position."""
+    labels = inputs.get("labels")
+    if labels is None or labels.dim() != 2:
+        return inputs
+    targets = (labels != -100).any(dim=0).nonzero().flatten()
+    if not len(targets):
+        return inputs
+    first, last = max(0, int(targets[0]) - 1), int(targets[-1])
+    return {**inputs, "labels": labels[:, first:last + 1],
+            "logits_to_keep": torch.arange(first, last + 1, device=labels.device)}
+
+
 class SummarizationTrainer(Trainer):
     """A Trainer whose evaluations add ROUGE of generated summaries (key `eval_rougeL` etc.), which
     counts samples and real (non-padding) tokens of its training steps, keeps a resumable data
     order and stops on a non-finite loss."""
 
-    def __init__(self, *args, generation_eval: GenerationEval | None = None, **kwargs):
+    def __init__(self, *args, generation_eval: GenerationEval | None = None, select_on: str = "rougeL",
+                 faithfulness_margin: float = 0.05, **kwargs):
         super().__init__(*args, **kwargs)
         if not loss_follows_num_items(self.model):
             # BART/T5 accept **kwargs but average their loss per micro-batch themselves; without this the
@@ -179,9 +204,12 @@ class SummarizationTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
             self.loss_is_scaled_for_ga = False
         self.generation_eval = generation_eval
+        self.select_on, self.faithfulness_margin = select_on, faithfulness_margin
+        self.selection = selection.Selection(None, None)
         self.decoder_tokens_count = bool(getattr(unwrap(self.model).config, "is_encoder_decoder", False))
+        self.slice_logits = not self.decoder_tokens_count and accepts_logits_to_keep(self.model)
         self.session = {"samples": 0, "tokens": 0, "padded_tokens": 0, "eval_seconds": 0.0, "save_seconds": 0.0,
-                        "wall_seconds": 0.0, "start_step": 0}
+                        "wall_seconds": 0.0, "start_step": 0, "generation_seconds": 0.0, "loss_seconds": 0.0}
         self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=self.args.device)
         self.add_callback(_TrainingClock(self.session))
         self.add_callback(_FiniteGuard(self))
@@ -205,41 +233,106 @@ class SummarizationTrainer(Trainer):
             pad = self.processing_class.pad_token_id if self.processing_class is not None else None
             self.session["tokens"] += int(((labels != -100) & (labels != pad)).sum())
             self.session["padded_tokens"] += int(labels.numel())
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, summary_logits_only(inputs) if self.slice_logits else inputs,
+                                     num_items_in_batch)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).to(self.nonfinite_losses.device).sum()
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.slice_logits and prediction_loss_only:
+            inputs = summary_logits_only(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         start = time.perf_counter()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
+        loss_seconds = time.perf_counter() - start
+        output.metrics[f"{metric_key_prefix}_loss_seconds"] = round(loss_seconds, 2)
+        self.session["loss_seconds"] += loss_seconds
         if self.generation_eval is not None and metric_key_prefix == "eval":
-            output.metrics.update(self.generated_rouge(metric_key_prefix))
+            generation_start = time.perf_counter()
+            output.metrics.update(self.generated_metrics(metric_key_prefix))
+            self.session["generation_seconds"] += time.perf_counter() - generation_start
         self.session["eval_seconds"] += time.perf_counter() - start
         return output
 
-    def generated_rouge(self, prefix: str = "eval") -> dict:
-        """Generate summaries for the validation dialogues (each process a share) and score them."""
+    def evaluate(self, *args, **kwargs) -> dict:
+        metrics = super().evaluate(*args, **kwargs)
+        if self.generation_eval is not None and self.state.global_step == 0:   # the zero-shot evaluation
+            self.say_evaluation(metrics)
+        return metrics
+
+    def fixed_rows(self) -> int | None:
+        """The rows the first evaluation of this run generated within its budget (None before it)."""
+        return next((int(h["eval_generated_rows"]) for h in self.state.log_history if "eval_generated_rows" in h),
+                    None)
+
+    def generated_metrics(self, prefix: str = "eval") -> dict:
+        """Generate summaries for the evaluation subset (each process a share, under the training
+        autocast) and score them (train/evaluation.py)."""
         from accelerate.utils import gather_object
         spec, model = self.generation_eval, self.model
         was_training = model.training
         model.eval()
-        mine = list(range(self.args.process_index, len(spec.dialogues), self.args.world_size))
         loaded = LoadedModel(model=model, tokenizer=spec.tokenizer, family=family_of(spec.family), backend=HF,
                              name=spec.base, base=spec.base, device=self.args.device, config=model.config,
                              generation_config=unwrap(model).generation_config)
-        try:
-            result = summarize(loaded, [spec.dialogues[i] for i in mine], spec.settings, spec.batch_size,
+        world = self.args.world_size
+
+        def summarize_rows(positions: list[int]):
+            result = summarize(loaded, [spec.dialogues[i] for i in positions], spec.settings, spec.batch_size,
                                spec.max_input_length, spec.instruction, progress=False)
+            return result.summaries, result.generated
+
+        def agree(seconds: float) -> float:
+            return max(gather_object([seconds])) if world > 1 else seconds
+
+        def collect(items: list) -> list:
+            return gather_object(items) if world > 1 else items
+
+        try:
+            with self.accelerator.autocast():
+                generated = evaluation.generate_rows(spec, summarize_rows, self.fixed_rows(), self.args.process_index,
+                                                     world, agree, collect)
         finally:
             model.train(was_training)
-        rows = rouge_per_sample(result.summaries, [spec.references[i] for i in mine])
-        rows = gather_object(rows) if self.args.world_size > 1 else rows
-        seconds = max(gather_object([result.seconds])) if self.args.world_size > 1 else result.seconds
-        scores = {f"{prefix}_{key}": round(value, 4) for key, value in mean_scores(rows).items()}
-        scores[f"{prefix}_generation_seconds"] = round(seconds, 2)
+        scores = evaluation.score(spec, generated, prefix)
+        scores[f"{prefix}_budget_stopped"] = int(generated.budget_stopped)
         return scores
+
+    def _determine_best_metric(self, metrics: dict, trial) -> bool:
+        """The best checkpoint under SELECT_ON, decided again from the whole log history (see
+        train/selection.py); True when it is the checkpoint of this step."""
+        if self.generation_eval is None:
+            return super()._determine_best_metric(metrics, trial)
+        self.selection = selection.select(selection.evaluations(self.state.log_history), self.select_on,
+                                          self.faithfulness_margin)
+        self.say_evaluation(metrics)
+        if self.selection.best_step is None:
+            return False
+        self.state.best_metric = self.selection.best_rougeL
+        self.state.best_global_step = self.selection.best_step
+        return self.selection.best_step == self.state.global_step
+
+    def say_evaluation(self, metrics: dict) -> None:
+        """One line per evaluation: scores, what it cost, and the best checkpoint so far."""
+        if not self.is_world_process_zero():
+            return
+        spec, m = self.generation_eval, metrics
+        rate = m.get(f"eval_{evaluation.RATE_KEY}")
+        budget = spec.budget_seconds
+        over = budget and m.get("eval_generation_seconds", 0) > budget and not m.get("eval_budget_stopped")
+        cost = (f"generation {m.get('eval_generation_seconds')} s for {m.get('eval_generated_rows')} rows"
+                + (f" (budget {budget:g} s{', stopped there' if m.get('eval_budget_stopped') else ''}"
+                   f"{', OVER: the rows are fixed by the first evaluation' if over else ''})" if budget else "")
+                + f", loss {m.get('eval_loss_seconds')} s")
+        best = self.selection.best_step
+        tqdm.write(f"evaluation at step {self.state.global_step}: loss {m.get('eval_loss', float('nan')):.4f}, "
+                 f"ROUGE-L {m.get('eval_rougeL')}, unsupported mentions "
+                 f"{'n/a' if rate is None else f'{100 * rate:.1f}%'}; {cost}; best so far: "
+                 f"{'none yet' if best is None else f'step {best}'}")
 
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
@@ -268,10 +361,15 @@ class SummarizationTrainer(Trainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         samples, tokens, padded = (float(v) for v in counts.tolist())
         seconds = max(1e-9, self.session["wall_seconds"] - self.session["eval_seconds"] - self.session["save_seconds"])
+        wall = self.session["wall_seconds"]
         return {"train_seconds": round(seconds, 2), "samples": int(samples), "tokens": int(tokens),
                 "samples_per_s": round(samples / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
                 "padded_tokens_per_s": round(padded / seconds, 1),
-                "eval_seconds": round(self.session["eval_seconds"], 2)}
+                "eval_seconds": round(self.session["eval_seconds"], 2),
+                "generation_seconds": round(self.session["generation_seconds"], 2),
+                "eval_loss_seconds": round(self.session["loss_seconds"], 2),
+                "wall_seconds": round(wall, 2),
+                "generation_share": round(self.session["generation_seconds"] / wall, 4) if wall else None}
 
 
 # ----------------------------------------------------------------------------- process and arguments
@@ -284,25 +382,18 @@ def process_state():
     return PartialState(cpu=use_cpu)
 
 
-def precision(device: torch.device) -> str:
-    """Mixed precision by device: bf16 where supported, else fp16 on GPU; fp32 on CPU."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def training_callbacks(save_total_limit: int, early_stopping_patience: int) -> list:
-    callbacks = [CheckpointCallback(save_total_limit)]
+def training_callbacks(save_total_limit: int, early_stopping_patience: int, select_on: str = "rougeL",
+                       margin: float = 0.0) -> list:
+    callbacks = [CheckpointCallback(save_total_limit, select_on, margin)]
     if early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return callbacks
 
 
-def training_arguments(settings: TrainSettings, plan: RunPlan, device: torch.device,
-                       report_to: str | list) -> TrainingArguments:
+def training_arguments(settings: TrainSettings, plan: RunPlan, device: torch.device, report_to: str | list,
+                       precision: Precision) -> TrainingArguments:
     """The Trainer settings derived from the stage's settings."""
     strategy = "steps" if settings.eval_steps else "epoch"
-    mixed = precision(device)
     return TrainingArguments(
         output_dir=str(plan.checkpoints), per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size, gradient_accumulation_steps=settings.grad_accum,
@@ -312,7 +403,7 @@ def training_arguments(settings: TrainSettings, plan: RunPlan, device: torch.dev
         load_best_model_at_end=True, metric_for_best_model="rougeL", greater_is_better=True,
         eval_on_start=bool(settings.eval_on_start) and plan.resume_from is None,
         logging_steps=settings.logging_steps, logging_first_step=True, train_sampling_strategy="group_by_length",
-        bf16=mixed == "bf16", fp16=mixed == "fp16", use_cpu=device.type == "cpu",
+        bf16=precision.bf16, fp16=precision.fp16, use_cpu=device.type == "cpu",
         activation_checkpointing=settings.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, seed=settings.seed, data_seed=settings.seed,
         report_to=report_to, label_names=["labels"], dataloader_pin_memory=device.type == "cuda",
