@@ -356,8 +356,9 @@ class _PrefixStore:
         stored = max((len(key) for key in self.caches
                       if len(key) <= room and all(tuple(row[:len(key)]) == key for row in batch)), default=0)
         rows = batch if len(batch) > 1 else batch + ([self.last_row] if self.last_row else [])
-        common = _common_prefix(rows) if len(rows) > 1 else 0
-        length = min(max(stored, common), room, MAX_SHARED_PREFIX)
+        common = min(_common_prefix(rows) if len(rows) > 1 else 0, room, MAX_SHARED_PREFIX)
+        # a longer new prefix costs its tokens once; it pays when the rows would recompute more
+        length = common if common > stored and (not stored or len(batch) * (common - stored) > common) else stored
         return length if length >= MIN_SHARED_PREFIX and self.supported else 0
 
 
