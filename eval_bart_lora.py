@@ -12,11 +12,17 @@ Run as:
     python eval_bart_lora.py --model=facebook/bart-large-cnn --tag=baseline
     python eval_bart_lora.py --model=ft_outputs/bart_merged_clean --tag=merged
     python eval_bart_lora.py --model=ft_outputs/gguf/<name>-q4_k_m.gguf --tag=q4   # an exported model
+    accelerate launch --multi_gpu --num_processes 2 eval_bart_lora.py --model=...   # sharded (see below)
 Settings left at None come from the model's run record (run_config.json): the generation settings,
 instruction and input length training used, and the split (SEED, VAL_FRACTION, TEST_FRACTION,
 NORMALIZE), so the held-out rows are the ones training held out. Rows the model was trained on are
 refused (ALLOW_OVERLAP=True scores them anyway and flags the result). Decoding is deterministic, so
 a different BATCH_SIZE gives the same predictions. Then compare versions with eval_metrics_bart_lora.py.
+
+Sharded: under `accelerate launch --num_processes N` (N GPUs, or N CPU processes over gloo with
+--multi_gpu) each process generates whole batches of the rows and the main process writes the one
+predictions CSV, identical to a one-process run. PRECISION picks the weights' dtype (recorded in
+the eval json and the run record).
 """
 MODEL = None                   # [str | None] base, adapter, merged or exported model; None: the trained adapter
 TAG = None                     # [str | None] output name: baseline, lora, merged, ...; None: from the model kind
@@ -43,6 +49,7 @@ LONG_INPUT = "truncate"        # [truncate | chunk | error] dialogues over MAX_I
 BATCH_SIZE = 8                 # [int >= 1] dialogues per generate() call (halved automatically on GPU out-of-memory)
 LOAD_IN_4BIT = None            # [bool | None] load the base in 4-bit (QLoRA); None: inherit from training, else False
 DEVICE = None                  # [str | None] None: cuda when available, else cpu; or cpu / cuda:0
+PRECISION = "auto"             # [auto | fp32 | bf16] weights; auto: bf16 on GPUs, fp32 on CPUs (see --help)
 WANDB = True                   # log to W&B when WANDB_API_KEY or WANDB_MODE=offline is set; False: never
 ALLOW_OVERLAP = False          # score rows the model was trained on anyway (flagged in every output)
 OUTPUT_DIR = "metrics"         # where the predictions, eval json and run config go
@@ -145,31 +152,46 @@ def prepare(cfg) -> EvalPlan:
     return EvalPlan(record, inherited, paths, data, rows, overlap, inputs)
 
 
-def describe_model(cfg, loaded, plan: EvalPlan, load_seconds: float) -> dict:
+def describe_model(cfg, loaded, plan: EvalPlan, load_seconds: float, precision, shard) -> dict:
     record = plan.record
     return {"name": portable(cfg.MODEL), "base": portable(loaded.base), "adapter": portable(loaded.adapter),
             "family": loaded.family, "kind": model_kind(cfg.MODEL, record), "backend": loaded.backend.name,
-            "dtype": loaded.dtype, "lineage": {k: v for k, v in vars(record.lineage).items() if v} if record else {},
-            "load_in_4bit": bool(cfg.LOAD_IN_4BIT), "load_seconds": round(load_seconds, 2)}
+            "dtype": loaded.dtype, "precision": {**precision.as_dict(), "dtype": loaded.dtype},
+            "lineage": {k: v for k, v in vars(record.lineage).items() if v} if record else {},
+            "load_in_4bit": bool(cfg.LOAD_IN_4BIT), "load_seconds": round(load_seconds, 2), "processes": shard.world}
 
 
-def evaluate(cfg, plan: EvalPlan) -> tuple[dict, object]:
-    """Generate, score and write the predictions, the eval json and the finished run record."""
+def device_of(cfg, shard) -> str | None:
+    """DEVICE, else the GPU accelerate gave this process in a sharded run (None: the default)."""
+    return cfg.DEVICE if cfg.DEVICE or not shard.device else shard.device
+
+
+def load(cfg, shard, precision):
+    """The model, in the precision PRECISION resolved to, on this process's device."""
     from finetuneflow.model.loading import load_model
+    started = time.perf_counter()
+    loaded = load_model(cfg.MODEL, load_in_4bit=bool(cfg.LOAD_IN_4BIT), device=device_of(cfg, shard),
+                        dtype=precision.dtype)
+    return loaded, time.perf_counter() - started
+
+
+def evaluate(cfg, plan: EvalPlan, shard, precision) -> tuple[dict | None, object]:
+    """Generate, score and write the predictions, the eval json and the finished run record (in a
+    sharded run: the main process; the others generate their share and return None)."""
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
     from finetuneflow.quality import tracking
     from finetuneflow.quality.evaluation import evaluate_rows
     out = plan.paths["run_config.json"].parent
-    started = time.perf_counter()
-    loaded = load_model(cfg.MODEL, load_in_4bit=bool(cfg.LOAD_IN_4BIT), device=cfg.DEVICE)
-    load_seconds = time.perf_counter() - started
-    run = tracking.start_run("eval", cfg, out, name=cfg.TAG) if cfg.WANDB else None
+    loaded, load_seconds = load(cfg, shard, precision)
+    run = tracking.start_run("eval", cfg, out, name=cfg.TAG) if cfg.WANDB and shard.main else None
     try:
         report = evaluate_rows(loaded, plan.rows, GenerationSettings.from_config(cfg), cfg.BATCH_SIZE,
                                cfg.MAX_INPUT_LENGTH, cfg.INSTRUCTION or DEFAULT_INSTRUCTION, cfg.LONG_INPUT,
-                               plan.paths["predictions.csv"], cfg.TAG, progress=True)
+                               plan.paths["predictions.csv"], cfg.TAG, progress=True, shard=shard)
+        if report is None:
+            return None, loaded
         summary = report.record
-        summary.update(model=describe_model(cfg, loaded, plan, load_seconds),
+        summary.update(model=describe_model(cfg, loaded, plan, load_seconds, precision, shard),
                        dataset={"source": plan.data.source, "split": cfg.SPLIT, "rows": len(plan.rows),
                                 "n_samples": cfg.N_SAMPLES, "shuffle": cfg.SHUFFLE, "seed": cfg.SEED,
                                 "columns": plan.data.columns, "dropped_empty_rows": plan.data.dropped},
@@ -177,11 +199,12 @@ def evaluate(cfg, plan: EvalPlan) -> tuple[dict, object]:
                                          "allowed": bool(plan.overlap)},
                        inherited_from_model_record=plan.inherited)
         decoding = summary["generation"]
-        finished = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name,
+        finished = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name, dtype=loaded.dtype,
                              instruction=decoding.get("instruction"), max_input_length=decoding["max_input_length"],
                              lineage=plan.record.lineage if plan.record else Lineage(),
                              generation=GenerationSettings.from_record(decoding),
                              extra={"tag": cfg.TAG, "status": "finished", "decoding": decoding,
+                                    "precision": summary["model"]["precision"], "processes": shard.world,
                                     "predictions_sha256": summary["predictions_sha256"]})
         atomic_write_json(plan.paths["eval.json"], summary)
         write_record(out, finished, cfg, plan.inputs, name=plan.paths["run_config.json"].name)
@@ -210,18 +233,29 @@ def print_summary(cfg, summary: dict, plan: EvalPlan, loaded) -> None:
     print(f"  words: prediction {avg['pred_words']:.1f}, reference {avg['ref_words']:.1f}; "
           f"{counts['empty_predictions']} empty predictions; {counts['truncated_inputs']} inputs truncated, "
           f"{counts['chunked_inputs']} chunked (LONG_INPUT={cfg.LONG_INPUT})")
+    processes = summary["model"]["processes"]
     print(f"  speed: {timing['samples_per_s']:.2f} samples/s, {timing['tokens_per_s']:.1f} generated tokens/s "
-          f"({timing['seconds']:.1f} s, batch {summary['generation']['batch_size']})")
+          f"({timing['seconds']:.1f} s, batch {summary['generation']['batch_size']}"
+          + (f", {processes} processes" if processes > 1 else "") + f"); precision {loaded.dtype} "
+          f"({summary['model']['precision']['reason']})")
     print(f"wrote {plan.paths['predictions.csv']} and {plan.paths['eval.json']}")
 
 
 def main(argv=None) -> dict:
+    from finetuneflow.engine.generation import current_shard
+    from finetuneflow.model.backends.hf import precision_for
     cfg = configure(globals(), argv)
     plan = prepare(cfg)
-    # claim the outputs before the slow part: an interrupted run leaves its own record, never a foreign file
-    write_record(plan.paths["run_config.json"].parent, RunRecord(STAGE, extra={"tag": cfg.TAG, "status": "started"}),
-                 cfg, plan.inputs, name=plan.paths["run_config.json"].name)
-    summary, loaded = evaluate(cfg, plan)
+    shard = current_shard(cfg.DEVICE)   # one process, or this one's place under `accelerate launch`
+    precision = precision_for(cfg.MODEL, cfg.PRECISION, device_of(cfg, shard), bool(cfg.LOAD_IN_4BIT))
+    if shard.main:
+        # claim the outputs before the slow part: an interrupted run leaves its own record, never a foreign file
+        write_record(plan.paths["run_config.json"].parent,
+                     RunRecord(STAGE, extra={"tag": cfg.TAG, "status": "started"}), cfg, plan.inputs,
+                     name=plan.paths["run_config.json"].name)
+    summary, loaded = evaluate(cfg, plan, shard, precision)
+    if summary is None:   # another process of a sharded run: the main process writes and reports
+        return {}
     print_summary(cfg, summary, plan, loaded)
     return summary
 

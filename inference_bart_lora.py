@@ -11,6 +11,8 @@ Run as:
     python inference_bart_lora.py --text="Anna: Lunch at noon?\nTom: Sure."   (\n starts a new turn)
     python inference_bart_lora.py --input_file=../shared/data/highlightsum_val200.jsonl \
         --output_file=outputs/summaries.jsonl
+    accelerate launch --multi_gpu --num_processes 2 inference_bart_lora.py --input_file=... --output_file=...
+        (sharded: each process summarizes whole batches; the main process writes every row, in order)
 Dialogues longer than MAX_INPUT_LENGTH tokens: LONG_INPUT=chunk summarizes them in windows cut at
 turn boundaries and then summarizes the partial summaries; truncate cuts them; error refuses them.
 Settings left at None come from the model folder's run_config.json (what was evaluated).
@@ -33,6 +35,7 @@ LENGTH_PENALTY = None                  # [float | None] None: inherited (beam se
 BATCH_SIZE = 8                         # [int >= 1] dialogues (or windows) generated together
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
 LOAD_IN_4BIT = None                    # [bool | None] adapter folders: None = as the adapter was trained
+PRECISION = "auto"                     # [auto | fp32 | bf16] weights; auto: bf16 on GPUs, fp32 on CPUs (see --help)
 
 import sys
 from pathlib import Path
@@ -43,9 +46,10 @@ from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, write_record
 from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.contract.settings import configure
-from finetuneflow.engine.long_input import summarize_long
-from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, model_info,
-                                             read_inputs, write_outputs)
+from finetuneflow.engine.generation import current_shard
+from finetuneflow.model.backends.hf import precision_for
+from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, loads_in_4bit,
+                                             model_info, read_inputs, summarize_inputs, write_outputs)
 
 RENAMED = {"TEXT_COLUMN": "DIALOGUE_COLUMN"}
 STAGE = "inference_bart_lora"
@@ -68,10 +72,10 @@ def check_output(cfg) -> Path | None:
     return output
 
 
-def report(result, inputs, cfg, inherited, loaded) -> None:
+def report(result, inputs, cfg, inherited, loaded, precision) -> None:
     info = model_info(loaded)
     truncated = sum(result.truncated)
-    print(f"model {info['model']} ({loaded.family}, {info['dtype']} on {loaded.device}); "
+    print(f"model {info['model']} ({loaded.family}, {info['dtype']} on {loaded.device}: {precision.reason}); "
           f"{len(inputs.dialogues)} dialogues from {inputs.source}; LONG_INPUT={cfg.LONG_INPUT}, "
           f"MAX_INPUT_LENGTH={cfg.MAX_INPUT_LENGTH or 'the model limit'}"
           + (f"; inherited {', '.join(inherited)}" if inherited else ""), file=sys.stderr)
@@ -86,27 +90,37 @@ def report(result, inputs, cfg, inherited, loaded) -> None:
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv, renamed=RENAMED)
     output = check_output(cfg)
+    shard = current_shard(cfg.DEVICE)   # one process, or this one's place under `accelerate launch`
+    if shard.sharded and not cfg.INPUT_FILE:
+        raise UserError(f"a sharded run ({shard.world} processes) splits the rows of --input_file; run one process "
+                        f"for --text or stdin")
     inputs = read_inputs(cfg.TEXT, cfg.INPUT_FILE, cfg.DIALOGUE_COLUMN, cfg.ID_COLUMN, sys.stdin)
-    if inputs.skipped:
+    if inputs.skipped and shard.main:
         print(f"skipped {len(inputs.skipped)} of {inputs.rows} rows with an empty dialogue (ids: "
               f"{', '.join(inputs.skipped[:10])}{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
-    loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE, cfg.LOAD_IN_4BIT)
+    device = cfg.DEVICE if cfg.DEVICE or not shard.device else shard.device
+    load_in_4bit = loads_in_4bit(cfg.MODEL, cfg.LOAD_IN_4BIT)
+    precision = precision_for(cfg.MODEL, cfg.PRECISION, device, load_in_4bit)
+    loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, device, load_in_4bit, precision)
     inherited = inherit_defaults(cfg, loaded)
     settings = GenerationSettings.from_config(cfg)
-    result = summarize_long(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
-                            cfg.INSTRUCTION, mode=cfg.LONG_INPUT, progress=len(inputs.dialogues) > 1,
-                            ids=inputs.ids)
-    report(result, inputs, cfg, inherited, loaded)
+    result = summarize_inputs(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
+                              cfg.INSTRUCTION, cfg.LONG_INPUT, inputs.ids, progress=len(inputs.dialogues) > 1,
+                              shard=shard)
+    if result is None:   # another process of a sharded run: the main process writes and reports
+        return {}
+    report(result, inputs, cfg, inherited, loaded, precision)
     truncated = sum(result.truncated)
     rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings}
             for i, s, w, t in zip(inputs.ids, result.summaries, result.windows, result.truncated)]
     if output:
-        record = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name,
+        record = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name, dtype=loaded.dtype,
                            generation=settings, instruction=cfg.INSTRUCTION, max_input_length=result.max_input_length,
                            lineage=loaded.record.lineage if loaded.record else RunRecord(STAGE).lineage,
                            extra={"model": model_info(loaded), "decoding": result.settings, "chunked": result.chunked,
                                   "truncated": truncated, "rows": inputs.rows, "skipped": inputs.skipped,
-                                  "timing": result.timing()})
+                                  "timing": result.timing(), "precision": precision.as_dict(),
+                                  "processes": shard.world, "exact_speedups": result.speedups})
         write_record(output.parent, record, cfg, [cfg.INPUT_FILE] if cfg.INPUT_FILE else [],
                      name=f"{output.name}.run_config.json")
         write_outputs(output, rows)

@@ -127,3 +127,74 @@ def test_no_repeat_ngram_ignores_the_prompt_of_a_causal_model():
     assert torch.isfinite(GeneratedNoRepeatNGram(3, prompt_length=4)(ids, scores.clone())).all()
     ids = torch.tensor([[5, 6, 7, 9, 1, 2, 1]])       # generated 1 2 1: "1 2" may not repeat
     assert GeneratedNoRepeatNGram(2, prompt_length=4)(ids, scores.clone())[0, 2] == float("-inf")
+
+
+# --- exact speed-ups (model/backends/hf.py): identical token ids, used only where the rule says ---------
+from finetuneflow.engine.generation import effective_settings  # noqa: E402
+from finetuneflow.model.backends import hf  # noqa: E402
+
+
+def token_ids(loaded, dialogues, settings, batch_size, speedups: bool, sampling=None):
+    """The new token ids of every row, batch by batch as the engine forms them."""
+    effective = effective_settings(loaded, settings, sampling)
+    encoded = [G.encode(loaded, d, "Summarize the following dialogue in one to three sentences.", 256)[0]
+               for d in dialogues]
+    with hf.exact_speedups(speedups):
+        return [[o.ids for o in loaded.backend.generate_batch(loaded, encoded[i:i + batch_size], effective)]
+                for i in range(0, len(encoded), batch_size)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+@pytest.mark.parametrize("no_repeat", [None, 3])
+def test_exact_speedups_leave_greedy_token_ids_unchanged(llama, batch_size, no_repeat):
+    settings = GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=no_repeat)
+    plain = token_ids(llama, DIALOGUES, settings, batch_size, speedups=False)
+    fast = token_ids(llama, DIALOGUES, settings, batch_size, speedups=True)
+    assert fast == plain and sum(len(ids) for batch in plain for ids in batch) > 5 * 10
+
+
+def test_prefix_cache_leaves_seeded_sampling_unchanged(llama):
+    sampling = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
+    plain = token_ids(llama, DIALOGUES, GREEDY, 3, speedups=False, sampling=sampling)
+    fast = token_ids(llama, DIALOGUES, GREEDY, 3, speedups=True, sampling=sampling)
+    assert fast == plain
+
+
+def test_speedup_rule_per_batch(llama, bart):
+    encoded = [G.encode(llama, d, "Summarize.", 256)[0] for d in DIALOGUES]
+    greedy = effective_settings(llama, GREEDY)
+    assert hf.speedups_for(llama, encoded[:1], greedy) == ("prompt_lookup",)       # one greedy causal row
+    assert hf.speedups_for(llama, encoded[:3], greedy) == ("prefix_cache",)        # rows sharing the prompt
+    beams = effective_settings(llama, GenerationSettings(num_beams=2, max_new_tokens=8))
+    assert hf.speedups_for(llama, encoded[:3], beams) == ()
+    sampled = effective_settings(llama, GREEDY, {"temperature": 0.8, "seed": 1})
+    assert "prompt_lookup" not in hf.speedups_for(llama, encoded[:1], sampled)    # drafts are for greedy only
+    seq2seq = [G.encode(bart, d, "", 256)[0] for d in DIALOGUES]
+    assert hf.speedups_for(bart, seq2seq[:1], effective_settings(bart, GREEDY)) == ()
+    assert hf.speedups_for(bart, seq2seq[:3], effective_settings(bart, GREEDY)) == ()
+    with hf.exact_speedups(False):
+        assert hf.speedups_for(llama, encoded[:3], greedy) == ()
+    unrelated = [list(range(100, 140)), list(range(200, 240))]                      # nothing shared
+    assert hf.speedups_for(llama, unrelated, greedy) == ()
+
+
+def test_the_shared_prefix_is_computed_once_and_kept_per_model(llama):
+    store = hf._store(llama)
+    store.caches.clear()
+    result = summarize(llama, DIALOGUES, GREEDY, batch_size=2, max_input_length=256, progress=False)
+    # 5 rows at batch 2: two shared-prefix batches, then one row alone (prompt lookup)
+    assert result.speedups == {"prefix_cache": 2, "prompt_lookup": 1}
+    kept = dict(store.caches)
+    encoded = [G.encode(llama, d, "Summarize the following dialogue in one to three sentences.", 256)[0]
+               for d in DIALOGUES]
+    # the template, system prompt and instruction (a dialogue's first characters may merge into the
+    # template's last token, so a batch's shared prefix can end a few tokens earlier)
+    assert 1 <= len(kept) <= 2
+    assert all(hf.MIN_SHARED_PREFIX <= len(prefix) <= hf._common_prefix(encoded) + 8 for prefix in kept)
+    again = summarize(llama, DIALOGUES[::-1], GREEDY, batch_size=2, max_input_length=256, progress=False)
+    assert again.summaries == result.summaries[::-1]
+    assert set(store.caches) == set(kept) and all(store.caches[k] is kept[k] for k in kept)   # reused, not redone
+    for _ in range(hf.PREFIX_SLOTS + 2):   # rows sharing other prefixes: the store keeps the latest few
+        other = [list(range(300 + _, 340 + _)) + [5, 6], list(range(300 + _, 340 + _)) + [7, 8, 9]]
+        llama.backend.generate_batch(llama, other, effective_settings(llama, GenerationSettings(max_new_tokens=1)))
+    assert len(store.caches) == hf.PREFIX_SLOTS

@@ -4,6 +4,11 @@ or stdin, and write summaries. Nothing here imports the web stack (pydantic, Fas
 
 Every row of an input file is read (there is no split: like `--split=all` in the evaluation
 stage); rows with an empty dialogue are skipped and counted, never silently dropped.
+
+Precision: `load_for_inference(..., precision="auto"|"fp32"|"bf16")` (model/backends/hf.py
+resolve_precision). Sharded (`accelerate launch --num_processes N inference_bart_lora.py
+--input_file=...`): `summarize_inputs` gives each process whole batches and the main process every
+summary, in input order.
 """
 from __future__ import annotations
 
@@ -30,10 +35,10 @@ INHERITED = ("INSTRUCTION", "MAX_INPUT_LENGTH", *GenerationSettings.names())
 
 # --- loading with inherited defaults -------------------------------------------------------
 def load_for_inference(model: str, base_model: str | None = None, device: str | None = None,
-                       load_in_4bit: bool | None = None) -> LoadedModel:
+                       load_in_4bit: bool | None = None, precision="auto") -> LoadedModel:
     """A merged/clean folder, an adapter folder (base from its run record, or `base_model`), an
-    exported model (CTranslate2 folder, .gguf) or a Hub id. A missing local folder names the
-    stage that writes it."""
+    exported model (CTranslate2 folder, .gguf) or a Hub id, in `precision` (auto | fp32 | bf16, or
+    a resolved hf.Precision). A missing local folder names the stage that writes it."""
     path = resolve(model)
     if not path.exists() and not is_hub_id(model):
         raise UserError(f"model not found: {path} (the clean merged model is written by `python "
@@ -42,11 +47,22 @@ def load_for_inference(model: str, base_model: str | None = None, device: str | 
             and not list(path.glob("*.gguf")):
         raise UserError(f"{path} is not a model folder (no config.json, adapter_config.json, CTranslate2 model.bin "
                         f"or .gguf)")
-    if load_in_4bit is None and is_adapter_dir(path):
+    load_in_4bit = loads_in_4bit(model, load_in_4bit)
+    source = str(path) if path.exists() else model
+    if isinstance(precision, str) or precision is None:
+        from finetuneflow.model.backends.hf import precision_for
+        precision = precision_for(source, precision or "auto", device, bool(load_in_4bit))
+    return load_model(source, device=device, load_in_4bit=bool(load_in_4bit), base_model=base_model or None,
+                      dtype=precision.dtype)
+
+
+def loads_in_4bit(model: str, load_in_4bit: bool | None) -> bool:
+    """LOAD_IN_4BIT, or for an adapter folder left at None: as the adapter was trained."""
+    path = resolve(model)
+    if load_in_4bit is None and path.is_dir() and is_adapter_dir(path):
         record = read_record(path)
-        load_in_4bit = bool(record and record.load_in_4bit)
-    return load_model(str(path) if path.exists() else model, device=device, load_in_4bit=bool(load_in_4bit),
-                      base_model=base_model or None)
+        return bool(record and record.load_in_4bit)
+    return bool(load_in_4bit)
 
 
 def inherit_defaults(cfg: dict, loaded: LoadedModel) -> list[str]:
@@ -65,6 +81,27 @@ def model_info(loaded: LoadedModel) -> dict:
             "adapter": portable(loaded.adapter), "family": str(loaded.family), "backend": loaded.backend.name,
             "device": str(loaded.device), "dtype": loaded.dtype, "stage": record.stage if record else None,
             "merged_from": record.lineage.merged_from if record else None}
+
+
+def summarize_inputs(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings, batch_size: int,
+                     max_input_length: int | None, instruction: str | None, long_input: str, ids: list[str],
+                     progress: bool = True, shard=None):
+    """engine.long_input.summarize_long over `dialogues`, in one process or sharded (each process
+    its whole batches; the main process gets every summary in order, the others None)."""
+    import time
+
+    from finetuneflow.engine.generation import Shard, gather_results, input_lengths, shard_indices
+    from finetuneflow.engine.long_input import input_limit, summarize_long
+    shard = shard or Shard()
+    started = time.perf_counter()
+    mine = list(range(len(dialogues)))
+    if shard.sharded:
+        limit = input_limit(loaded, settings, max_input_length)
+        mine = shard_indices(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard)
+    result = summarize_long(loaded, [dialogues[i] for i in mine], settings, batch_size, max_input_length,
+                            instruction or DEFAULT_INSTRUCTION, mode=long_input, progress=progress and shard.main,
+                            ids=[ids[i] for i in mine])
+    return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
 
 
 # --- reading dialogues ---------------------------------------------------------------------
