@@ -37,8 +37,9 @@ MAX_INPUT_LENGTH = 768                 # [int >= 16] the seed's input padding le
 MAX_TARGET_LENGTH = 192                # [int >= 2] the seed's label padding length
 SEED = 42                              # [int >= 0] row subset and data order
 REPEATS = 1                            # [int >= 1] runs per recipe, interleaved; the fastest counts (noisy machines)
-THREADS = 0                            # [int >= 0] torch CPU threads per recipe (0 = torch's default; 1 is steadier when shared)
-RECIPES = ["seed_max_length", "dynamic", "dynamic_bf16"]  # [list[seed_max_length | dynamic | dynamic_bf16]] recipes to run
+THREADS = 0                            # [int >= 0] torch CPU threads per recipe (0: torch's default; 1: steadier)
+# [list[seed_max_length | dynamic | dynamic_bf16]] recipes to run
+RECIPES = ["seed_max_length", "dynamic", "dynamic_bf16"]
 OUTPUT_JSON = ""                     # also write the results here ("" = print only)
 
 import multiprocessing
@@ -199,7 +200,8 @@ def compare(runs: dict[str, dict]) -> dict:
 def print_result(result: dict, cfg, settings: dict) -> None:
     runs = result["runs"]
     first = next(iter(runs.values()))
-    print(f"\n{result['model']} ({first['family']}): {first['steps']} steps x {cfg.BATCH_SIZE}x{cfg.GRAD_ACCUM} samples, "
+    print(f"\n{result['model']} ({first['family']}): {first['steps']} steps x "
+          f"{cfg.BATCH_SIZE}x{cfg.GRAD_ACCUM} samples, "
           f"lengths {settings['MAX_INPUT_LENGTH']}/{settings['MAX_TARGET_LENGTH']}, {first['threads']} thread(s), "
           f"best of {max(1, cfg.REPEATS)}")
     print(f"  {'recipe':<16}{'samples/s':>10}{'tokens/s':>10}{'padded tok/s':>13}{'train s':>9}"

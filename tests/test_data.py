@@ -68,7 +68,8 @@ def test_explicit_columns_and_missing_column_lists_columns(tmp_path):
     path = str(write(tmp_path, "d.jsonl"))
     data = load_dialogues(path, dialogue_column="dialog", summary_column="highlights", id_column="fname")
     assert data.columns["summary"] == "highlights"
-    with pytest.raises(UserError, match=r"column 'summary' \(summary\) not found; columns found: fname, dialog, highlights"):
+    expected = r"column 'summary' \(summary\) not found; columns found: fname, dialog, highlights"
+    with pytest.raises(UserError, match=expected):
         load_dialogues(path, summary_column="summary")
 
 

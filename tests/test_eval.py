@@ -78,10 +78,11 @@ def test_eval_adapter_inherits_settings_and_batch_size_does_not_matter(tiny_mode
     assert [r["prediction"] for r in one] == [r["prediction"] for r in four]
     assert [r["id"] for r in one] == [r["id"] for r in four]
     record = json.loads((project / "metrics" / "lora_eval.json").read_text())
-    assert record["model"]["kind"] == "adapter" and record["model"]["adapter"] == "lora"   # relative to the project root
+    assert record["model"]["kind"] == "adapter" and record["model"]["adapter"] == "lora"   # relative to the root
     assert record["generation"]["max_new_tokens"] == 7 and record["generation"]["max_input_length"] == 200
     assert record["generation"]["instruction"] == "Summarize briefly."
-    assert set(record["inherited_from_model_record"]) >= {"NUM_BEAMS", "MAX_NEW_TOKENS", "INSTRUCTION", "MAX_INPUT_LENGTH"}
+    inherited = {"NUM_BEAMS", "MAX_NEW_TOKENS", "INSTRUCTION", "MAX_INPUT_LENGTH"}
+    assert set(record["inherited_from_model_record"]) >= inherited
     run_config = json.loads((project / "metrics" / "lora_run_config.json").read_text())
     assert run_config["config"]["MAX_NEW_TOKENS"] == 7 and run_config["tag"] == "lora"
 
@@ -92,7 +93,8 @@ def test_eval_long_input_chunk(tiny_models, project, tmp_path):
     long = next(r for r in rows if r["id"] == "sample-long-meeting")
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], long)))
-    common = [f"--model={tiny_models['bart']}", f"--dataset={data}", "--split=train", "--val_fraction=0", "--test_fraction=0", "--max_input_length=512",
+    common = [f"--model={tiny_models['bart']}", f"--dataset={data}", "--split=train", "--val_fraction=0",
+              "--test_fraction=0", "--max_input_length=512",
               "--max_new_tokens=6", "--num_beams=1"]
     run_stage(EVAL, *common, "--long_input=chunk", "--tag=chunked", root=project, env=ONE_THREAD)
     record = json.loads((project / "metrics" / "chunked_eval.json").read_text())
@@ -106,13 +108,15 @@ def test_eval_long_input_chunk(tiny_models, project, tmp_path):
 def test_eval_errors(tiny_models, project):
     missing = run_stage(EVAL, *DATA, root=project, check=False, env=ONE_THREAD)
     assert missing.returncode == 2 and "train_bart_lora.py" in error_line(missing)
-    bad_tag = run_stage(EVAL, f"--model={tiny_models['bart']}", "--tag=../x", *DATA, root=project, check=False, env=ONE_THREAD)
+    bad_tag = run_stage(EVAL, f"--model={tiny_models['bart']}", "--tag=../x", *DATA, root=project, check=False,
+                        env=ONE_THREAD)
     assert bad_tag.returncode == 2 and "--tag" in error_line(bad_tag)
     assert not (project / "metrics").exists() or not any((project / "metrics").glob("*_predictions.csv"))
 
 
 def _write_predictions(path, ids, predictions, references=None):
-    rows = [{"id": i, "dialogue": f"Anna: we meet at {i}\nTom: fine", "reference": (references or {}).get(i, f"They meet at {i}."),
+    rows = [{"id": i, "dialogue": f"Anna: we meet at {i}\nTom: fine",
+             "reference": (references or {}).get(i, f"They meet at {i}."),
              "prediction": p, "rouge1": 0, "rouge2": 0, "rougeL": 0, "rougeLsum": 0, "pred_words": 0, "ref_words": 0}
             for i, p in zip(ids, predictions)]
     with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -193,7 +197,8 @@ def test_metrics_errors(project):
     cases = {"noref.csv": "has no reference column", "empty.csv": "is empty",
              f"{good},{other}": "row ids differ between a (a_predictions.csv, 8 rows) and b"}
     for arg, message in cases.items():
-        result = run_stage(METRICS, f"--predictions={arg}", "--bertscore_model=", root=project, check=False, env=ONE_THREAD)
+        result = run_stage(METRICS, f"--predictions={arg}", "--bertscore_model=", root=project, check=False,
+                           env=ONE_THREAD)
         assert result.returncode == 2 and message in error_line(result), result.stderr
     none = run_stage(METRICS, root=project, check=False, env=ONE_THREAD)
     assert none.returncode == 2 and "eval_bart_lora.py" in error_line(none)

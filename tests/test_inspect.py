@@ -42,7 +42,8 @@ def test_without_tokenizer_says_why(project):
 
 @needs_shared_data
 def test_dialogsum_dev500(project):
-    run_stage("inspect_dataset.py", f"--dataset={SHARED_DATA / 'dialogsum_dev500.jsonl'}", "--model_name=", root=project)
+    run_stage("inspect_dataset.py", f"--dataset={SHARED_DATA / 'dialogsum_dev500.jsonl'}", "--model_name=",
+              root=project)
     overview = json.loads((project / "metrics/dataset_overview.json").read_text())
     assert overview["total_rows"] == 500
     assert overview["rows"] == {"train": 400, "validation": 50, "test": 50}

@@ -95,7 +95,8 @@ def tiny_roberta(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("bertscore")
     folders = {}
     for name, layers in (("tiny-roberta", 2), ("roberta-large", 17)):   # bert-score uses layer 17 of roberta-large
-        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=layers,
+                               num_attention_heads=2,
                                intermediate_size=32, max_position_embeddings=520, pad_token_id=tokenizer.pad_token_id)
         RobertaModel(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
@@ -138,7 +139,8 @@ def test_bucket_speaker_tags():
     assert flags("Speaker A: we should agree on the remote")["speaker_tags"]
     assert not flags("Amanda baked cookies and Tom brings drinks.")["speaker_tags"]
     # DialogSum references name speakers as #Person1#: the same style in a prediction is fine
-    assert not flags("#Person1# asks #Person2# for help.", reference="#Person1# needs #Person2#'s help.")["speaker_tags"]
+    same_style = flags("#Person1# asks #Person2# for help.", reference="#Person1# needs #Person2#'s help.")
+    assert not same_style["speaker_tags"]
     assert flags("#Person1# asks #Person2# for help.", reference="A man asks for help.")["speaker_tags"]
 
 
