@@ -23,6 +23,11 @@ Sharded: under `accelerate launch --num_processes N` (N GPUs, or N CPU processes
 --multi_gpu) each process generates whole batches of the rows and the main process writes the one
 predictions CSV, identical to a one-process run. PRECISION picks the weights' dtype (recorded in
 the eval json and the run record).
+
+Long inputs (LONG_INPUT): truncate cuts them at MAX_INPUT_LENGTH; chunk summarizes windows cut at turn
+boundaries, then summarizes the joined window summaries (map-reduce: one short summary); chunk_join
+keeps the window summaries, joined in order, as the summary (its length grows with the input, like
+the long abstracts of meeting datasets); error refuses them.
 """
 MODEL = None                   # [str | None] base, adapter, merged or exported model; None: the trained adapter
 TAG = None                     # [str | None] output name: baseline, lora, merged, ...; None: from the model kind
@@ -45,7 +50,7 @@ NO_REPEAT_NGRAM_SIZE = None    # [int >= 0 | None] no repeated n-grams of this s
 LENGTH_PENALTY = None          # [float | None] beam length penalty (>1 favours longer); None: inherit, else the model's
 MAX_INPUT_LENGTH = None        # [int >= 16 | None] input tokens per dialogue; None: inherit, else the model's limit
 INSTRUCTION = None             # [str | None] prompt for causal models; None: inherit, else the default instruction
-LONG_INPUT = "truncate"        # [truncate | chunk | error] dialogues over MAX_INPUT_LENGTH (chunk: map-reduce windows)
+LONG_INPUT = "truncate"        # [truncate | chunk | chunk_join | error] inputs over MAX_INPUT_LENGTH (see --help)
 BATCH_SIZE = 8                 # [int >= 1] dialogues per generate() call (halved automatically on GPU out-of-memory)
 LOAD_IN_4BIT = None            # [bool | None] load the base in 4-bit (QLoRA); None: inherit from training, else False
 DEVICE = None                  # [str | None] None: cuda when available, else cpu; or cpu / cuda:0

@@ -14,7 +14,8 @@ Run as:
     accelerate launch --multi_gpu --num_processes 2 inference_bart_lora.py --input_file=... --output_file=...
         (sharded: each process summarizes whole batches; the main process writes every row, in order)
 Dialogues longer than MAX_INPUT_LENGTH tokens: LONG_INPUT=chunk summarizes them in windows cut at
-turn boundaries and then summarizes the partial summaries; truncate cuts them; error refuses them.
+turn boundaries and then summarizes the partial summaries; chunk_join joins the window summaries
+instead (the summary grows with the dialogue: meetings); truncate cuts them; error refuses them.
 Settings left at None come from the model folder's run_config.json (what was evaluated).
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
@@ -24,7 +25,7 @@ INPUT_FILE = ""                        # .txt (one dialogue), .jsonl/.json/.csv/
 DIALOGUE_COLUMN = None                 # [str | None] column holding the dialogue (None: dialogue, dialog, text, ...)
 ID_COLUMN = None                       # [str | None] column holding the id (None: id, sample_id, fname...; else row-N)
 OUTPUT_FILE = ""                       # .jsonl or .csv; "" prints to stdout
-LONG_INPUT = "chunk"                   # [truncate | chunk | error] what to do with dialogues over MAX_INPUT_LENGTH
+LONG_INPUT = "chunk"                   # [truncate | chunk | chunk_join | error] dialogues over MAX_INPUT_LENGTH
 MAX_INPUT_LENGTH = None                # [int >= 16 | None] tokens per model input; None: run_config.json/the model's
 INSTRUCTION = None                     # [str | None] causal models' instruction; None: the one it was trained with
 NUM_BEAMS = None                       # [int >= 1 | None] None: inherited (run_config.json, else the model's config)

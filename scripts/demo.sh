@@ -61,8 +61,8 @@ printf 'Anna: Are we still on for lunch tomorrow?\nTom: Yes, 12:30 at the usual 
   | $PY inference_bart_lora.py --model=$CLEAN
 $PY inference_bart_lora.py --model=$CLEAN --input_file=$DATA --output_file=metrics/demo_inference.jsonl --long_input=chunk
 
-step "10. export GGUF q8_0 + Ollama Modelfile"
-$PY export_gguf.py --model=$CLEAN --outtype=q8_0
+step "10. export GGUF q8_0 and q4_k_m + Ollama Modelfiles; the deploy gate scores both on the merged model's rows"
+$PY export_gguf.py --model=$CLEAN --outtype=q8_0,q4_k_m
 
 step "artifacts"
 $PY scripts/artifacts.py

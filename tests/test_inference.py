@@ -79,6 +79,13 @@ def test_long_input_modes(llama):
     assert plain.chunked == 0 and plain.truncated[0] and not any(plain.truncated[1:])
     assert plain.summaries[1:] == chunked.summaries[1:]                # fitting inputs: same engine path
     assert plain.summaries == summarize(llama, dialogues, settings, max_input_length=512, progress=False).summaries
+    # chunk_join: the long dialogue's summary is its window summaries in order; the others are unchanged
+    joined = summarize_long(llama, dialogues, settings, max_input_length=512, mode="chunk_join", progress=False)
+    windows = split_into_windows(llama, LONG, max_input_length=512)
+    per_window = summarize(llama, windows, settings, max_input_length=512, progress=False).summaries
+    assert joined.summaries[0] == " ".join(s.strip() for s in per_window if s.strip())
+    assert joined.summaries[1:] == chunked.summaries[1:] and joined.windows == chunked.windows
+    assert joined.truncated == [False] * 4 and joined.chunked == 1
     with pytest.raises(UserError, match="dialogue id 'long-one'.*LONG_INPUT=chunk"):
         summarize_long(llama, dialogues, settings, max_input_length=512, mode="error",
                        ids=["long-one", "a", "b", "c"])

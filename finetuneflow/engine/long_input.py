@@ -9,6 +9,9 @@
   (its speaker label, e.g. "Speaker A:", is repeated at the start of a window that begins
   mid-turn). Each window is summarized, the partial summaries are joined one per line and
   summarized again, recursively while the joined text is still too long (map-reduce).
+  "chunk_join" stops after the windows: their summaries, in order, joined by spaces, are the
+  dialogue's summary, so its length grows with the dialogue (a 5,000-word meeting gets a
+  summary per window, as long abstracts of meetings do, not one short chat-style summary).
   Dialogues that fit go through the engine unchanged, so "chunk" and "truncate" give the
   same summary for every dialogue that fits.
 
@@ -36,7 +39,7 @@ from finetuneflow.engine.generation import (GenerationResult, GenerationSettings
 from finetuneflow.model.loading import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, text_ids
 
-MODES = ("truncate", "chunk", "error")
+MODES = ("truncate", "chunk", "chunk_join", "error")
 MAX_LEVELS = 4              # map-reduce depth; beyond it the joined summaries are truncated
 _SPEAKER = re.compile(r"^\s*([^\s:][^:\n]{0,39}:)\s")       # "Speaker A:", "#Person1#:", "Anna:"
 _SENTENCE_END = re.compile(r"(?<=[.!?\u2026])\s+")
@@ -260,10 +263,12 @@ def summarize_long(loaded: LoadedModel, dialogues: list[str], settings: Generati
     `ids` (optional) name dialogues in errors; `control` (optional) watches and stops the work."""
     if mode not in MODES:
         raise UserError(f"LONG_INPUT={mode!r} is not one of {', '.join(MODES)}")
+    mode, reduce = ("chunk", "join") if mode == "chunk_join" else (mode, "summarize")
     dialogues = list(dialogues)
     settings = settings or GenerationSettings()
     limit = input_limit(loaded, settings, max_input_length)
     run = _Run(loaded, settings, batch_size, limit, instruction, progress, control)
+    run.reduce = reduce
     if control is not None:
         control.check()
     if mode == "truncate":
@@ -292,6 +297,7 @@ class _Run:
         self.loaded, self.settings, self.batch_size, self.limit = loaded, settings, batch_size, limit
         self.instruction, self.progress, self.control = instruction, progress, control
         self.generated, self.settings_used = 0, {}
+        self.reduce = "summarize"
 
     def engine(self, texts: list[str], parts: list[Part]) -> GenerationResult:
         """The engine's summaries of `texts`; without a control in one call, with a control one
@@ -355,10 +361,17 @@ def _map_reduce(run: _Run, texts: list[str], sizes: list[int], origins: list[int
     outputs = iter(result.summaries)
     summaries = {i: next(outputs) for i in fitting}
     truncated = dict(zip(fitting, result.truncated))
-    joined = [
-        "\n".join(s for s in (next(outputs) for _ in split[i]) if s.strip()) for i in over]
-    reduced, reduced_truncated, _ = _map_reduce(
-        run, joined, input_tokens(run.loaded, joined, run.instruction), [origins[i] for i in over], level + 1)
+    separator = " " if run.reduce == "join" else "\n"
+    joined = [separator.join(s.strip() for s in (next(outputs) for _ in split[i]) if s.strip()) for i in over]
+    if run.reduce == "join":
+        reduced, reduced_truncated = joined, [False] * len(over)   # windows fit: nothing was cut
+        if run.control is not None:
+            for i, text in zip(over, joined):
+                run.control.part(Part(dialogue=origins[i], level=level + 1, part=1, parts=1, summary=text,
+                                      final=True))
+    else:
+        reduced, reduced_truncated, _ = _map_reduce(
+            run, joined, input_tokens(run.loaded, joined, run.instruction), [origins[i] for i in over], level + 1)
     for i, text, flag in zip(over, reduced, reduced_truncated):
         summaries[i], truncated[i] = text, flag
     windows = [len(split[i]) if i in split else 1 for i in range(len(texts))]

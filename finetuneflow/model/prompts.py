@@ -74,7 +74,7 @@ def encode_causal_prompt(tokenizer, dialogue: str, instruction: str,
                         f"{len(prefix) + len(suffix)}-token prompt template; raise MAX_INPUT_LENGTH")
     if not any(s in dialogue for s in special_strings(tokenizer)):
         before, after, head = _template_text(tokenizer, instruction)
-        whole = head + tokenizer(before + dialogue + after, add_special_tokens=False)["input_ids"]
+        whole = head + tokenizer(before + dialogue + after, add_special_tokens=False, verbose=False)["input_ids"]
         if len(whole) <= max_prompt_tokens:
             return whole, False
     dialogue_ids = text_ids(tokenizer, dialogue)
