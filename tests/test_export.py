@@ -159,7 +159,7 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     assert deploy["rows"]["from"] == "4 held-out rows of split 'test' of data/samples/dialogues.jsonl (the model's " \
                                      "record names no training data)"
     assert deploy["reference"]["how"].endswith("run now with the same decoding as the artifacts")
-    assert report_verdict(out) == row["verdict"] and "deploy gate on 4 rows" in result.stdout
+    assert report_verdict(out) == row["verdict"] and "deploy gate on 4 held-out rows of split" in result.stdout
     report = json.loads((out / "export_report.json").read_text())
     check = report["verification"]["checks"]["ctranslate2"]
     assert report["verification"]["passed"] is True and (check["check"], check["key"]) == ("ct2", "float32")
