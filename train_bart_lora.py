@@ -22,7 +22,7 @@ ROUGE-L among the checkpoints whose unsupported-mention rate is at most the lowe
 on dialogues longer than the check was validated for, it falls back to rougeL and says so.
 Precision (PRECISION): autocast only, LoRA weights and AdamW stay fp32. auto = bf16 on a GPU that
 has it (else fp16); on a CPU, bf16 only with native bf16 (avx512_bf16/AMX) for causal models of
->= 50M parameters (measured as good as fp32; see benchmarks/training.md), else fp32.
+>= 50M parameters (measured as good as fp32 on SmolLM2; see BENCHMARKS.md, Training), else fp32.
 
 Reads:  DATASET (Hub id or local file/folder), MODEL (Hub id or local folder)
 Writes: OUTPUT_DIR/ exactly these files when the run finishes:

@@ -210,7 +210,8 @@ def bench_sharded(model: str, cfg) -> dict:
             f"--dataset={resolve(cfg.DATASET) if resolve(cfg.DATASET).exists() else cfg.DATASET}",
             "--split=all", f"--n_samples={cfg.SHARDED_ROWS}", f"--batch_size={cfg.BATCH_SIZE}",
             f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--max_input_length={cfg.MAX_INPUT_LENGTH}",
-            f"--num_beams={cfg.NUM_BEAMS}", "--wandb=false", "--output_dir=metrics"]
+            f"--num_beams={cfg.NUM_BEAMS}", "--wandb=false", "--output_dir=metrics",
+            "--allow_overlap=True"]   # a speed and identity comparison: the rows may be a fine-tuned model's own
     env = {**os.environ, "FTF_ROOT": str(root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
               str(cfg.SHARDED), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -146,7 +146,7 @@ def token_ids(loaded, dialogues, settings, batch_size, speedups: bool, sampling=
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 @pytest.mark.parametrize("no_repeat", [None, 3])
-def test_exact_speedups_leave_greedy_token_ids_unchanged(llama, batch_size, no_repeat):
+def test_exact_speedups_leave_greedy_token_ids_unchanged(llama, batch_size, no_repeat, lookup_on_cpu):
     settings = GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=no_repeat)
     plain = token_ids(llama, DIALOGUES, settings, batch_size, speedups=False)
     fast = token_ids(llama, DIALOGUES, settings, batch_size, speedups=True)
@@ -160,7 +160,19 @@ def test_prefix_cache_leaves_seeded_sampling_unchanged(llama):
     assert fast == plain
 
 
-def test_speedup_rule_per_batch(llama, bart):
+@pytest.fixture
+def lookup_on_cpu(monkeypatch):
+    """Prompt lookup is for GPUs (measured slower on this CPU); its exactness is tested here on the CPU."""
+    monkeypatch.setattr(hf, "PROMPT_LOOKUP_DEVICES", frozenset({"cpu", "cuda"}))
+
+
+def test_prompt_lookup_is_off_on_a_cpu_by_default(llama):
+    encoded = [G.encode(llama, d, "Summarize.", 256)[0] for d in DIALOGUES]
+    assert "cpu" not in hf.PROMPT_LOOKUP_DEVICES
+    assert "prompt_lookup" not in hf.speedups_for(llama, encoded[:1], effective_settings(llama, GREEDY))
+
+
+def test_speedup_rule_per_batch(llama, bart, lookup_on_cpu):
     encoded = [G.encode(llama, d, "Summarize.", 256)[0] for d in DIALOGUES]
     greedy = effective_settings(llama, GREEDY)
     assert hf.speedups_for(llama, encoded[:1], greedy) == ("prompt_lookup",)       # one greedy causal row
@@ -178,7 +190,7 @@ def test_speedup_rule_per_batch(llama, bart):
     assert hf.speedups_for(llama, unrelated, greedy) == ()
 
 
-def test_the_shared_prefix_is_computed_once_and_kept_per_model(llama):
+def test_the_shared_prefix_is_computed_once_and_kept_per_model(llama, lookup_on_cpu):
     store = hf._store(llama)
     store.caches.clear()
     result = summarize(llama, DIALOGUES, GREEDY, batch_size=2, max_input_length=256, progress=False)

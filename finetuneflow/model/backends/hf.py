@@ -8,7 +8,7 @@ Precision (`--precision=auto|fp32|bf16` on the stages that generate): `resolve_p
 weights' dtype. On a GPU, auto keeps bf16 (fp16 where bf16 is missing). On a CPU, bf16 needs the
 CPU's own bf16 instructions (avx512_bf16 / amx_bf16, detected by `cpu_bf16_feature`); auto takes
 bf16 there only for the families whose measured quality did not change (`AUTO_CPU_BF16`, see
-benchmarks/generation.md), else fp32.
+BENCHMARKS.md, "Generation"), else fp32.
 
 Exact speed-ups for one batch (`speedups_for`, used only where they leave the greedy tokens as
 they are and were measured faster): a causal batch reuses the KV cache of the prompt prefix its
@@ -66,7 +66,7 @@ def parse_device(device) -> torch.device:
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_SPEC = "[auto | fp32 | bf16]"
 # Families for which `auto` takes bf16 on a CPU with bf16 instructions: only where the measured
-# quality did not change (benchmarks/generation.md: SmolLM2, 100 held-out DialogSum rows).
+# quality did not change (BENCHMARKS.md, "Generation": SmolLM2, 100 held-out DialogSum rows).
 AUTO_CPU_BF16: frozenset[str] = frozenset()
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -324,6 +324,9 @@ PROMPT_LOOKUP_TOKENS = 10     # draft tokens copied from the prompt per step (tr
 MIN_SHARED_PREFIX = 16        # a shorter shared prefix is not worth a cache
 MAX_SHARED_PREFIX = 256       # the longest prefix kept (a template + instruction is well under it)
 PREFIX_SLOTS = 4              # prefixes kept per model (e.g. a few instructions on one server)
+# Prompt lookup only where decoding is memory-bound (GPUs): measured 0.93x plain generate on this
+# project's 2-core CPU (SmolLM2, one row at a time, identical tokens; BENCHMARKS.md, "Generation").
+PROMPT_LOOKUP_DEVICES = frozenset({"cuda"})
 _enabled = threading.local()
 
 
@@ -383,16 +386,18 @@ def _store(loaded: LoadedModel) -> _PrefixStore:
 
 
 def speedups_for(loaded: LoadedModel, batch: list[list[int]], effective: dict) -> tuple[str, ...]:
-    """The exact speed-ups one batch gets (the rule measured in benchmarks/generation.md):
-    causal models, one beam; prompt lookup for a single greedy row (transformers drafts for one
-    row only), else the shared-prefix KV cache when the rows share >= MIN_SHARED_PREFIX tokens.
+    """The exact speed-ups one batch gets (the rule measured in BENCHMARKS.md, "Generation"):
+    causal models, one beam; prompt lookup for a single greedy row on a PROMPT_LOOKUP_DEVICES device
+    (transformers drafts for one row only), else the shared-prefix KV cache when the rows share >=
+    MIN_SHARED_PREFIX tokens.
     Seq2seq models get neither: their encoder reads the whole input at once and the decoder's
     prompt holds no dialogue to copy from."""
     if not getattr(_enabled, "value", True) or loaded.family != CAUSAL or not batch:
         return ()
     if (effective.get("num_beams") or 1) != 1:
         return ()
-    if len(batch) == 1 and not effective.get("do_sample"):
+    device = getattr(loaded.device, "type", str(loaded.device))
+    if len(batch) == 1 and not effective.get("do_sample") and device in PROMPT_LOOKUP_DEVICES:
         return ("prompt_lookup",)
     return ("prefix_cache",) if _store(loaded).find(batch) else ()
 
