@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
 MAX_SANE_LENGTH = 1_000_000   # tokenizers without a limit report ~1e30
+T5_TYPES = ("t5", "mt5", "umt5")   # the seq2seq model types llama.cpp runs from a GGUF (BART it cannot)
 
 # Default LoRA targets, first match wins. Seq2seq: BART-style attention projections (the seed's
 # q_proj/v_proj) or T5's q/v. Causal: Llama-style q/k/v/o, Phi-3's fused qkv, GPT-2's c_attn,

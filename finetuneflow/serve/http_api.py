@@ -1,6 +1,9 @@
-"""The HTTP service: request models, the one error shape, the middlewares and `create_app`.
+"""The HTTP service: the error handlers, the middlewares and `create_app`, which builds the app from
+the routers (routes.py: the service's own routes; openai_api.py: the OpenAI-compatible ones) and
+the helpers they share (http_common.py: the error shape, request notes, client keys, server-sent
+events).
 
-Routes (see also openai_api.py): POST /summarize (?stream=true for server-sent events), GET /health
+Routes: POST /summarize (?stream=true for server-sent events), GET /health
 (always open), GET /info, GET /metrics (Prometheus), GET / (the page), GET /samples, /docs.
 
 Every error, whatever raised it (a limit, a budget, FastAPI's own validation, an unknown route,
@@ -27,20 +30,20 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from finetuneflow.contract.paths import BUNDLED_SAMPLES
 from finetuneflow.model.loading import LoadedModel
 from finetuneflow.serve.batching import Rejected
+from finetuneflow.serve.http_common import error_response, note
+from finetuneflow.serve.openai_api import openai_router
 from finetuneflow.serve.options import ServerOptions
+from finetuneflow.serve.routes import summarize_router
 from finetuneflow.serve.service import ClientLeft, Service
 
 STATIC = Path(__file__).resolve().parent / "static"
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 429: "rate_limit_error"}
 OPEN_PATHS = ("/health",)
 PAGE_PATHS = ("/", "/docs", "/redoc")
 KNOWN_ROUTES = ("/", "/health", "/info", "/metrics", "/samples", "/summarize", "/docs", "/openapi.json",
@@ -48,49 +51,7 @@ KNOWN_ROUTES = ("/", "/health", "/info", "/metrics", "/samples", "/summarize", "
 access_log = logging.getLogger("finetuneflow.access")
 
 
-# --- request models ------------------------------------------------------------------------
-class Generation(BaseModel):
-    """Decoding overrides for one request (unset = the service's defaults, the evaluated ones)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    num_beams: int | None = Field(None, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    min_new_tokens: int | None = Field(None, ge=0)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
-    length_penalty: float | None = Field(None, ge=-10, le=10)
-
-
-class SummarizeRequest(BaseModel):
-    """POST /summarize: exactly one of "dialogue" or "dialogues"."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    dialogue: str | None = Field(None, description="one dialogue, turns separated by newlines")
-    dialogues: list[str] | None = Field(None, description="several dialogues")
-    generation: Generation | None = Field(None, description="decoding overrides for this request")
-
-    @model_validator(mode="after")
-    def one_form(self):
-        if (self.dialogue is None) == (self.dialogues is None):
-            raise ValueError('give exactly one of "dialogue" or "dialogues"')
-        return self
-
-
-# --- the error shape -----------------------------------------------------------------------
-def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
-    kind = ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
-
-
-def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else (
-        {"Retry-After": "1"} if status in (429, 503) and code != "token_budget_spent" else None)
-    return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers)
-
-
-def note(request_or_scope, **fields) -> None:
-    """Facts about the request for its access-log line (tokens, windows, the error code)."""
-    scope = request_or_scope.scope if hasattr(request_or_scope, "scope") else request_or_scope
-    scope.setdefault("state", {}).setdefault("ftf", {}).update(fields)
-
-
+# --- the error handlers --------------------------------------------------------------------
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Rejected):
@@ -249,27 +210,9 @@ class AccessLog:
 
 
 # --- the app -------------------------------------------------------------------------------
-def client_key(request: Request, user: str | None = None) -> str:
-    """Whose turn a request waits in: the client address, refined by an OpenAI `user` or an
-    X-Client-Id header (behind a proxy every client shares one address)."""
-    host = request.client.host if request.client else "?"
-    return f"{host}/{(user or request.headers.get('x-client-id') or '')[:64]}"
-
-
-def sse(data, event: str | None = None) -> str:
-    """One server-sent event."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
 def create_app(loaded: LoadedModel, options: ServerOptions | dict) -> FastAPI:
     """The FastAPI app serving `loaded` with `options` (typed server settings, or serve_api.py's
     resolved settings dict)."""
-    from finetuneflow.serve.openai_api import openai_router
-    from finetuneflow.serve.routes import summarize_router
     if not isinstance(options, ServerOptions):
         options = ServerOptions.from_config(options)
     service = Service(loaded, options)

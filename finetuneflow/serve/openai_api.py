@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetuneflow.serve.batching import Rejected, Result
-from finetuneflow.serve.http_api import SSE_HEADERS, client_key, error_body, note, sse
+from finetuneflow.serve.http_common import SSE_HEADERS, client_key, error_body, note, sse
 from finetuneflow.serve.service import ClientLeft, Service
 
 # field -> the values that mean "not used"; anything else is refused

@@ -18,10 +18,35 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetuneflow.serve.batching import Rejected, Result
-from finetuneflow.serve.http_api import (SSE_HEADERS, SummarizeRequest, client_key, error_body, note, sse)
+from finetuneflow.serve.http_common import SSE_HEADERS, client_key, error_body, note, sse
 from finetuneflow.serve.service import ClientLeft, Service
+
+
+class Generation(BaseModel):
+    """Decoding overrides for one request (unset = the service's defaults, the evaluated ones)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    num_beams: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    length_penalty: float | None = Field(None, ge=-10, le=10)
+
+
+class SummarizeRequest(BaseModel):
+    """POST /summarize: exactly one of "dialogue" or "dialogues"."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    dialogue: str | None = Field(None, description="one dialogue, turns separated by newlines")
+    dialogues: list[str] | None = Field(None, description="several dialogues")
+    generation: Generation | None = Field(None, description="decoding overrides for this request")
+
+    @model_validator(mode="after")
+    def one_form(self):
+        if (self.dialogue is None) == (self.dialogues is None):
+            raise ValueError('give exactly one of "dialogue" or "dialogues"')
+        return self
 
 
 def usage(results: list[Result]) -> dict:

@@ -15,7 +15,7 @@ Conversion fixes what ctranslate2's converter does not handle by itself:
   `scale_decoder_outputs`; the converter scales by the former, so it is given the latter;
 * a model without a BOS token (CT2's config needs a string) gets its EOS token there.
 
-`CT2Exporter` runs it through the export skeleton (ship/export.py): the folder is converted into a
+`CT2Exporter` runs it through the export skeleton (ship/exporter.py): the folder is converted into a
 temporary folder beside OUTPUT_DIR, loaded from there by the CT2 backend (the same hook inference
 and the HTTP service use) and verified with the parity toolkit (ship/parity.py): teacher-forced
 log-probabilities of the reference summaries (CTranslate2's Translator returns no logits; for
@@ -37,7 +37,7 @@ from finetuneflow.contract.paths import FT_OUTPUTS
 from finetuneflow.contract.record import write_record
 from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.model.backends.ct2 import CPU_QUANTIZATIONS, HF_CONFIG, QUANTIZATIONS
-from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, Resolved, exported_record, print_side_by_side
+from finetuneflow.ship.exporter import STAGE, Exporter, ExportSettings, Resolved, exported_record, print_side_by_side
 from finetuneflow.ship.source import ModelFolder
 
 

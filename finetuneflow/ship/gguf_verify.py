@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from finetuneflow.contract.architectures import T5_TYPES
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.family import CAUSAL
 from finetuneflow.model.loading import LoadedModel
 from finetuneflow.ship import parity
-from finetuneflow.ship.export import ExportSettings, Resolved, print_side_by_side
-from finetuneflow.ship.gguf_export import T5_TYPES
+from finetuneflow.ship.exporter import ExportSettings, Resolved, print_side_by_side
 from finetuneflow.ship.source import ModelFolder
 
 
