@@ -109,7 +109,7 @@ def rows_and_decoding(cfg, model: Path) -> tuple[list[dict], object, list[str]]:
     from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.contract.paths import CODE_ROOT
     from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-    from finetuneflow.ship.deploy_gate import Decoding
+    from finetuneflow.ship.gate_rows import Decoding
     record = read_record(model) or RunRecord("unknown")
     record.inherit_into(cfg, ("SEED", "VAL_FRACTION", "TEST_FRACTION", "INSTRUCTION", "MAX_INPUT_LENGTH",
                               "MAX_NEW_TOKENS", "NO_REPEAT_NGRAM_SIZE"))
@@ -139,7 +139,8 @@ def rows_and_decoding(cfg, model: Path) -> tuple[list[dict], object, list[str]]:
 
 def measure(name: str, load, rows: list[dict], decoding, batch_size: int, reference: dict | None) -> dict:
     """One runtime: its summaries of the rows (after a warm-up batch), speed and quality."""
-    from finetuneflow.ship.deploy_gate import judge, run_side, scores_of
+    from finetuneflow.ship.deploy_gate import run_side
+    from finetuneflow.ship.gate_verdict import judge, scores_of
     loaded = load()
     try:
         side = run_side(loaded, rows, decoding, batch_size, "run now")

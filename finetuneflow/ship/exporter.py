@@ -235,7 +235,7 @@ def _gate(exporter: Exporter, gate, source: ModelFolder, settings: ExportSetting
 def _write_deploy_report(exporter: Exporter, report: dict, audits: dict, paths: dict[str, Path],
                          staged: dict[str, Path]) -> dict[str, str]:
     from finetuneflow.contract.io import atomic_write_json, atomic_write_text
-    from finetuneflow.ship.deploy_gate import deploy_html
+    from finetuneflow.ship.gate_report import deploy_html
     report["audit"] = audits
     where = exporter.deploy_paths(paths, staged)
     atomic_write_json(where["json"], report)
