@@ -74,7 +74,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # --- corruptions ----------------------------------------------------------------------------------
 def _labels(dialogue: str) -> list[str]:
-    from finetuneflow.quality.faithfulness import parse_turns, speakers_of
+    from finetuneflow.quality.faith_text import parse_turns, speakers_of
     return speakers_of(parse_turns(dialogue))
 
 
@@ -99,8 +99,8 @@ def swap_speakers(summary: str, dialogue: str) -> str | None:
 
 def change_number(summary: str, dialogue: str, rng: random.Random) -> str | None:
     """One number of the summary that also occurs in the dialogue, changed to a value the dialogue lacks."""
-    from finetuneflow.quality.faithfulness import _NumberIndex, number_mentions
-    index = _NumberIndex(dialogue)
+    from finetuneflow.quality.faith_numbers import NumberIndex, number_mentions
+    index = NumberIndex(dialogue)
     candidates = [m for m in _NUMBER_TOKEN.finditer(summary)]
     rng.shuffle(candidates)
     for m in candidates:

@@ -219,6 +219,45 @@ def test_shipped_checks_and_selection_columns_agree():
     assert means["middle_recall"] == {"mean": None, "n": 0}
 
 
+# --- one summary at a time (what a server would run on each summary) -----------------------------
+def test_check_summary_flags_spans_with_offsets():
+    summary = "#Person1# and Jimmy meet at 5 pm on Friday. Steven brings $500."
+    checked = F.check_summary(summary, DIALOGUE)          # the shipped checks; no encoder given
+    assert checked.flags == {"unsupported_mentions": True, "unsupported_sentence": None}
+    assert [(s.check, s.text, s.why) for s in checked.spans] == [
+        ("unsupported_mentions", "5 pm", "time not in the dialogue"),
+        ("unsupported_mentions", "Steven", "name not in the dialogue")]
+    assert all(summary[s.start:s.end] == s.text for s in checked.spans)
+    assert checked.notes == ["unsupported_sentence: no sentence encoder was given"]
+    assert F.check_summary(GOOD, DIALOGUE, checks=("unsupported_mentions",)).flags == {"unsupported_mentions": False}
+
+
+def test_check_summary_agrees_with_score_samples():
+    swapped = ("#Person1# has had terrible headaches and a sore throat.  #Person2# prescribes antibiotics and "
+               "tells #Person1# to rest at home.")
+    checked = F.check_summary(swapped, ATTRIBUTION_DIALOGUE, checks=tuple(F.CHECKS))
+    row = F.score_samples([swapped], [ATTRIBUTION_DIALOGUE], encoder="").rows[0]
+    assert checked.flags == F.flags(row)
+    spans = [s for s in checked.spans if s.check == "misattribution"]
+    assert [swapped[s.start:s.end] for s in spans] == [e["sentence"] for e in row["misattributed_examples"]]
+    assert spans[0].why == "#Person2# said this, not #Person1#"
+
+
+def test_check_summary_degrades_and_skips_unvalidated_lengths():
+    assert F.check_summary("", DIALOGUE).flags == {"unsupported_mentions": None, "unsupported_sentence": None}
+    meeting = F.check_summary("Ben explains the charger.", _long_meeting())
+    assert meeting.flags == {} and meeting.spans == [] and "no check is validated" in meeting.notes[0]
+    with pytest.raises(KeyError, match="unknown check"):
+        F.check_summary(GOOD, DIALOGUE, checks=("rouge",))
+
+
+def test_check_summary_marks_the_unsupported_sentence(minilm):
+    summary = "#Person2# has had headaches and a sore throat. They buy tickets for a football match in Madrid."
+    checked = F.check_summary(summary, ATTRIBUTION_DIALOGUE, checks=("unsupported_sentence",), encoder=minilm)
+    assert checked.flags == {"unsupported_sentence": True}
+    assert [summary[s.start:s.end] for s in checked.spans] == ["They buy tickets for a football match in Madrid."]
+
+
 # --- encoder folder -------------------------------------------------------------------------------
 def test_find_encoder_says_why_not(tmp_path):
     assert E.find_encoder("") == (None, "the sentence encoder is switched off (encoder setting is empty)")
