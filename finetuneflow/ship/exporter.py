@@ -2,7 +2,8 @@
 
 An `Exporter` (ship/gguf_export.py for llama.cpp/Ollama, ship/ct2_export.py for CTranslate2)
 supplies the format's steps; `run_export` runs them in one order for both, for every output type
-of the run at once (GGUF: `--OUTTYPE=q8_0,q4_k_m`):
+of the run at once (GGUF: `--OUTTYPE=q8_0,q4_k_m`). ship/export.py picks the exporter; the
+exporters import this module, never the driver:
 
 1. validate: the source is a full-precision Hugging Face model folder (ship/source.py) the format
    can take, NAME is a file name (never a path), and every output of every type (and the deploy
