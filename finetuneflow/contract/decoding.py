@@ -112,27 +112,10 @@ class ResolvedGeneration:
     def do_sample(self) -> bool:
         return self.sampling is not None
 
-    @property
-    def method(self) -> str:
-        """greedy | beam | sample: what a backend must be able to do (its Capabilities)."""
-        return "sample" if self.do_sample else "beam" if self.num_beams > 1 else "greedy"
-
     def settings(self) -> GenerationSettings:
         """The five settings as resolved (what a run record passes on to the next stage)."""
         return GenerationSettings(self.num_beams, self.max_new_tokens, self.min_new_tokens,
                                   self.no_repeat_ngram_size, self.length_penalty)
-
-    def model_config_values(self) -> dict:
-        """The values a transformers GenerationConfig takes (None: leave the model's own)."""
-        values = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
-                  "min_new_tokens": self.min_new_tokens, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                  "length_penalty": self.length_penalty, "max_length": self.max_length,
-                  "min_length": self.min_length}
-        values = {k: v for k, v in values.items() if v is not None}
-        values["do_sample"] = self.do_sample
-        if self.sampling is not None:
-            values.update({k: v for k, v in self.sampling.as_dict().items() if k != "seed"})
-        return values
 
     def as_record(self) -> dict:
         """The effective settings as records and responses show them."""

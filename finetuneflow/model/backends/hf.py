@@ -143,6 +143,19 @@ def _check_adapter_fits(adapter: str, base: str, config) -> None:
                         f"was trained on with --BASE_MODEL")
 
 
+def _config_values(decoding: ResolvedGeneration) -> dict:
+    """The resolved decoding as GenerationConfig attributes (None: the model's own stays)."""
+    values = {"num_beams": decoding.num_beams, "max_new_tokens": decoding.max_new_tokens,
+              "min_new_tokens": decoding.min_new_tokens, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+              "length_penalty": decoding.length_penalty, "max_length": decoding.max_length,
+              "min_length": decoding.min_length}
+    values = {k: v for k, v in values.items() if v is not None}
+    values["do_sample"] = decoding.do_sample
+    if decoding.sampling is not None:   # the seed seeds torch before generate() instead
+        values.update({k: v for k, v in decoding.sampling.as_dict().items() if k != "seed"})
+    return values
+
+
 @contextmanager
 def generation_config_for(loaded: LoadedModel, decoding: ResolvedGeneration):
     """Apply the resolved decoding to a copy of the model's generation config for one call:
@@ -151,7 +164,7 @@ def generation_config_for(loaded: LoadedModel, decoding: ResolvedGeneration):
     model = unwrap(loaded.model)
     saved = model.generation_config
     config = copy.deepcopy(saved)
-    for key, value in decoding.model_config_values().items():
+    for key, value in _config_values(decoding).items():
         setattr(config, key, value)
     if decoding.max_new_tokens is not None:
         config.max_length = None
