@@ -80,6 +80,8 @@ def effective_settings(loaded: LoadedModel, settings: GenerationSettings | Resol
     (model/family.py), deterministic unless `sampling` ({"temperature", "top_p", "seed"}) asks
     for sampled decoding (one beam). Already resolved settings come back as they are."""
     if isinstance(settings, ResolvedGeneration):
+        if sampling:
+            raise ValueError("resolved settings carry their own sampling; resolve them with it")
         return settings
     if isinstance(sampling, dict):
         sampling = Sampling.from_dict(sampling)
