@@ -47,10 +47,10 @@ from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, write_record
 from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.contract.settings import configure
-from finetuneflow.engine.generation import current_shard
-from finetuneflow.model.backends.hf import precision_for
+from finetuneflow.engine.sharding import current_shard, summarize_sharded
+from finetuneflow.model.precision import precision_for
 from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, loads_in_4bit,
-                                             model_info, read_inputs, summarize_inputs, write_outputs)
+                                             model_info, read_inputs, write_outputs)
 
 RENAMED = {"TEXT_COLUMN": "DIALOGUE_COLUMN"}
 STAGE = "inference_bart_lora"
@@ -105,9 +105,9 @@ def main(argv=None) -> dict:
     loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, device, load_in_4bit, precision)
     inherited = inherit_defaults(cfg, loaded)
     settings = GenerationSettings.from_config(cfg)
-    result = summarize_inputs(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
-                              cfg.INSTRUCTION, cfg.LONG_INPUT, inputs.ids, progress=len(inputs.dialogues) > 1,
-                              shard=shard)
+    result = summarize_sharded(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
+                               cfg.INSTRUCTION, cfg.LONG_INPUT, inputs.ids, progress=len(inputs.dialogues) > 1,
+                               shard=shard)
     if result is None:   # another process of a sharded run: the main process writes and reports
         return {}
     report(result, inputs, cfg, inherited, loaded, precision)

@@ -145,9 +145,7 @@ def measure(name: str, load, rows: list[dict], decoding, batch_size: int, refere
     try:
         side = run_side(loaded, rows, decoding, batch_size, "run now")
     finally:
-        close = getattr(loaded.model, "close", None)
-        if loaded.backend.name == "llama.cpp" and close is not None:
-            close()
+        loaded.backend.close(loaded)   # llama.cpp frees its contexts now (the others: when collected)
     scores = scores_of(side.summaries, rows)
     row = {**side.timing, "batch_size": batch_size, "backend": loaded.backend.name, "dtype": str(loaded.dtype),
            **{k: round(sum(s[k] for s in scores) / len(scores), 2) for k in ("rouge1", "rouge2", "rougeL")},
@@ -198,7 +196,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)   # the same threads for every runtime
     os.environ["FTF_CT2_THREADS"] = os.environ["FTF_LLAMA_THREADS"] = str(threads)
     from finetuneflow.contract.paths import require
-    from finetuneflow.model.backends.llamacpp import default_threads
+    from finetuneflow.model.backends.llamacpp_bindings import default_threads
     model = require(cfg.MODEL, produced_by="import_gguf.py or post_merge_cleanup.py", what="model folder")
     rows, decoding, notes = rows_and_decoding(cfg, model)
     work = resolve(cfg.WORK_DIR)

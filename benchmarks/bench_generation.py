@@ -78,7 +78,7 @@ def seed_loop(loaded, dialogues, effective, instruction, max_input_length) -> tu
             with torch.inference_mode():
                 out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
             new = loaded.family.new_tokens(out, input_ids.shape[1])
-            generated += finish(new.tolist(), stops, effective.get("max_new_tokens"))[0].counted
+            generated += finish(new.tolist(), stops, effective.max_new_tokens)[0].counted
             summaries.append(loaded.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return summaries, generated, time.perf_counter() - start
 
@@ -270,11 +270,11 @@ def print_rows(name: str, result: dict) -> None:
 def bench_model(name: str, dialogues: list[str], cfg) -> dict:
     import torch
     from finetuneflow.engine.generation import GenerationSettings, summarize
-    from finetuneflow.model.backends.hf import cpu_bf16_feature
+    from finetuneflow.model.precision import cpu_bf16
     from finetuneflow.model.loading import load_model
     loaded = load_model(name, device="cpu", dtype=torch.float32)
     bf16, result = None, {"model": str(name), "family": loaded.family, "samples": len(dialogues)}
-    if cfg.BF16 and cpu_bf16_feature():
+    if cfg.BF16 and cpu_bf16().native:
         bf16 = load_model(name, device="cpu", dtype=torch.bfloat16)
     elif cfg.BF16:
         result["bf16_skipped"] = "this CPU has no bf16 instructions"
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
 
     import torch
     from finetuneflow.contract.data import get_split, load_dialogues, subset
-    from finetuneflow.model.backends.hf import cpu_bf16_feature
+    from finetuneflow.model.precision import cpu_bf16
     if cfg.THREADS:
         torch.set_num_threads(cfg.THREADS)
     data = load_dialogues(cfg.DATASET, val_fraction=0, test_fraction=0)   # a single file stays one "train" split
@@ -308,8 +308,10 @@ def main(argv=None) -> dict:
         temp = tempfile.TemporaryDirectory()
         i = models.index("tiny")
         models[i:i + 1] = [str(build_tiny_bart(temp.name)), str(build_tiny_llama(temp.name))]
+    probe = cpu_bf16()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "threads": torch.get_num_threads(), "bf16": cpu_bf16_feature(), "load_average": os.getloadavg()}
+               "threads": torch.get_num_threads(), "bf16": probe.source if probe.native else None,
+               "load_average": os.getloadavg()}
     print(f"{len(dialogues)} dialogues from {data.source}; greedy={cfg.NUM_BEAMS == 1}, max_new_tokens="
           f"{cfg.MAX_NEW_TOKENS}, engine batch {cfg.BATCH_SIZE}; {machine['threads']} CPU threads of "
           f"{machine['cores']} cores, bf16 {machine['bf16'] or 'none'}, load {machine['load_average'][0]:.1f}")

@@ -179,8 +179,8 @@ def in_fresh_process(*args) -> dict:
 
 
 def cpu_has_native_bf16() -> bool:
-    from finetuneflow.train.precision import cpu_bf16_support
-    return cpu_bf16_support()[0]
+    from finetuneflow.model.precision import cpu_bf16
+    return cpu_bf16().native
 
 
 def compare(runs: dict[str, dict]) -> dict:

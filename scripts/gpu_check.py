@@ -192,8 +192,8 @@ def check_qlora(cfg, work: Path, base: Path) -> dict:
 
 
 def check_bf16_lora(cfg, work: Path, base: Path) -> dict:
-    from finetuneflow.train.precision import cpu_bf16_support
-    precision = "bf16" if not cfg.DRY_RUN or cpu_bf16_support()[0] else "fp32"
+    from finetuneflow.model.precision import cpu_bf16
+    precision = "bf16" if not cfg.DRY_RUN or cpu_bf16().native else "fp32"
     result = train(cfg, work, base, "bf16_lora", [f"--precision={precision}"])
     result["ok"] = result["ok"] and result["precision"] == precision
     if precision != "bf16":
@@ -290,10 +290,10 @@ def _cap_memory(loaded, cfg):
         return restore
     original = loaded.backend.generate_batch
 
-    def failing(model, batch, effective):
+    def failing(model, batch, decoding):
         if len(batch) > 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by gpu_check --dry-run)")
-        return original(model, batch, effective)
+        return original(model, batch, decoding)
     object.__setattr__(loaded, "backend", _Patched(loaded.backend, failing))
     return lambda: object.__setattr__(loaded, "backend", loaded.backend.inner)
 

@@ -223,3 +223,18 @@ def test_the_cli_does_not_import_the_web_stack():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_long_input_is_parsed_once_and_every_mode_counts_its_speedups(llama):
+    """LONG_INPUT becomes a typed value (a bad one is one line); a map-reduce run counts the exact
+    speed-ups of every engine call it makes, chunk_join included (they used to be left out)."""
+    from finetuneflow.contract.decoding import LongInput
+    assert [LongInput.parse(m).windows for m in LongInput.MODES] == [False, True, True, False]
+    assert LongInput.parse("chunk_join").joins and not LongInput.parse("chunk").joins
+    with pytest.raises(UserError, match=r"^LONG_INPUT='chunked' is not one of truncate, chunk, chunk_join, error$"):
+        summarize_long(llama, [LONG], mode="chunked")
+    settings = GenerationSettings(max_new_tokens=4)
+    for mode in ("chunk", "chunk_join"):
+        result = summarize_long(llama, [LONG, "A: hi\nB: hello there"], settings, batch_size=4, max_input_length=256,
+                                mode=mode, progress=False)
+        assert result.chunked == 1 and result.speedups.get("prefix_cache", 0) >= 1, (mode, result.speedups)

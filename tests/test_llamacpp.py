@@ -56,6 +56,13 @@ def reference(tiny_gguf):
     return load_model(str(tiny_gguf["folder"]), dtype=torch.float32, device="cpu")
 
 
+def decoding(model, do_sample=False, temperature=None, top_p=None, seed=None, **settings):
+    """The resolved decoding the engine hands a backend (sampling when `do_sample`)."""
+    from finetuneflow.engine.generation import GenerationSettings, effective_settings
+    sampling = {"temperature": temperature, "top_p": top_p, "seed": seed} if do_sample else None
+    return effective_settings(model, GenerationSettings(**settings), sampling)
+
+
 def llama_cpp_summaries(model, texts, effective, batch_size=4):
     """The backend driven directly (encode with the HF tokenizer, longest first, batches): the
     per-row Generated objects; test_greedy_output_equals_transformers_f32 also runs summarize()."""
@@ -93,7 +100,7 @@ def test_greedy_output_equals_transformers_f32(loaded, reference, settings):
     texts = dialogues(6)
     ours = summarize(reference, texts, GenerationSettings(num_beams=1, **settings), batch_size=3,
                      max_input_length=400, instruction=INSTRUCTION, progress=False)
-    encoded, generated = llama_cpp_summaries(loaded, texts, {"num_beams": 1, **settings})
+    encoded, generated = llama_cpp_summaries(loaded, texts, decoding(loaded, num_beams=1, **settings))
     from finetuneflow.engine.generation import encode
     assert encoded == [encode(reference, d, INSTRUCTION, 400)[0] for d in texts]   # same prompt ids
     summaries = [loaded.tokenizer.decode(g.ids, skip_special_tokens=True).strip() for g in generated]
@@ -129,7 +136,7 @@ def test_batched_rows_match_rows_alone(loaded):
     """The shared-prefix cache and parallel sequences give each row what it gets alone."""
     from finetuneflow.model.prompts import encode_causal_prompt
     prompts = [encode_causal_prompt(loaded.tokenizer, d, INSTRUCTION, 400)[0] for d in dialogues(5)]
-    effective = {"num_beams": 1, "max_new_tokens": 16}
+    effective = decoding(loaded, num_beams=1, max_new_tokens=16)
     together = backend.generate_batch(loaded, prompts, effective)
     alone = [backend.generate_batch(loaded, [p], effective)[0] for p in reversed(prompts)][::-1]
     assert [g.ids for g in together] == [g.ids for g in alone]
@@ -139,9 +146,9 @@ def test_sampling_is_seeded(loaded):
     from finetuneflow.model.prompts import encode_causal_prompt
     prompts = [encode_causal_prompt(loaded.tokenizer, d, INSTRUCTION, 400)[0] for d in dialogues(2)]
     sample = {"num_beams": 1, "max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "seed": 7}
-    first, again = backend.generate_batch(loaded, prompts, sample), backend.generate_batch(loaded, prompts, sample)
-    other = backend.generate_batch(loaded, prompts, {**sample, "seed": 8})
-    greedy = backend.generate_batch(loaded, prompts, {"num_beams": 1, "max_new_tokens": 12})
+    first, again = (backend.generate_batch(loaded, prompts, decoding(loaded, **sample)) for _ in range(2))
+    other = backend.generate_batch(loaded, prompts, decoding(loaded, **{**sample, "seed": 8}))
+    greedy = backend.generate_batch(loaded, prompts, decoding(loaded, num_beams=1, max_new_tokens=12))
     assert [g.ids for g in first] == [g.ids for g in again]
     assert [g.ids for g in first] != [g.ids for g in other] or [g.ids for g in first] != [g.ids for g in greedy]
 
@@ -161,7 +168,7 @@ def test_token_log_probs_match_transformers(loaded, reference):
 
 def test_beam_search_is_refused(loaded):
     with pytest.raises(UserError) as error:
-        backend.generate_batch(loaded, [[5, 6, 7]], {"num_beams": 4, "max_new_tokens": 8})
+        backend.generate_batch(loaded, [[5, 6, 7]], decoding(loaded, num_beams=4, max_new_tokens=8))
     assert str(error.value) == ("num_beams=4: the llama.cpp backend has no beam search (it decodes greedily, as "
                                 "llama.cpp and Ollama do); set NUM_BEAMS=1")
 
@@ -178,7 +185,7 @@ def test_quantize_q4_k_m_and_q8_0_then_audit_passes(tiny_gguf, tmp_path):
     model = backend.load(tmp_path / "tiny-q4_k_m.gguf", device="cpu", n_threads=1)
     try:
         assert model.dtype == "q4_k_m"
-        _, generated = llama_cpp_summaries(model, dialogues(2), {"num_beams": 1, "max_new_tokens": 10})
+        _, generated = llama_cpp_summaries(model, dialogues(2), decoding(model, num_beams=1, max_new_tokens=10))
         assert all(g.counted >= 1 for g in generated)
         report = audit(loaded=model, reference=tiny_gguf["folder"], instruction=INSTRUCTION, dialogues=dialogues(3))
     finally:

@@ -13,23 +13,23 @@ from conftest import SAMPLES, error_line, files_under, run_stage
 import eval_bart_lora
 import inference_bart_lora
 from finetuneflow.contract.errors import UserError
-from finetuneflow.model.backends import hf
-from finetuneflow.model.backends.hf import Precision, precision_for, resolve_precision
+from finetuneflow.model import precision as P
+from finetuneflow.model.precision import Precision, precision_for, resolve_precision
 
 DATA = [f"--dataset={SAMPLES}", "--split=train", "--n_samples=3", "--max_new_tokens=6"]
-HAS_BF16 = hf.cpu_bf16_feature() is not None
-NO_BF16_CPU = ("--precision=bf16: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16), so bf16 would be "
-               "emulated and slower; use --precision=fp32 (or auto)")
+NO_BF16_CPU = ("--precision=bf16: this CPU is treated as having no bf16 instructions (forced by FTF_CPU_BF16=0), "
+               "so bf16 would be emulated and slower; use --precision=fp32 (or auto)")
 
 
+# FTF_CPU_BF16 forces the CPU probe's answer both ways (never a fact of the CPU the tests run on)
 @pytest.fixture
 def no_bf16_cpu(monkeypatch):
-    monkeypatch.setattr(hf, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setenv("FTF_CPU_BF16", "0")
 
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    monkeypatch.setattr(hf, "cpu_bf16_feature", lambda: "avx512_bf16")
+    monkeypatch.setenv("FTF_CPU_BF16", "1")
 
 
 def one_thread(main, argv):
@@ -44,7 +44,8 @@ def one_thread(main, argv):
 def test_explicit_choices_map_to_dtypes(bf16_cpu):
     assert resolve_precision("fp32", "cpu").dtype == torch.float32
     bf16 = resolve_precision("BF16", "cpu")
-    assert bf16 == Precision("bf16", "bf16", "--precision=bf16 (avx512_bf16)") and bf16.dtype == torch.bfloat16
+    assert bf16 == Precision("bf16", "bf16", "--precision=bf16 (forced by FTF_CPU_BF16=1)")
+    assert bf16.dtype == torch.bfloat16
     with pytest.raises(UserError, match=r"^--precision='fp8' is not one of auto, fp32, bf16$"):
         resolve_precision("fp8", "cpu")
 
@@ -54,14 +55,15 @@ def test_bf16_without_cpu_support_is_one_line_and_auto_falls_back(no_bf16_cpu):
         resolve_precision("bf16", "cpu")
     assert str(caught.value) == NO_BF16_CPU
     auto = resolve_precision("auto", "cpu", family="causal")
-    assert (auto.used, auto.reason) == ("fp32", "auto: this CPU has no bf16 instructions")
+    assert (auto.used, auto.reason) == ("fp32", "auto: this CPU is treated as having no bf16 instructions (forced "
+                                                "by FTF_CPU_BF16=0)")
 
 
 def test_auto_takes_bf16_only_for_families_measured_unchanged(bf16_cpu, monkeypatch):
-    monkeypatch.setattr(hf, "AUTO_CPU_BF16", frozenset({"causal"}))
+    monkeypatch.setattr(P, "AUTO_CPU_BF16", frozenset({"causal"}))
     assert resolve_precision("auto", "cpu", family="causal").used == "bf16"
     assert resolve_precision("auto", "cpu", family="seq2seq").used == "fp32"
-    monkeypatch.setattr(hf, "AUTO_CPU_BF16", frozenset())
+    monkeypatch.setattr(P, "AUTO_CPU_BF16", frozenset())
     assert resolve_precision("auto", "cpu", family="causal").used == "fp32"
 
 
@@ -79,13 +81,39 @@ def test_exported_models_keep_their_own_precision(tmp_path):
         precision_for(str(gguf), "fp32", "cpu")
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 instructions")
-def test_eval_in_bf16_loads_bf16_and_records_it(tiny_models, tmp_path):
+def test_the_cpu_probe_is_forced_both_ways_or_detected(monkeypatch):
+    monkeypatch.setenv("FTF_CPU_BF16", "1")
+    assert P.cpu_bf16() == P.CpuBf16(True, None, forced=True) and P.cpu_bf16().source == "forced by FTF_CPU_BF16=1"
+    monkeypatch.setenv("FTF_CPU_BF16", "0")
+    assert not P.cpu_bf16().native and P.cpu_bf16().source == "forced by FTF_CPU_BF16=0"
+    monkeypatch.setenv("FTF_CPU_BF16", "yes")
+    with pytest.raises(UserError, match=r"^FTF_CPU_BF16='yes': use 1 .* or 0"):
+        P.cpu_bf16()
+    monkeypatch.delenv("FTF_CPU_BF16")
+    detected = P.cpu_bf16()
+    assert not detected.forced and detected.native == (detected.feature is not None)
+
+
+@pytest.mark.parametrize("feature", [None, "avx512_bf16"])
+def test_detected_answers_name_what_was_found(monkeypatch, feature):
+    monkeypatch.delenv("FTF_CPU_BF16", raising=False)
+    monkeypatch.setattr(P, "_detected_feature", lambda: feature)
+    if feature:
+        assert resolve_precision("bf16", "cpu").reason == "--precision=bf16 (avx512_bf16)"
+        return
+    with pytest.raises(UserError) as caught:
+        resolve_precision("bf16", "cpu")
+    assert str(caught.value) == ("--precision=bf16: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16), so "
+                                 "bf16 would be emulated and slower; use --precision=fp32 (or auto)")
+    assert resolve_precision("auto", "cpu").reason == "auto: this CPU has no bf16 instructions"
+
+
+def test_eval_in_bf16_loads_bf16_and_records_it(tiny_models, tmp_path, bf16_cpu):
     summary = one_thread(eval_bart_lora.main, [f"--model={tiny_models['llama']}", *DATA, "--precision=bf16",
                                                f"--output_dir={tmp_path}", "--tag=b"])
     assert summary["model"]["dtype"] == "bfloat16"
     assert summary["model"]["precision"] == {"requested": "bf16", "used": "bf16", "dtype": "bfloat16",
-                                             "reason": f"--precision=bf16 ({hf.cpu_bf16_feature()})"}
+                                             "reason": "--precision=bf16 (forced by FTF_CPU_BF16=1)"}
     record = json.loads((tmp_path / "b_run_config.json").read_text())
     assert record["dtype"] == "bfloat16" and record["precision"]["used"] == "bf16"
     assert record["config"]["PRECISION"] == "bf16"

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import OFFLINE_ENV, REPO, SAMPLES, files_under, run_stage
 
-from finetuneflow.engine.generation import GenerationResult, Shard, merge_results, shard_indices
+from finetuneflow.engine.generation import GenerationResult
+from finetuneflow.engine.sharding import Shard, merge_results, shard_indices
 
 DATA = [f"--dataset={SAMPLES}", "--split=all", "--n_samples=0"]
 

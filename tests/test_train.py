@@ -52,7 +52,7 @@ def losses(metrics: dict) -> list[float]:
 
 def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_models, project):
     result = run_stage(SCRIPT, f"--model_name={tiny_models['bart']}", "--max_steps=10", "--eval_steps=5",
-                       "--output_dir=ft_outputs/bart", *FAST, root=project)
+                       "--output_dir=ft_outputs/bart", *FAST, root=project, env={"FTF_CPU_BF16": "1"})
     out = project / "ft_outputs" / "bart"
     assert files_under(out) == CONTRACT
     assert "trainable of" in result.stdout and "best validation ROUGE-L" in result.stdout
@@ -472,22 +472,29 @@ def test_replacing_a_run_killed_at_any_removal_leaves_a_folder_the_next_run_reco
 # ----------------------------------------------------------------------------- precision, evaluations, selection
 
 def test_precision_is_autocast_where_it_pays_and_explicit_requests_fail_with_one_line(monkeypatch):
-    from finetuneflow.train import precision as P
+    from finetuneflow.model import precision as P
     cpu = torch.device("cpu")
-    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (True, "this CPU has native bf16 (avx512_bf16)"))
-    assert P.resolve_precision("auto", cpu, CAUSAL, False, 135_000_000).mode == "bf16"
-    assert P.resolve_precision("auto", cpu, SEQ2SEQ, False, 400_000_000).mode == "fp32"     # not measured
-    assert P.resolve_precision("auto", cpu, CAUSAL, True, 135_000_000).mode == "fp32"       # 4-bit on a CPU
-    assert P.resolve_precision("auto", cpu, CAUSAL, False, 60_000).mode == "fp32"           # tiny: casts cost more
-    assert P.resolve_precision("bf16", cpu, SEQ2SEQ, False, 60_000).mode == "bf16"          # asked for: done
-    assert P.resolve_precision("fp32", cpu, CAUSAL, False, 135_000_000).mode == "fp32"
+    monkeypatch.setenv("FTF_CPU_BF16", "1")
+    resolve = P.resolve_training_precision
+    assert resolve("auto", cpu, CAUSAL, False, 135_000_000).mode == "bf16"
+    assert resolve("auto", cpu, SEQ2SEQ, False, 400_000_000).mode == "fp32"     # not measured
+    assert resolve("auto", cpu, CAUSAL, True, 135_000_000).mode == "fp32"       # 4-bit on a CPU
+    assert resolve("auto", cpu, CAUSAL, False, 60_000).mode == "fp32"           # tiny: casts cost more
+    assert resolve("bf16", cpu, SEQ2SEQ, False, 60_000).mode == "bf16"          # asked for: done
+    assert resolve("fp32", cpu, CAUSAL, False, 135_000_000).mode == "fp32"
+    assert "forced by FTF_CPU_BF16=1" in resolve("auto", cpu, CAUSAL, False, 135_000_000).reason
     with pytest.raises(UserError, match="--precision=fp16 needs a CUDA GPU"):
-        P.resolve_precision("fp16", cpu, CAUSAL, False)
-    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (False, "this CPU has no native bf16 instructions"))
-    with pytest.raises(UserError, match=r"--precision=bf16: this CPU has no native bf16 .*--precision=fp32 or auto"):
-        P.resolve_precision("bf16", cpu, CAUSAL, False)
-    fallback = P.resolve_precision("auto", cpu, CAUSAL, False, 135_000_000)   # only auto falls back
+        resolve("fp16", cpu, CAUSAL, False)
+    monkeypatch.setenv("FTF_CPU_BF16", "0")
+    with pytest.raises(UserError, match=r"--precision=bf16: this CPU is treated as having no native bf16 \(forced by "
+                                        r"FTF_CPU_BF16=0\).*--precision=fp32 or auto"):
+        resolve("bf16", cpu, CAUSAL, False)
+    fallback = resolve("auto", cpu, CAUSAL, False, 135_000_000)   # only auto falls back
     assert fallback.mode == "fp32" and "no native bf16" in fallback.reason
+    monkeypatch.delenv("FTF_CPU_BF16")
+    monkeypatch.setattr(P, "_detected_feature", lambda: None)                    # detected, not forced
+    with pytest.raises(UserError, match=r"--precision=bf16: this CPU has no native bf16 .*--precision=fp32 or auto"):
+        resolve("bf16", cpu, CAUSAL, False)
 
 
 def test_family_decoding_defaults_are_the_seeds_for_seq2seq_and_from_the_data_for_causal():
@@ -608,12 +615,11 @@ def test_bf16_training_with_tensorboard_and_mlflow_logs_the_same_metrics_and_kee
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     from safetensors.torch import load_file
-    from finetuneflow.train.precision import cpu_bf16_support
-    if not cpu_bf16_support()[0]:
-        pytest.skip("this CPU has no native bf16")
+    # bf16 autocast runs on any CPU (emulated without native bf16): FTF_CPU_BF16=1 lets --precision=bf16 through
     result = run_stage(SCRIPT, f"--model={tiny_models['llama']}", "--max_steps=4", "--eval_steps=2", "--precision=bf16",
                        "--report_to=tensorboard,mlflow", "--select_on=rougeL_faithful", "--output_dir=run", *FAST,
-                       root=project, env={"MLFLOW_TRACKING_URI": "", "TENSORBOARD_LOGGING_DIR": ""})
+                       root=project,
+                       env={"MLFLOW_TRACKING_URI": "", "TENSORBOARD_LOGGING_DIR": "", "FTF_CPU_BF16": "1"})
     assert "precision: bf16 autocast (fp32 weights and optimizer)" in result.stdout
     assert "evaluation at step 2:" in result.stdout and "best so far: step" in result.stdout
     out = project / "run"

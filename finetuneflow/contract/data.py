@@ -119,19 +119,23 @@ def _load_raw(dataset: str, hub_config: str | None) -> tuple[datasets.DatasetDic
     raise UserError(f"dataset not found: {dataset!r} is neither a local file/folder ({path}) nor a Hub id")
 
 
-def _pick(columns: list[str], wanted: str | None, candidates: tuple, role: str, required: bool) -> str | None:
+def pick_column(columns: list[str], wanted: str | None, candidates: tuple, role: str, required: bool,
+                where: str = "") -> str | None:
+    """The column holding `role`: `wanted` when given (it must exist), else the first of
+    `candidates` (any case); None when there is none and it is not `required`. `where` (a file)
+    starts the error lines."""
+    prefix = f"{where}: " if where else ""
     if wanted:
         if wanted not in columns:
-            raise UserError(f"column {wanted!r} ({role}) not found; columns found: {', '.join(columns)}")
+            missing = f"no column {wanted!r} ({role})" if where else f"column {wanted!r} ({role}) not found"
+            raise UserError(f"{prefix}{missing}; columns found: {', '.join(columns)}")
         return wanted
     lowered = {c.lower(): c for c in columns}
-    for candidate in candidates:
-        if candidate in lowered:
-            return lowered[candidate]
-    if required:
-        raise UserError(f"no {role} column found (tried {', '.join(candidates)}); columns found: "
+    found = next((lowered[c] for c in candidates if c in lowered), None)
+    if found is None and required:
+        raise UserError(f"{prefix}no {role} column found (tried {', '.join(candidates)}); columns found: "
                         f"{', '.join(columns)}; set --{role.upper()}_COLUMN=<name>")
-    return None
+    return found
 
 
 def _standardize(ds: datasets.Dataset, split: str, cols: dict, normalize: bool) -> tuple[datasets.Dataset, int]:
@@ -161,9 +165,9 @@ def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_col
     renamed = {SPLIT_ALIASES.get(name.lower(), name): raw[name] for name in raw}
     first = next(iter(renamed.values()))
     columns = list(first.column_names)
-    cols = {"dialogue": _pick(columns, dialogue_column, DIALOGUE_CANDIDATES, "dialogue", True),
-            "summary": _pick(columns, summary_column, SUMMARY_CANDIDATES, "summary", True),
-            "id": _pick(columns, id_column, ID_CANDIDATES, "id", False)}
+    cols = {"dialogue": pick_column(columns, dialogue_column, DIALOGUE_CANDIDATES, "dialogue", True),
+            "summary": pick_column(columns, summary_column, SUMMARY_CANDIDATES, "summary", True),
+            "id": pick_column(columns, id_column, ID_CANDIDATES, "id", False)}
     splits, dropped = {}, {}
     for name, ds in renamed.items():
         splits[name], dropped[name] = _standardize(ds, name, cols, normalize)

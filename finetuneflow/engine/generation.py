@@ -3,34 +3,34 @@
 Inputs are encoded by the model's family (prompt template or task prefix, cut to fit), sorted by
 length (longest first, so an out-of-memory error shows up on the first batch) and batched so each
 batch pads little; the backend (transformers, CTranslate2, llama.cpp: model/backends) generates
-each batch and the summaries come back in the caller's order. Decoding is deterministic unless
-the caller asks for (seeded) sampling: the server's temperature > 0. On a GPU an out-of-memory
-error halves the batch and retries from the batch that failed (unlike accelerate's
-find_executable_batch_size, finished batches are kept).
+each batch and the summaries come back in the caller's order. The decoding is resolved once per
+call (`effective_settings`: the request over the model family's defaults, typed) and handed to
+the backend as it is. Decoding is deterministic unless the caller asks for (seeded) sampling: the
+server's temperature > 0. On a GPU an out-of-memory error halves the batch and retries from the
+batch that failed (unlike accelerate's find_executable_batch_size, finished batches are kept).
+
+A caller that watches, queues or reports each batch (long inputs, the server) passes a
+`BatchHook`: `before()` runs before every batch (it may raise to stop the work), `run(call)` runs
+the batch (`call()` returns that batch's own GenerationResult), `done(rows, result)` hears which
+rows it finished. The batches are the same with or without a hook, so are the summaries.
 
 A backend may apply exact speed-ups per batch (the transformers backend: the shared-prefix KV
 cache and prompt-lookup decoding, model/backends/hf.py); the result counts the batches each one
-served (`speedups`).
-
-Sharded runs (`accelerate launch --num_processes N <stage> ...`): `current_shard()` says which
-process this is, `shard_indices` deals each process whole batches of the plan one process would
-run (the same length order, the same batches, so every row is generated exactly as it would be
-alone), and `gather_results` hands every row back to the main process in the caller's order.
+served (`speedups`). Sharded runs (several processes): engine/sharding.py.
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from finetuneflow.contract.decoding import GenerationSettings
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneration, Sampling
+from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
-__all__ = ["GenerationResult", "GenerationSettings", "Shard", "current_shard", "default_input_limit",
-           "effective_settings", "encode", "gather_results", "input_lengths", "shard_indices", "summarize"]
+__all__ = ["BatchHook", "GenerationResult", "GenerationSettings", "default_input_limit", "effective_settings",
+           "encode", "input_limit", "input_lengths", "summarize"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class GenerationResult:
     generated_tokens: int
     seconds: float
     truncated: list[bool]
-    settings: dict = field(default_factory=dict)   # the effective decoding settings
+    settings: dict = field(default_factory=dict)   # the effective decoding settings, as records show them
     batch_size: int | None = None         # the batch size that ran (halved after out-of-memory)
     max_input_length: int | None = None   # input tokens per dialogue, after which it was cut
     finish_reasons: list[str] = field(default_factory=list)   # "stop" | "length" per summary
@@ -60,108 +60,49 @@ class GenerationResult:
                 "generated_tokens": self.generated_tokens, "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
-def effective_settings(loaded: LoadedModel, settings: GenerationSettings, sampling: dict | None = None) -> dict:
-    """The decoding settings generation will really use, for the record. Deterministic unless
-    `sampling` ({"temperature", "top_p", "seed"}) asks for sampled decoding (one beam)."""
-    base = loaded.family.generation_defaults(loaded.generation_config)
-    overrides = settings.overrides()
-    base.update(overrides)
-    if "max_new_tokens" in overrides:
-        base.pop("max_length", None)
-    if "min_new_tokens" in overrides:
-        base.pop("min_length", None)
-    base["do_sample"] = False
-    if sampling:
-        base.update(do_sample=True, num_beams=1, **{k: v for k, v in sampling.items() if v is not None})
-    return base
+class BatchHook:
+    """What a caller may do around each engine batch (see the module doc); the defaults do nothing."""
+
+    def before(self) -> None:
+        """Called before every batch; raise to stop the work."""
+
+    def run(self, call):
+        """Run one batch: `call()` generates it and returns its GenerationResult."""
+        return call()
+
+    def done(self, rows: list[int], result: GenerationResult) -> None:
+        """`result` holds the summaries of `rows` (indices into the call's dialogues), in that order."""
 
 
-def default_input_limit(loaded: LoadedModel, effective: dict) -> int:
+def effective_settings(loaded: LoadedModel, settings: GenerationSettings | ResolvedGeneration | None = None,
+                       sampling: Sampling | dict | None = None) -> ResolvedGeneration:
+    """The decoding generation will really use: `settings` over the model family's defaults
+    (model/family.py), deterministic unless `sampling` ({"temperature", "top_p", "seed"}) asks
+    for sampled decoding (one beam). Already resolved settings come back as they are."""
+    if isinstance(settings, ResolvedGeneration):
+        if sampling:
+            raise ValueError("resolved settings carry their own sampling; resolve them with it")
+        return settings
+    if isinstance(sampling, dict):
+        sampling = Sampling.from_dict(sampling)
+    return loaded.family.resolve_generation(loaded.generation_config, settings, sampling)
+
+
+def default_input_limit(loaded: LoadedModel, decoding: ResolvedGeneration) -> int:
     """Input tokens when MAX_INPUT_LENGTH is not given: the model's limit (a causal model keeps
     room for the new tokens)."""
-    return loaded.family.default_input_limit(loaded.max_positions(), effective.get("max_new_tokens"))
+    return loaded.family.default_input_limit(loaded.max_positions(), decoding.max_new)
+
+
+def input_limit(loaded: LoadedModel, settings: GenerationSettings | ResolvedGeneration | None,
+                max_input_length: int | None) -> int:
+    """MAX_INPUT_LENGTH, else the engine's default (the model's limit, less the new tokens of a
+    causal model): where the engine truncates, and so where long-input windows are cut."""
+    return max_input_length or default_input_limit(loaded, effective_settings(loaded, settings))
 
 
 def encode(loaded: LoadedModel, dialogue: str, instruction: str, max_input_length: int) -> tuple[list[int], bool]:
     return loaded.family.encode(loaded.tokenizer, dialogue, loaded.prompt(instruction), max_input_length)
-
-
-def summarize(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None = None,
-              batch_size: int = 8, max_input_length: int | None = None,
-              instruction: str = DEFAULT_INSTRUCTION, progress: bool = True,
-              sampling: dict | None = None) -> GenerationResult:
-    """Summaries of `dialogues`, in order, with timing and the effective settings (`sampling`:
-    see effective_settings)."""
-    settings = settings or GenerationSettings()
-    dialogues = list(dialogues)
-    effective = effective_settings(loaded, settings, sampling)
-    limit = max_input_length or default_input_limit(loaded, effective)
-    encoded = [encode(loaded, d, instruction or DEFAULT_INSTRUCTION, limit) for d in dialogues]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    summaries: list[str] = [""] * len(encoded)
-    reasons, counts, speedups = [""] * len(encoded), [0] * len(encoded), {}
-    speedups_for = getattr(loaded.backend, "speedups_for", None)
-    start, position = time.perf_counter(), 0
-    bar = tqdm(total=len(encoded), unit="sample", desc=f"generate ({loaded.backend.name})", disable=not progress,
-               leave=False)
-    while position < len(order):
-        chunk = order[position:position + batch_size]
-        batch = [encoded[i][0] for i in chunk]
-        used = speedups_for(loaded, batch, effective) if speedups_for else ()
-        try:
-            outputs = loaded.backend.generate_batch(loaded, batch, effective)
-        except Exception as exc:
-            if not loaded.backend.is_out_of_memory(exc) or batch_size == 1:
-                raise
-            loaded.backend.free_memory()
-            batch_size = max(1, batch_size // 2)
-            bar.write(f"out of memory: retrying with batch size {batch_size}")
-            continue
-        texts = loaded.tokenizer.batch_decode([o.ids for o in outputs], skip_special_tokens=True)
-        for i, text, output in zip(chunk, texts, outputs):
-            summaries[i], reasons[i], counts[i] = text.strip(), output.finish_reason, output.counted
-        for name in used:
-            speedups[name] = speedups.get(name, 0) + 1
-        position += len(chunk)
-        bar.update(len(chunk))
-    bar.close()
-    return GenerationResult(summaries, sum(counts), time.perf_counter() - start, [t for _, t in encoded],
-                            {**effective, "backend": loaded.backend.name}, batch_size, limit, reasons,
-                            [len(ids) for ids, _ in encoded], counts, speedups)
-
-
-# --- sharded runs (accelerate launch --num_processes N) ------------------------------------------
-@dataclass(frozen=True)
-class Shard:
-    """This process's place in a sharded run; Shard() is a run in one process."""
-    rank: int = 0
-    world: int = 1
-    device: str | None = None     # the GPU accelerate gives this process (None: the caller's DEVICE)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def sharded(self) -> bool:
-        return self.world > 1
-
-
-def current_shard(device=None) -> Shard:
-    """The shard of this process: started by `accelerate launch --num_processes N` (or torchrun),
-    WORLD_SIZE > 1 and accelerate joins the process group (gloo on CPUs, NCCL on GPUs); else one
-    process. On GPUs each process takes its own GPU unless DEVICE names one."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE") or 1)
-    except ValueError:
-        world = 1
-    if world <= 1:
-        return Shard()
-    import torch
-    from accelerate import PartialState
-    on_cpu = (str(device or "").strip().lower().startswith("cpu")) or not torch.cuda.is_available()
-    state = PartialState(cpu=on_cpu)
-    return Shard(state.process_index, state.num_processes, None if on_cpu else str(state.device))
 
 
 def input_lengths(loaded: LoadedModel, dialogues: list[str], instruction: str, limit: int) -> list[int]:
@@ -169,58 +110,58 @@ def input_lengths(loaded: LoadedModel, dialogues: list[str], instruction: str, l
     return [len(encode(loaded, d, instruction or DEFAULT_INSTRUCTION, limit)[0]) for d in dialogues]
 
 
-def shard_indices(lengths: list[int], batch_size: int, shard: Shard) -> list[int]:
-    """The rows (indices, ascending) this process generates: the batches one process would form
-    (longest first, `batch_size` each), dealt out whole in snake order (0 1 1 0 0 1 ...) so each
-    process gets a similar share of long and short batches. The engine re-sorts a process's rows
-    into exactly those batches, so a row's summary does not depend on how many processes ran."""
-    if not shard.sharded:
-        return list(range(len(lengths)))
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    mine = []
-    for number, start in enumerate(range(0, len(order), batch_size)):
-        turn, place = divmod(number, shard.world)
-        owner = place if turn % 2 == 0 else shard.world - 1 - place
-        if owner == shard.rank:
-            mine += order[start:start + batch_size]
-    return sorted(mine)
+def _one_batch(loaded: LoadedModel, encoded: list, rows: list[int], decoding: ResolvedGeneration,
+               limit: int, record: dict) -> GenerationResult:
+    """The backend's summaries of `rows` (one batch), as a result of their own."""
+    batch = [encoded[i][0] for i in rows]
+    used = loaded.backend.speedups_for(loaded, batch, decoding)
+    start = time.perf_counter()
+    outputs = loaded.backend.generate_batch(loaded, batch, decoding)
+    texts = loaded.tokenizer.batch_decode([o.ids for o in outputs], skip_special_tokens=True)
+    counts = [o.counted for o in outputs]
+    return GenerationResult([t.strip() for t in texts], sum(counts), time.perf_counter() - start,
+                            [encoded[i][1] for i in rows], record, len(rows), limit, [o.finish_reason for o in outputs],
+                            [len(ids) for ids in batch], counts, dict.fromkeys(used, 1))
 
 
-def gather_results(shard: Shard, indices: list[int], result: GenerationResult, total: int,
-                   seconds: float | None = None) -> GenerationResult | None:
-    """Every process's rows in one result, in the caller's order, on the main process (None on the
-    others). Per-row lists are put back in place; generated tokens (and chunked inputs) add up,
-    `seconds` is the slowest process's (or the caller's wall clock), the batch size the smallest."""
-    if not shard.sharded:
-        return result
-    from accelerate.utils import gather_object
-    parts = gather_object([(list(indices), result)])
-    if not shard.main:
-        return None
-    return merge_results(parts, total, seconds)
-
-
-def merge_results(parts: list[tuple[list[int], GenerationResult]], total: int,
-                  seconds: float | None = None) -> GenerationResult:
-    """One result from the results of disjoint row sets (see gather_results)."""
-    first = next((r for idx, r in parts if idx), parts[0][1])
-    merged = {}
-    for f in fields(first):
-        values = [getattr(r, f.name) for _, r in parts]
-        if isinstance(values[0], list):
-            column = [None] * total
-            for (indices, _), value in zip(parts, values):
-                for i, v in zip(indices, value):
-                    column[i] = v
-            merged[f.name] = column
-        elif f.name in ("generated_tokens", "chunked"):
-            merged[f.name] = sum(values)
-        elif f.name == "speedups":
-            merged[f.name] = {k: sum(v.get(k, 0) for v in values) for k in sorted(set().union(*values))}
-        elif f.name == "seconds":
-            merged[f.name] = seconds if seconds is not None else max(values)
-        elif f.name == "batch_size":
-            merged[f.name] = min((v for (idx, _), v in zip(parts, values) if idx and v), default=values[0])
-        else:
-            merged[f.name] = getattr(first, f.name)
-    return replace(first, **merged)
+def summarize(loaded: LoadedModel, dialogues: list[str],
+              settings: GenerationSettings | ResolvedGeneration | None = None, batch_size: int = 8,
+              max_input_length: int | None = None, instruction: str = DEFAULT_INSTRUCTION, progress: bool = True,
+              sampling: Sampling | dict | None = None, hook: BatchHook | None = None) -> GenerationResult:
+    """Summaries of `dialogues`, in order, with timing and the effective settings (`sampling`:
+    see effective_settings; `hook`: see the module doc)."""
+    decoding = effective_settings(loaded, settings, sampling)
+    hook = hook or BatchHook()
+    dialogues = list(dialogues)
+    limit = input_limit(loaded, decoding, max_input_length)
+    encoded = [encode(loaded, d, instruction or DEFAULT_INSTRUCTION, limit) for d in dialogues]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    record = {**decoding.as_record(), "backend": loaded.backend.name}
+    out = GenerationResult([""] * len(encoded), 0, 0.0, [t for _, t in encoded], record, batch_size, limit,
+                           [""] * len(encoded), [len(ids) for ids, _ in encoded], [0] * len(encoded))
+    start, position = time.perf_counter(), 0
+    bar = tqdm(total=len(encoded), unit="sample", desc=f"generate ({loaded.backend.name})", disable=not progress,
+               leave=False)
+    while position < len(order):
+        hook.before()
+        rows = order[position:position + batch_size]
+        try:
+            batch = hook.run(lambda: _one_batch(loaded, encoded, rows, decoding, limit, record))
+        except Exception as exc:
+            if not loaded.backend.is_out_of_memory(exc) or batch_size == 1:
+                raise
+            loaded.backend.free_memory()
+            batch_size = max(1, batch_size // 2)
+            bar.write(f"out of memory: retrying with batch size {batch_size}")
+            continue
+        for k, i in enumerate(rows):
+            out.summaries[i], out.finish_reasons[i], out.generated[i] = (batch.summaries[k], batch.finish_reasons[k],
+                                                                         batch.generated[k])
+        for name, count in batch.speedups.items():
+            out.speedups[name] = out.speedups.get(name, 0) + count
+        hook.done(rows, batch)
+        position += len(rows)
+        bar.update(len(rows))
+    bar.close()
+    out.generated_tokens, out.seconds, out.batch_size = sum(out.generated), time.perf_counter() - start, batch_size
+    return out

@@ -9,18 +9,24 @@ it owns the family's rules:
 * the padding side for generation and how the new tokens are cut from `generate()`'s output;
 * teacher-forced inputs (prompt + reference summary) for parity checks and training examples
   (causal: loss on the summary + EOS only; seq2seq: `labels`);
-* the LoRA task type and default targets, and the decoding defaults.
+* the LoRA task type and default targets, and the decoding defaults: `resolve_generation` puts a
+  request (contract/decoding.py `GenerationSettings`, already filled from the upstream run record)
+  over them once, with every limit a backend needs worked out (`ResolvedGeneration`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from finetuneflow.contract import architectures as arch
+from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneration, Sampling
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.prompts import (encode_causal_prompt, encode_seq2seq_input, prompt_pieces, seq2seq_ids,
                                         seq2seq_overhead, stop_token_ids, text_ids)
 
 CAUSAL_DEFAULTS = {"num_beams": 1, "max_new_tokens": 128}   # greedy; a summary fits in 128 tokens
+# A seq2seq config without max_length (rare: transformers' GenerationConfig sets 20): new tokens + 1
+# (CTranslate2's own default decoding length).
+SEQ2SEQ_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,31 @@ class Family(str):
         with 128 new tokens (causal: their configs are tuned for chat, not summaries)."""
         raise NotImplementedError
 
-    def default_input_limit(self, max_positions: int, max_new_tokens: int | None) -> int:
+    def resolve_generation(self, generation_config, requested: GenerationSettings | None = None,
+                           sampling: Sampling | None = None) -> ResolvedGeneration:
+        """The request over this family's defaults: what a generation call really uses. A
+        `max_new_tokens` / `min_new_tokens` asked for replaces the model's own max_length /
+        min_length; sampling decodes with one beam."""
+        values = self.generation_defaults(generation_config)
+        asked = requested.overrides() if requested is not None else {}
+        values.update(asked)
+        if "max_new_tokens" in asked:
+            values["max_length"] = None
+        if "min_new_tokens" in asked:
+            values["min_length"] = None
+        if sampling is not None:
+            values["num_beams"] = 1
+        values["num_beams"] = int(values.get("num_beams") or 1)
+        max_new, min_new = self.new_token_limits(values)
+        return ResolvedGeneration(**values, max_new=max_new, min_new=min(min_new, max_new), sampling=sampling)
+
+    def new_token_limits(self, values: dict) -> tuple[int, int]:
+        """(at most, at least) new tokens for resolved `values`."""
+        return int(values.get("max_new_tokens") or CAUSAL_DEFAULTS["max_new_tokens"]), \
+            int(values.get("min_new_tokens") or 0)
+
+    def default_input_limit(self, max_positions: int, max_new_tokens: int) -> int:
+        """Input tokens when MAX_INPUT_LENGTH is not given (`max_new_tokens`: the resolved `max_new`)."""
         return max_positions
 
     # -- teacher forcing and training --------------------------------------------------------
@@ -109,6 +139,14 @@ class Seq2SeqFamily(Family):
                 "min_length": c.min_length, "no_repeat_ngram_size": c.no_repeat_ngram_size,
                 "length_penalty": c.length_penalty}
 
+    def new_token_limits(self, values):
+        """transformers counts the decoder start token in a seq2seq model's max_length/min_length."""
+        max_new = values.get("max_new_tokens") or max(1, (values.get("max_length") or SEQ2SEQ_MAX_LENGTH) - 1)
+        min_new = values.get("min_new_tokens")
+        if min_new is None:
+            min_new = max(0, (values.get("min_length") or 0) - 1)
+        return int(max_new), int(min_new)
+
     def labels(self, tokenizer, summary: str, max_target: int) -> tuple[list[int], bool]:
         return seq2seq_ids(tokenizer, summary, max_target)
 
@@ -147,7 +185,7 @@ class CausalFamily(Family):
 
     def default_input_limit(self, max_positions, max_new_tokens):
         # the prompt and the new tokens share the context, so the new tokens are kept free
-        return max_positions - int(max_new_tokens or CAUSAL_DEFAULTS["max_new_tokens"])
+        return max_positions - int(max_new_tokens)
 
     def training_example(self, tokenizer, prompt, dialogue, summary, max_input, max_target):
         ids, input_cut = self.encode(tokenizer, dialogue, prompt, max_input)

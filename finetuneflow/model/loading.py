@@ -2,9 +2,9 @@
 
 `load_model(name)` takes a Hub id, a model folder, a merged/cleaned folder, an adapter folder (its
 base comes from its run record or adapter_config.json), a CTranslate2 export or a GGUF file, asks
-the backend registry (model/backends) which runtime it is, and returns a `LoadedModel`: the model,
-the tokenizer, the family strategy (model/family.py), the backend, the HF config and generation
-config, and the run record found beside the model.
+the backend registry (model/backends) which runtime it is, and returns a `LoadedModel`
+(model/loaded.py): the model, the tokenizer, the family strategy (model/family.py), the backend,
+the HF config and generation config, and the run record found beside the model.
 
 Tokenizer rules: causal models pad with EOS when they have no pad token and pad on the left for
 generation; seq2seq models pad on the right. Weights load from safetensors only unless the caller
@@ -12,48 +12,20 @@ opts in, and remote code runs only when the caller opts in.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from finetuneflow.contract import architectures as arch
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.io import read_json_object
 from finetuneflow.contract.paths import is_hub_id, resolve
 from finetuneflow.contract.record import RunRecord, read_record
-from finetuneflow.model.backends import Backend, backend_for
-from finetuneflow.model.family import Family, PromptSpec
-from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, seq2seq_prefix
+from finetuneflow.model.backends import backend_for
+from finetuneflow.model.family import Family
+from finetuneflow.model.loaded import LoadedModel
 
+__all__ = ["ADAPTER_CONFIG", "LoadedModel", "adapter_base", "fix_tokenizer", "is_adapter_dir", "load_config",
+           "load_model", "load_tokenizer", "local_or_hub"]
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(kw_only=True)
-class LoadedModel:
-    model: Any                  # a torch module, a CTranslate2 runtime, a llama.cpp model, ...
-    tokenizer: Any              # a transformers tokenizer (every backend encodes with it)
-    family: Family
-    backend: Backend
-    name: str                   # what the caller asked for
-    base: str                   # the base model id or folder
-    adapter: str | None = None  # the adapter folder when one was applied
-    device: Any = None          # torch.device for transformers; "cpu"/"cuda" elsewhere
-    dtype: str = "float32"
-    config: Any = None          # the transformers config
-    generation_config: Any = None
-    record: RunRecord | None = None   # the run record found beside the model
-
-    def prompt(self, instruction: str | None = None) -> PromptSpec:
-        return PromptSpec(instruction or DEFAULT_INSTRUCTION, seq2seq_prefix(self.config))
-
-    def max_positions(self) -> int:
-        return arch.max_positions(self.config) or int(self.tokenizer.model_max_length)
-
-    @property
-    def source(self) -> Path | None:
-        """The local folder or file the model came from (None for a Hub id)."""
-        path = resolve(self.adapter or self.name)
-        return path if path.exists() else None
 
 
 def local_or_hub(name: str) -> str:
@@ -118,7 +90,7 @@ def load_model(name: str, *, device=None, dtype=None, load_in_4bit: bool = False
         raise UserError(f"model not found: {path} does not exist; pass an existing folder or file, or a Hub id "
                         f"such as facebook/bart-large-cnn")
     backend = backend_for(path)
-    if backend.name != "transformers" and (load_in_4bit or for_training or options.get("adapter")):
+    if not backend.capabilities.training and (load_in_4bit or for_training or options.get("adapter")):
         raise UserError(f"{name} is a {backend.name} model: it runs inference only (no adapter, 4-bit or training); "
                         f"pass the Hugging Face model folder it was exported from")
     return backend.load(str(path) if path.exists() else str(name), device=device, dtype=dtype,

@@ -4,8 +4,9 @@ predictions CSV with the truncation ledger (input tokens, tokens cut, windows) o
 Scoring and comparing prediction files is quality/scoring.py (eval_metrics_bart_lora.py).
 
 Sharded (`accelerate launch --num_processes N eval_bart_lora.py ...`): each process generates
-whole batches of the one-process plan (engine.generation.shard_indices), the main process gathers
-every row in order, scores them and writes the one CSV; the other processes write nothing."""
+whole batches of the one-process plan (engine/sharding.py), the main process gathers every row in
+order, scores them and writes the one CSV; the other processes write nothing. The stage's plan,
+run and record are quality/eval_plan.py and quality/eval_run.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from finetuneflow.quality import metrics as M
 from finetuneflow.quality.predictions import write_predictions
 
 if TYPE_CHECKING:   # torch and transformers load only when generating, not for scoring CSVs
-    from finetuneflow.contract.decoding import GenerationSettings
-    from finetuneflow.engine.generation import Shard
-    from finetuneflow.model.loading import LoadedModel
+    from finetuneflow.contract.decoding import LongInput, ResolvedGeneration
+    from finetuneflow.engine.sharding import Shard
+    from finetuneflow.model.loaded import LoadedModel
 
 
 # --- eval_bart_lora.py ----------------------------------------------------------------------------
@@ -38,46 +39,27 @@ class EvalReport:
         run.log({"eval/predictions": wandb.Table(dataframe=pd.DataFrame(self.rows))})
 
 
-def generate_rows(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings, batch_size: int,
-                  limit: int, instruction: str, long_input: str, ids: list[str], progress: bool = True,
-                  shard: Shard | None = None):
-    """The summaries of `dialogues` (a LongGenerationResult), on one process or sharded: then each
-    process generates its whole batches and the main process gets every row (the others: None)."""
-    import time
-
-    from finetuneflow.engine.generation import Shard, gather_results, input_lengths, shard_indices
-    from finetuneflow.engine.long_input import summarize_long
-    shard = shard or Shard()
-    started = time.perf_counter()
-    mine = shard_indices(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard) \
-        if shard.sharded else list(range(len(dialogues)))
-    result = summarize_long(loaded, [dialogues[i] for i in mine], settings, batch_size=batch_size,
-                            max_input_length=limit, instruction=instruction, mode=long_input,
-                            progress=progress and shard.main, ids=[ids[i] for i in mine])
-    return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
-
-
-def evaluate_rows(loaded: LoadedModel, rows: list[dict], settings: GenerationSettings, batch_size: int,
-                  max_input_length: int | None, instruction: str, long_input: str, predictions_path: Path, tag: str,
-                  progress: bool = True, shard: Shard | None = None) -> EvalReport | None:
+def evaluate_rows(loaded: LoadedModel, rows: list[dict], decoding: ResolvedGeneration, batch_size: int,
+                  max_input_length: int | None, instruction: str, long_input: LongInput, predictions_path: Path,
+                  tag: str, progress: bool = True, shard: Shard | None = None) -> EvalReport | None:
     """Summarize `rows` ({id, dialogue, summary}), score them and write the predictions CSV; sharded,
     only the main process scores and writes (the others return None)."""
-    from finetuneflow.engine.generation import default_input_limit, effective_settings
+    from finetuneflow.engine.generation import input_limit
+    from finetuneflow.engine.sharding import summarize_sharded
     if not rows:
         raise UserError("no rows to evaluate: the split is empty or N_SAMPLES selected nothing")
     ids = [str(r["id"]) for r in rows]
-    dialogues = [r["dialogue"] for r in rows]
     # One explicit limit for every LONG_INPUT mode (a causal prompt leaves room for the new tokens).
-    limit = max_input_length or default_input_limit(loaded, effective_settings(loaded, settings))
-    result = generate_rows(loaded, dialogues, settings, batch_size, limit, instruction, long_input, ids, progress,
-                           shard)
+    limit = input_limit(loaded, decoding, max_input_length)
+    result = summarize_sharded(loaded, [r["dialogue"] for r in rows], decoding, batch_size, limit, instruction,
+                               long_input, ids, progress, shard)
     if result is None:
         return None
     return score_and_write(loaded, rows, result, batch_size, limit, instruction, long_input, predictions_path, tag)
 
 
 def score_and_write(loaded: LoadedModel, rows: list[dict], result, batch_size: int, limit: int, instruction: str,
-                    long_input: str, predictions_path: Path, tag: str) -> EvalReport:
+                    long_input: LongInput, predictions_path: Path, tag: str) -> EvalReport:
     """Score the summaries of `rows`, write the predictions CSV and return the eval record."""
     ids = [str(r["id"]) for r in rows]
     dialogues, references = [r["dialogue"] for r in rows], [r["summary"] for r in rows]
@@ -102,8 +84,8 @@ def score_and_write(loaded: LoadedModel, rows: list[dict], result, batch_size: i
                        "batch_size_used": result.batch_size or batch_size,
                        "max_input_length": limit, "long_input": long_input,
                        "instruction": instruction if loaded.family == "causal" else None,
-                       # batches each exact speed-up served (map-reduce runs do not count them yet)
-                       "exact_speedups": result.speedups if long_input != "chunk" else "not counted (chunk)"},
+                       # batches each exact speed-up served (every engine call of a map-reduce counts)
+                       "exact_speedups": result.speedups},
         "timing": result.timing(),
         "device": device_name(loaded),
         "truncated_ids": truncated_ids,

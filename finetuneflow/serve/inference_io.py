@@ -5,10 +5,9 @@ or stdin, and write summaries. Nothing here imports the web stack (pydantic, Fas
 Every row of an input file is read (there is no split: like `--split=all` in the evaluation
 stage); rows with an empty dialogue are skipped and counted, never silently dropped.
 
-Precision: `load_for_inference(..., precision="auto"|"fp32"|"bf16")` (model/backends/hf.py
-resolve_precision). Sharded (`accelerate launch --num_processes N inference_bart_lora.py
---input_file=...`): `summarize_inputs` gives each process whole batches and the main process every
-summary, in input order.
+Precision: `load_for_inference(..., precision="auto"|"fp32"|"bf16")` (model/precision.py
+precision_for). Sharded runs (`accelerate launch --num_processes N inference_bart_lora.py
+--input_file=...`) go through engine/sharding.py `summarize_sharded`.
 """
 from __future__ import annotations
 
@@ -19,13 +18,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES
+from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES, pick_column
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.io import atomic_write_text
 from finetuneflow.contract.paths import is_hub_id, resolve
 from finetuneflow.contract.record import portable, read_record
-from finetuneflow.model.loading import LoadedModel, is_adapter_dir, load_model
+from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.model.loading import is_adapter_dir, load_model
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
 INPUT_FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -50,7 +50,7 @@ def load_for_inference(model: str, base_model: str | None = None, device: str | 
     load_in_4bit = loads_in_4bit(model, load_in_4bit)
     source = str(path) if path.exists() else model
     if isinstance(precision, str) or precision is None:
-        from finetuneflow.model.backends.hf import precision_for
+        from finetuneflow.model.precision import precision_for
         precision = precision_for(source, precision or "auto", device, bool(load_in_4bit))
     return load_model(source, device=device, load_in_4bit=bool(load_in_4bit), base_model=base_model or None,
                       dtype=precision.dtype)
@@ -83,27 +83,6 @@ def model_info(loaded: LoadedModel) -> dict:
             "merged_from": record.lineage.merged_from if record else None}
 
 
-def summarize_inputs(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings, batch_size: int,
-                     max_input_length: int | None, instruction: str | None, long_input: str, ids: list[str],
-                     progress: bool = True, shard=None):
-    """engine.long_input.summarize_long over `dialogues`, in one process or sharded (each process
-    its whole batches; the main process gets every summary in order, the others None)."""
-    import time
-
-    from finetuneflow.engine.generation import Shard, gather_results, input_lengths, shard_indices
-    from finetuneflow.engine.long_input import input_limit, summarize_long
-    shard = shard or Shard()
-    started = time.perf_counter()
-    mine = list(range(len(dialogues)))
-    if shard.sharded:
-        limit = input_limit(loaded, settings, max_input_length)
-        mine = shard_indices(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard)
-    result = summarize_long(loaded, [dialogues[i] for i in mine], settings, batch_size, max_input_length,
-                            instruction or DEFAULT_INSTRUCTION, mode=long_input, progress=progress and shard.main,
-                            ids=[ids[i] for i in mine])
-    return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
-
-
 # --- reading dialogues ---------------------------------------------------------------------
 @dataclass
 class Inputs:
@@ -123,19 +102,6 @@ def decode_text(data: bytes, where: str) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
                         f"re-save it as UTF-8") from None
-
-
-def _column(columns: list[str], wanted: str | None, candidates: tuple, role: str, path: Path) -> str | None:
-    if wanted:
-        if wanted not in columns:
-            raise UserError(f"{path}: no column {wanted!r} ({role}); columns found: {', '.join(columns)}")
-        return wanted
-    lowered = {c.lower(): c for c in columns}
-    found = next((lowered[c] for c in candidates if c in lowered), None)
-    if found is None and role == "dialogue":
-        raise UserError(f"{path}: no dialogue column (tried {', '.join(candidates)}); columns found: "
-                        f"{', '.join(columns)}; set --DIALOGUE_COLUMN=<name>")
-    return found
 
 
 def _json(text: str, where: str):
@@ -190,8 +156,8 @@ def _file_inputs(path: Path, text_column: str | None, id_column: str | None) -> 
     if not all(isinstance(r, dict) for r in records):
         raise UserError(f"{path}: every row must be a JSON object (or every row a string)")
     columns = list(dict.fromkeys(str(k) for r in records for k in r))
-    dialogue_key = _column(columns, text_column, DIALOGUE_CANDIDATES, "dialogue", path)
-    id_key = _column(columns, id_column, ID_CANDIDATES, "id", path)
+    dialogue_key = pick_column(columns, text_column, DIALOGUE_CANDIDATES, "dialogue", True, str(path))
+    id_key = pick_column(columns, id_column, ID_CANDIDATES, "id", False, str(path))
     inputs = Inputs([], [], str(path), rows=len(records))
     for number, record in enumerate(records, 1):
         row_id = str(record.get(id_key)) if id_key and record.get(id_key) is not None else f"row-{number}"

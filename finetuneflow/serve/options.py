@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import DecodingFields, GenerationSettings
 from finetuneflow.contract.settings import FromConfig
 
 
 @dataclass(frozen=True)
-class ServerOptions(FromConfig):
-    """Limits, budgets, batching and operations of the HTTP server."""
+class ServerOptions(FromConfig, DecodingFields):
+    """Limits, budgets, batching and operations of the HTTP server, and (DecodingFields) the
+    decoding a request gets unless it overrides it."""
     host: str = "127.0.0.1"
     port: int = 8000
     batch_size: int = 8
@@ -33,17 +34,11 @@ class ServerOptions(FromConfig):
     token_env: str = "FTF_API_TOKEN"
     access_log: bool = True
     log_level: str = "warning"
-    num_beams: int | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    no_repeat_ngram_size: int | None = None
-    length_penalty: float | None = None
 
     @property
     def defaults(self) -> GenerationSettings:
         """The decoding settings a request gets unless it overrides them (the evaluated ones)."""
-        return GenerationSettings(self.num_beams, self.max_new_tokens, self.min_new_tokens,
-                                  self.no_repeat_ngram_size, self.length_penalty)
+        return self.generation()
 
     def token(self) -> str | None:
         """The bearer token from the environment variable TOKEN_ENV (None: no authentication)."""

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.family import CAUSAL, CausalFamily, Seq2SeqFamily
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.prompts import encode_seq2seq_input, prompt_style, text_ids
 
 PROMPTS = ("summary", "raw_chat", "raw_text")

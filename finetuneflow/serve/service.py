@@ -14,7 +14,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.engine.long_input import Cancelled
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.serve.batching import Decoding, Job, Rejected, Result, Scheduler
 from finetuneflow.serve.inference_io import model_info
 from finetuneflow.serve.metrics import Metrics
@@ -187,8 +187,9 @@ class Service:
                 "sampling": self.runner.sampling_available(), "limits": options.limits()}
 
     def runner_effective(self, decoding: Decoding) -> dict:
+        """The request's deterministic decoding settings as responses show them."""
         from finetuneflow.engine.generation import effective_settings
-        return effective_settings(self.loaded, decoding.settings)
+        return effective_settings(self.loaded, decoding.settings).as_record()
 
     def prompt_description(self) -> str:
         if self.loaded.family == "causal":

@@ -15,15 +15,15 @@ import math
 import threading
 from dataclasses import dataclass, replace
 
-from finetuneflow.engine.generation import effective_settings, summarize
-from finetuneflow.engine.long_input import MAX_LEVELS, input_limit, input_tokens, summarize_long
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.contract.decoding import LongInput, ResolvedGeneration
+from finetuneflow.engine.generation import effective_settings, input_limit, summarize
+from finetuneflow.engine.long_input import MAX_LEVELS, input_tokens, summarize_long
+from finetuneflow.engine.windows import WINDOW_MARGIN
+from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.serve.batching import Decoding, Job, Rejected
 from finetuneflow.serve.options import ServerOptions
 from finetuneflow.serve.prompting import prompted
 
-SAMPLING_BACKENDS = ("transformers", "llama.cpp")   # backends that honour do_sample/temperature/top_p/seed
-_WINDOW_MARGIN = 4                                  # as long_input: tokens kept free in every window
 _FILL = 0.85                                        # how full windows of whole turns are, on average
 _SAFETY = 1.1                                       # a long dialogue's estimate errs high: the budget also stops it
 
@@ -42,7 +42,7 @@ def estimate(tokens: int, overhead: int, limit: int, new_tokens: int, beams: int
     """(work tokens, first-level windows) of one dialogue needing `tokens` input tokens. Windows
     are packed from whole turns (assumed 85% full); a combining level packs whole partial
     summaries of up to new_tokens each, so when two do not fit a window it barely shrinks."""
-    capacity = max(1, limit - overhead - _WINDOW_MARGIN)
+    capacity = max(1, limit - overhead - WINDOW_MARGIN)
     if tokens <= limit:
         return tokens + beams * new_tokens, 1
     windows = count = math.ceil((tokens - overhead) / (capacity * _FILL))
@@ -64,15 +64,18 @@ class Runner:
 
     def __init__(self, loaded: LoadedModel, options: ServerOptions):
         self.loaded, self.options = loaded, options
+        self.long_input = LongInput.parse(options.long_input)
         self.counting = replace(loaded, tokenizer=copy.deepcopy(loaded.tokenizer))
         self._count_lock = threading.Lock()
 
+    def resolved(self, decoding: Decoding) -> ResolvedGeneration:
+        """A request's decoding over the model's defaults, as every engine call of it runs."""
+        return effective_settings(self.loaded, decoding.settings, decoding.sampling_dict())
+
     def effective_new_tokens(self, decoding: Decoding) -> tuple[int, int]:
         """(max new tokens, beams) a request will really use."""
-        effective = effective_settings(self.loaded, decoding.settings)
-        new = effective.get("max_new_tokens") or max(1, (effective.get("max_length") or 256) - 1)
-        beams = 1 if decoding.sampling else int(effective.get("num_beams") or 1)
-        return int(new), beams
+        resolved = self.resolved(decoding)
+        return resolved.max_new, resolved.num_beams
 
     def limit(self, decoding: Decoding) -> int:
         return input_limit(self.loaded, decoding.settings, self.options.max_input_length)
@@ -85,7 +88,7 @@ class Runner:
             counting = prompted(self.counting, decoding.prompt)
             tokens = input_tokens(counting, dialogues, self.options.instruction)
             overhead = counting.family.input_overhead(counting.tokenizer, counting.prompt(self.options.instruction))
-        mode = "truncate" if decoding.prompt != "summary" else self.options.long_input
+        mode = LongInput("truncate") if decoding.prompt != "summary" else self.long_input
         new_tokens, beams = self.effective_new_tokens(decoding)
         long, windows, cost = [], [], 0
         for i, count in enumerate(tokens):
@@ -93,11 +96,11 @@ class Runner:
             if over and mode == "error":
                 raise Rejected(422, "dialogue_too_long", f"dialogue {i} needs {count} input tokens, more than the "
                                                          f"model input of {limit} (the server runs LONG_INPUT=error)")
-            if over and mode == "chunk" and decoding.sampling:
+            if over and mode.windows and decoding.sampling:
                 raise Rejected(422, "sampling_long_input", f"dialogue {i} needs {count} input tokens, more than the "
                                                            f"model input of {limit}, so it is summarized in windows; "
                                                            f"sampling is not available there: use temperature 0")
-            chunked = over and mode == "chunk"
+            chunked = over and mode.windows
             work, count_windows = estimate(count if chunked else min(count, limit), overhead, limit, new_tokens, beams)
             long.append(chunked)
             windows.append(count_windows)
@@ -123,8 +126,8 @@ class Runner:
         """The map-reduce of long dialogues, one engine batch per turn."""
         options = self.options
         return summarize_long(self.loaded, texts, job.decoding.settings, options.batch_size,
-                              options.max_input_length, options.instruction, mode="chunk", progress=False,
+                              options.max_input_length, options.instruction, mode=self.long_input, progress=False,
                               control=control)
 
     def sampling_available(self) -> bool:
-        return self.loaded.backend.name in SAMPLING_BACKENDS
+        return self.loaded.backend.capabilities.sampling

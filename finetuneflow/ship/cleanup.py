@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import DecodingFields, GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.io import atomic_write_json, atomic_write_text
 from finetuneflow.contract.record import RunRecord, portable, write_record
@@ -44,22 +44,13 @@ DECODER_START = {"t5": "pad", "mt5": "pad", "umt5": "pad", "longt5": "pad", "peg
 
 
 @dataclass(frozen=True)
-class CleanupSettings(FromConfig):
+class CleanupSettings(FromConfig, DecodingFields):
+    """The stage's settings; the decoding fields (DecodingFields) override the evaluated ones."""
     model: str
     output_dir: str
     overwrite: bool = False
     verify_samples: int = 2
     device: str | None = None
-    num_beams: int | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    no_repeat_ngram_size: int | None = None
-    length_penalty: float | None = None
-
-    def generation(self) -> GenerationSettings:
-        return GenerationSettings(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
-                                  min_new_tokens=self.min_new_tokens, no_repeat_ngram_size=self.no_repeat_ngram_size,
-                                  length_penalty=self.length_penalty)
 
 
 class Changes:
@@ -306,7 +297,7 @@ def clean(settings: CleanupSettings, provenance: dict | None = None, log=print) 
     """Clean MODEL into OUTPUT_DIR, verify, and return the cleanup report."""
     source = inspect_model_folder(settings.model, produced_by="merge_bart_lora.py")
     out = check_output_dir(settings.output_dir, stage=STAGE, inputs=[source.path], overwrite=settings.overwrite)
-    from finetuneflow.model.backends.hf import default_dtype, parse_device   # torch: after the checks
+    from finetuneflow.model.device import default_dtype, parse_device   # torch: after the checks
     from finetuneflow.ship import parity
     evaluated = evaluated_settings(source, settings, log)
     config, generation, tokenizer = read_configs(source)

@@ -52,6 +52,7 @@ def llama_cpp_check(gguf_path: Path, reference: LoadedModel, inputs: list[dict],
         import llama_cpp
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"}
+    from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.model.backends.llamacpp import BACKEND as backend
     loaded = backend.load(gguf_path, device="cpu")
     try:
@@ -62,7 +63,8 @@ def llama_cpp_check(gguf_path: Path, reference: LoadedModel, inputs: list[dict],
             diffs.append(float((theirs - ours).abs().max()))
             agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
             positions += theirs.shape[0]
-        generated = backend.generate_batch(loaded, prompts, {"num_beams": 1, "max_new_tokens": max_new_tokens})
+        generated = backend.generate_batch(loaded, prompts, CAUSAL.resolve_generation(None, GenerationSettings(
+            num_beams=1, max_new_tokens=max_new_tokens)))
         summaries = [reference.tokenizer.decode(g.ids, skip_special_tokens=True).strip() for g in generated]
     finally:
         loaded.model.close()

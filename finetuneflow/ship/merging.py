@@ -93,7 +93,7 @@ def check_adapter(folder: Path, allow_unsafe: bool) -> tuple[RunRecord, Path]:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     import torch
-    from finetuneflow.model.backends.hf import default_dtype
+    from finetuneflow.model.device import default_dtype
     if name == "auto":
         return default_dtype(device)
     if name != "float32" and device.type == "cpu":
@@ -135,7 +135,7 @@ def plan(settings: MergeSettings) -> MergeJob | None:
         return None
     out = check_output_dir(out, stage=STAGE, inputs=[adapter, base], overwrite=settings.overwrite)
     check_base(base, adapter, settings)
-    from finetuneflow.model.backends.hf import parse_device   # torch: only once the checks have passed
+    from finetuneflow.model.device import parse_device   # torch: only once the checks have passed
     device = parse_device(settings.device)
     return MergeJob(adapter, upstream, base, adapter_sha, out, device, pick_dtype(settings.dtype, device))
 

@@ -7,7 +7,8 @@ so the prompt Ollama sends is byte-identical to the one the model was trained an
 """
 from __future__ import annotations
 
-from finetuneflow.model.family import SEQ2SEQ
+from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.model.family import CAUSAL, SEQ2SEQ
 
 
 def _go_literal(text: str) -> str:
@@ -64,7 +65,7 @@ def ollama_template(tokenizer, instruction: str) -> tuple[str, list[str]]:
 
 def modelfile_text(gguf_name: str, tokenizer, instruction: str, generation: dict, num_ctx: int) -> str:
     template, stops = ollama_template(tokenizer, instruction)
-    max_new = int(generation.get("max_new_tokens") or 128)
+    max_new = CAUSAL.resolve_generation(None, GenerationSettings.from_record(generation)).max_new   # GGUF: causal
     stem = gguf_name.removesuffix(".gguf")
     lines = [f"# Ollama Modelfile written by export_gguf.py: ollama create <name> -f {stem}.Modelfile",
              "# The prompt wraps your message (the dialogue) in the instruction and chat template the model",

@@ -32,7 +32,7 @@ from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.paths import BUNDLED_SAMPLES, CODE_ROOT, resolve
 from finetuneflow.engine.generation import GenerationResult, encode, summarize
 from finetuneflow.model.family import CAUSAL
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.model.loaded import LoadedModel
 
 # (check, dtype or output type) -> limits on the measured numbers. "max_abs"/"mean_abs" bound the
 # absolute difference of the measured quantity (logits, or log-probabilities for CTranslate2);

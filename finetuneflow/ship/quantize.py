@@ -51,7 +51,7 @@ def normalize_qtype(qtype: str) -> str:
 
 def source_type(path: Path) -> str:
     """The source GGUF's file type, read by llama.cpp with the vocabulary only (no weights)."""
-    from finetuneflow.model.backends.llamacpp import bindings, file_type_name, llama_log, _load_error
+    from finetuneflow.model.backends.llamacpp_bindings import bindings, file_type_name, llama_log, load_error
     llama_cpp = bindings()
     from llama_cpp import _internals
     params = llama_cpp.llama_model_default_params()
@@ -60,7 +60,7 @@ def source_type(path: Path) -> str:
         try:
             model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError:
-            raise UserError(f"llama.cpp cannot read {path.name}: {_load_error(log)}") from None
+            raise UserError(f"llama.cpp cannot read {path.name}: {load_error(log)}") from None
     try:
         return file_type_name(model.metadata())
     finally:
@@ -71,7 +71,8 @@ def quantize(source_gguf: str | Path, out_gguf: str | Path, qtype: str, *, n_thr
              log=print) -> dict:
     """Write `out_gguf` as `qtype` (q6_k, q5_k_m, q4_k_m or q8_0) from an f32/f16/bf16 `source_gguf`."""
     from finetuneflow.contract.paths import resolve
-    from finetuneflow.model.backends.llamacpp import bindings, default_threads, gguf_file, llama_log, _load_error
+    from finetuneflow.model.backends.llamacpp_bindings import (bindings, default_threads, gguf_file, llama_log,
+                                                               load_error)
     qtype = normalize_qtype(qtype)
     llama_cpp = bindings()
     source = gguf_file(source_gguf)
@@ -90,7 +91,7 @@ def quantize(source_gguf: str | Path, out_gguf: str | Path, qtype: str, *, n_thr
     with atomic_path(out) as tmp, llama_log() as messages:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0 or not tmp.is_file():
-            raise UserError(f"llama.cpp's quantizer failed on {source.name} -> {qtype}: {_load_error(messages)}")
+            raise UserError(f"llama.cpp's quantizer failed on {source.name} -> {qtype}: {load_error(messages)}")
         fallbacks = sorted({line.split("falling back to", 1)[1].strip() for line in messages
                             if line.startswith("-> falling back to")})
         summary = next((line.split("WARNING:", 1)[1].strip() for line in messages
@@ -111,7 +112,7 @@ def quantize_many(source_gguf: str | Path, out_dir: str | Path, qtypes, *, stem:
     """Several types from one source: `<out_dir>/<stem>-<qtype>.gguf` each (stem: the source's name
     without its own type suffix). All types are checked before the first file is written."""
     from finetuneflow.contract.paths import resolve
-    from finetuneflow.model.backends.llamacpp import gguf_file
+    from finetuneflow.model.backends.llamacpp_bindings import gguf_file
     names = [normalize_qtype(q) for q in ([qtypes] if isinstance(qtypes, str) else qtypes)]
     if not names:
         raise UserError("no quantization type given; pick from " + ", ".join(q.upper() for q in QUANTIZER_FTYPES))

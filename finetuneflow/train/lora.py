@@ -17,7 +17,8 @@ from finetuneflow.contract.paths import is_hub_id, resolve
 from finetuneflow.model.backends import backend_for
 from finetuneflow.model.backends.hf import disable_cpu_bf16_kernels
 from finetuneflow.model.family import Family, family_of
-from finetuneflow.model.loading import LoadedModel, is_adapter_dir, load_config, load_model
+from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.model.loading import is_adapter_dir, load_config, load_model
 from finetuneflow.train.settings import TrainSettings, check_lengths
 
 
@@ -55,7 +56,7 @@ def check_trainable_source(name: str) -> None:
                         f"facebook/bart-large-cnn")
     if path.exists():
         backend = backend_for(path)
-        if backend.name != "transformers":
+        if not backend.capabilities.training:
             raise UserError(f"MODEL {name} is a {backend.name} model (inference only); pass the Hugging Face model "
                             f"folder it was made from")
 

@@ -36,7 +36,7 @@ class TrainJob:
     trackers: list = field(default_factory=list)   # REPORT_TO resolved: wandb / tensorboard / mlflow
     tracking_dir: Path | None = None
     state: object = None           # accelerate's PartialState, once the heavy part starts
-    precision: object = None       # precision.Precision, once the base is loaded
+    precision: object = None       # model.precision.TrainingPrecision, once the base is loaded
     generation: object = None      # the resolved GenerationSettings (family defaults filled in)
     generation_sources: dict = field(default_factory=dict)   # where each resolved decoding value came from
     eval_spec: object = None       # evaluation.GenerationEval

@@ -22,7 +22,7 @@ from finetuneflow.model.prompts import prompt_style, seq2seq_prefix
 from finetuneflow.quality import tracking
 from finetuneflow.train import encoding, evaluation, outputs, trackers
 from finetuneflow.train.lora import Base
-from finetuneflow.train.precision import resolve_precision
+from finetuneflow.model.precision import resolve_training_precision
 from finetuneflow.train.preflight import TrainJob
 from finetuneflow.train.run_dir import mark_failed, prepare_run_dir
 from finetuneflow.train.settings import STAGE
@@ -36,7 +36,7 @@ def begin(job: TrainJob) -> None:
     job.state = process_state()
     set_seed(job.settings.seed)
     if str(job.settings.precision).lower() in ("bf16", "fp16"):
-        resolve_precision(job.settings.precision, job.state.device, "", False)
+        resolve_training_precision(job.settings.precision, job.state.device, "", False)
     job.say(f"data {job.data.source}: {len(job.train_rows)} train / {len(job.val_rows)} validation rows "
             f"({sum(job.data.dropped.values())} empty rows dropped)" + (f"; {job.note}" if job.note else ""))
 
@@ -88,8 +88,8 @@ def decide(job: TrainJob, base: Base) -> None:
     """Precision and decoding (family defaults from the training summaries), before anything is
     written (a MIN_NEW_TOKENS over the resolved maximum fails here)."""
     s = job.settings
-    job.precision = resolve_precision(s.precision, job.state.device, base.family, base.in_4bit,
-                                      parameter_count(base.loaded.model)[1])
+    job.precision = resolve_training_precision(s.precision, job.state.device, base.family, base.in_4bit,
+                                               parameter_count(base.loaded.model)[1])
     lengths = summary_lengths(job, base) if s.max_new_tokens is None else []
     job.generation, job.generation_sources = evaluation.resolve_generation(base.family, s.generation, lengths,
                                                                           s.max_target_length)

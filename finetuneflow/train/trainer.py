@@ -5,7 +5,7 @@ that a resumed run reproduces exactly, and a stop with one clear line on a non-f
   length-stratified subset of the validation rows, on a time budget (train/evaluation.py; shared
   across processes), to the validation loss, and reports what each part cost. The best
   checkpoint follows SELECT_ON (train/selection.py), decided again after every evaluation.
-* Mixed precision is autocast only (train/precision.py): the weights and AdamW stay fp32; the
+* Mixed precision is autocast only (model/precision.py): the weights and AdamW stay fp32; the
   evaluations' generation runs under the same autocast.
 * Resume equivalence: transformers' group_by_length sampler draws each epoch's order from the
   global RNG, whose state a resumed process cannot know at the start of the epoch (the RNG state
@@ -34,10 +34,10 @@ from finetuneflow.engine.generation import summarize
 from finetuneflow.model.backends.hf import BACKEND as HF
 from finetuneflow.model.backends.hf import unwrap
 from finetuneflow.model.family import family_of
-from finetuneflow.model.loading import LoadedModel
+from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.train import evaluation, selection
 from finetuneflow.train.evaluation import GenerationEval
-from finetuneflow.train.precision import Precision
+from finetuneflow.model.precision import TrainingPrecision
 from finetuneflow.train.run_dir import RunPlan, checkpoint_step, complete_checkpoints, drop_checkpoint, mark_complete
 from finetuneflow.train.settings import TrainSettings
 
@@ -391,7 +391,7 @@ def training_callbacks(save_total_limit: int, early_stopping_patience: int, sele
 
 
 def training_arguments(settings: TrainSettings, plan: RunPlan, device: torch.device, report_to: str | list,
-                       precision: Precision) -> TrainingArguments:
+                       precision: TrainingPrecision) -> TrainingArguments:
     """The Trainer settings derived from the stage's settings."""
     strategy = "steps" if settings.eval_steps else "epoch"
     return TrainingArguments(

@@ -2,27 +2,35 @@
 
 The generation engine (engine/generation.py) owns the only generation loop: encoding, length
 sorting, batching, out-of-memory halving, progress and timing. It hands each batch of input ids
-to the model's backend:
+to the model's backend with the decoding already resolved (contract/decoding.py
+`ResolvedGeneration`: every limit worked out, so a backend has no defaults of its own):
 
 * `detect(path)`: does this file or folder hold a model this backend runs?
-* `load(source, device=..., dtype=..., **options)`: a `LoadedModel` (model/loading.py);
-* `generate_batch(loaded, batch, effective)`: the new tokens of each row (`Generated`);
+* `load(source, device=..., dtype=..., **options)`: a `LoadedModel` (model/loaded.py);
+* `generate_batch(loaded, batch, decoding, on_step=None)`: the new tokens of each row
+  (`Generated`); a backend with `capabilities.token_streaming` calls `on_step(row, token)` for
+  every token as it is chosen (the others are never given one);
+* `speedups_for(loaded, batch, decoding)`: the exact speed-ups the batch will get (names), if any;
 * `token_log_probs(loaded, prompt_ids, target_ids)`: teacher-forced log p of each target token;
-* `logits(...)`: full teacher-forced logits where the runtime exposes them (else None).
+* `logits(...)`: full teacher-forced logits where the runtime exposes them (else None);
+* `close(loaded)`: free the runtime's memory now (not only when it is collected).
 
-`backend_for(path)` asks each registered backend in order; transformers comes last and takes
-anything else (a Hub id, a model folder, an adapter folder). A new runtime (llama.cpp) plugs in
-by adding its module to `REGISTRY` without touching the loop.
+Callers ask a backend's `capabilities` (beams, sampling, token streaming, training, ...) rather
+than its name. `backend_for(path)` asks each registered backend in order; transformers comes last
+and takes anything else (a Hub id, a model folder, an adapter folder). A new runtime plugs in by
+adding its module to `REGISTRY` without touching the loop.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
-if TYPE_CHECKING:
-    from finetuneflow.model.loading import LoadedModel
+from finetuneflow.contract.decoding import ResolvedGeneration
+from finetuneflow.model.loaded import LoadedModel
+
+StepCallback = Callable[[int, int], None]    # (row of the batch, token id just chosen)
 
 
 @dataclass
@@ -32,24 +40,42 @@ class Generated:
     finish_reason: str      # "stop" or "length"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do: callers ask these, never a backend's name."""
+    beams: bool = False             # beam search (num_beams > 1)
+    sampling: bool = False          # seeded sampling (temperature, top_p, seed)
+    token_streaming: bool = False   # generate_batch calls on_step for each row's every token
+    scoring: bool = True            # token_log_probs (teacher-forced log-probabilities)
+    exact_speedups: bool = False    # speedups_for may name per-batch speed-ups that keep the tokens exact
+    training: bool = False          # adapters, 4-bit weights and training (else inference only)
+    precision: bool = False         # loads weights in the dtype a stage asks for (else the file's own)
+
+
 class Backend:
     name = "?"
+    capabilities = Capabilities()
 
     def detect(self, path: Path) -> bool:
         raise NotImplementedError
 
-    def load(self, source: str, *, device=None, dtype=None, **options) -> "LoadedModel":
+    def load(self, source: str, *, device=None, dtype=None, **options) -> LoadedModel:
         """`source`: a resolved local path, or a Hub id (transformers only). `options` are the
         transformers backend's (adapter, load_in_4bit, ...); other backends get them empty/False."""
         raise NotImplementedError
 
-    def generate_batch(self, loaded: "LoadedModel", batch: list[list[int]], effective: dict) -> list[Generated]:
+    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                       on_step: StepCallback | None = None) -> list[Generated]:
         raise NotImplementedError
 
-    def token_log_probs(self, loaded: "LoadedModel", prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+    def speedups_for(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple:
+        """The exact speed-ups `batch` will get (counted per batch in the engine's result)."""
+        return ()
+
+    def token_log_probs(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         raise NotImplementedError
 
-    def logits(self, loaded: "LoadedModel", prompt_ids: list[int], target_ids: list[int]):
+    def logits(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]):
         """Teacher-forced logits (numpy, one row per position of prompt + target), or None."""
         return None
 
@@ -59,6 +85,9 @@ class Backend:
 
     def free_memory(self) -> None:
         """Release cached device memory after an out-of-memory error."""
+
+    def close(self, loaded: LoadedModel) -> None:
+        """Free what the runtime holds for `loaded` (its memory is otherwise freed when collected)."""
 
 
 def finish(rows: list[list[int]], stops: set[int], max_new_tokens: int | None) -> list[Generated]:
@@ -97,3 +126,8 @@ def backend_for(path: Path | str) -> Backend:
         if backend.detect(Path(path)):
             return backend
     raise AssertionError("the transformers backend detects everything")
+
+
+def default_backend() -> Backend:
+    """The backend of a Hub id or anything no specific format claims (transformers)."""
+    return backends()[-1]

@@ -5,7 +5,7 @@ int8 weights, which is the fast CPU path that exists for seq2seq models (llama.c
 Such a folder has CTranslate2's model.bin, the tokenizer, generation_config.json and the Hugging
 Face config as hf_config.json (ship/ct2_export.py writes it). The engine encodes prompts with the
 tokenizer as for any model; this backend turns ids into CTranslate2 tokens and back, and maps the
-engine's decoding settings onto CTranslate2's options.
+engine's resolved decoding onto CTranslate2's options.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import json
 import os
 from pathlib import Path
 
+from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.record import read_record
-from finetuneflow.model.backends import Backend, Generated
+from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ, family_of
-from finetuneflow.model.loading import LoadedModel, load_tokenizer
+from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.model.loading import load_tokenizer
 from finetuneflow.model.prompts import stop_token_ids
 
 HF_CONFIG = "hf_config.json"
@@ -53,6 +55,7 @@ def _first(value):
 
 class CT2Backend(Backend):
     name = "ctranslate2"
+    capabilities = Capabilities(beams=True)   # sampling through CTranslate2 is not wired here
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and is_ct2_dir(path)
@@ -87,31 +90,24 @@ class CT2Backend(Backend):
                            generation_config=generation, record=read_record(folder))
 
     # -- generation ----------------------------------------------------------------------------
-    def options(self, loaded: LoadedModel, effective: dict) -> dict:
-        """The engine's effective settings in CTranslate2's terms."""
-        penalty = effective.get("length_penalty")
-        options = {"beam_size": int(effective.get("num_beams") or 1),
-                   "no_repeat_ngram_size": int(effective.get("no_repeat_ngram_size") or 0),
+    def options(self, loaded: LoadedModel, decoding: ResolvedGeneration) -> dict:
+        """The engine's resolved decoding in CTranslate2's terms."""
+        penalty = decoding.length_penalty
+        options = {"beam_size": decoding.num_beams, "no_repeat_ngram_size": int(decoding.no_repeat_ngram_size or 0),
                    "length_penalty": float(penalty if penalty is not None else 1.0), "sampling_topk": 1}
         if loaded.family == CAUSAL:
-            options["max_length"] = int(effective.get("max_new_tokens") or 128)
-            options["min_length"] = min(int(effective.get("min_new_tokens") or 0), options["max_length"])
-            return options
-        # transformers counts the decoder start token in max_length/min_length; CT2 does not
-        max_new = effective.get("max_new_tokens") or max(1, (effective.get("max_length") or 256) - 1)
-        min_new = effective.get("min_new_tokens")
-        if min_new is None:
-            min_new = max(0, (effective.get("min_length") or 0) - 1)
-        # a model's own min_length can exceed a small MAX_NEW_TOKENS: the maximum wins, as in transformers
-        options.update(max_decoding_length=int(max_new), min_decoding_length=min(int(min_new), int(max_new)),
-                       max_input_length=0)
-        return options
+            return {**options, "max_length": decoding.max_new, "min_length": decoding.min_new}
+        # new tokens: transformers counts the decoder start token in max_length/min_length, CT2 does not
+        # (the family resolved max_new/min_new without it)
+        return {**options, "max_decoding_length": decoding.max_new, "min_decoding_length": decoding.min_new,
+                "max_input_length": 0}
 
-    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], effective: dict) -> list[Generated]:
+    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                       on_step: StepCallback | None = None) -> list[Generated]:
         """Token ids without the end token; counted as the transformers engine counts them: up to and
         including the first stop token, which transformers also emits when it forces EOS."""
         tokenizer, runtime = loaded.tokenizer, loaded.model
-        options = self.options(loaded, effective)
+        options = self.options(loaded, decoding)
         tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in batch]
         if loaded.family == CAUSAL:
             stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]

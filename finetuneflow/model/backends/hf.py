@@ -1,14 +1,9 @@
 """The transformers backend: base models, adapters (PEFT), merged folders, 4-bit (bitsandbytes).
 
 Anything the other backends do not claim is a transformers model (a Hub id, a model folder, an
-adapter folder). Generation runs `model.generate()` on a padded batch with the engine's effective
-settings applied to a copy of the model's generation config for the duration of the batch.
-
-Precision (`--precision=auto|fp32|bf16` on the stages that generate): `resolve_precision` picks the
-weights' dtype. On a GPU, auto keeps bf16 (fp16 where bf16 is missing). On a CPU, bf16 needs the
-CPU's own bf16 instructions (avx512_bf16 / amx_bf16, detected by `cpu_bf16_feature`); auto takes
-bf16 there only for the families whose measured quality did not change (`AUTO_CPU_BF16`, see
-BENCHMARKS.md, "Generation"), else fp32.
+adapter folder). Generation runs `model.generate()` on a padded batch with the engine's resolved
+decoding applied to a copy of the model's generation config for the duration of the batch. The
+dtype to load in comes from model/precision.py (`--precision`), the device from model/device.py.
 
 Exact speed-ups for one batch (`speedups_for`, used only where they leave the greedy tokens as
 they are and were measured faster): a causal batch reuses the KV cache of the prompt prefix its
@@ -23,147 +18,21 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
+from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import read_record
-from finetuneflow.model.backends import Backend, Generated, finish
+from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback, finish
+from finetuneflow.model.device import default_dtype, parse_device
 from finetuneflow.model.family import CAUSAL, family_of
-from finetuneflow.model.loading import (LoadedModel, adapter_base, is_adapter_dir, load_config, load_tokenizer,
-                                        local_or_hub)
+from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.model.loading import adapter_base, is_adapter_dir, load_config, load_tokenizer, local_or_hub
 from finetuneflow.model.prompts import stop_token_ids
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def parse_device(device) -> torch.device:
-    if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
-        return default_device()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"DEVICE={device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available here; use --DEVICE=cpu or leave it unset")
-    return parsed
-
-
-# --- precision ---------------------------------------------------------------------------------
-PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_SPEC = "[auto | fp32 | bf16]"
-# Families for which `auto` takes bf16 on a CPU with bf16 instructions: only where the measured
-# quality did not change (BENCHMARKS.md, "Generation": SmolLM2, 100 held-out DialogSum rows).
-AUTO_CPU_BF16: frozenset[str] = frozenset()
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_bf16_feature() -> str | None:
-    """The CPU instruction set that runs bf16 natively (avx512_bf16, amx_bf16, ARM bf16), or None:
-    without one, bf16 matmuls are emulated and slower than fp32."""
-    try:
-        capabilities = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        capabilities = {}
-    found = sorted(name for name, present in capabilities.items() if present and "bf16" in name)
-    if found:
-        return "amx_bf16" if "amx_bf16" in found else found[0]
-    try:   # older torch: the kernel's own flags
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return None
-    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The weights' precision a stage asked for and the one it runs with, and why."""
-    requested: str          # auto | fp32 | bf16
-    used: str               # fp32 | bf16 | fp16 | 4-bit nf4 | the runtime's own (a .gguf's q8_0, ...)
-    reason: str
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return _DTYPES.get(self.used)
-
-    def as_dict(self) -> dict:
-        return {"requested": self.requested, "used": self.used, "reason": self.reason}
-
-
-def _check_requested(requested: str) -> str:
-    name = str(requested or "auto").strip().lower()
-    if name not in PRECISIONS:
-        raise UserError(f"--precision={requested!r} is not one of {', '.join(PRECISIONS)}")
-    return name
-
-
-def resolve_precision(requested: str, device=None, family: str | None = None,
-                      load_in_4bit: bool = False) -> Precision:
-    """The dtype to load a transformers model in (see the module doc). `--precision=bf16` where
-    the hardware has no bf16 is one clear error; only `auto` falls back."""
-    requested, device = _check_requested(requested), parse_device(device)
-    if load_in_4bit:
-        if requested != "auto":
-            raise UserError(f"--precision={requested} applies to full-precision weights but LOAD_IN_4BIT=True loads "
-                            f"4-bit weights; pass --load_in_4bit=false, or drop --precision")
-        return Precision(requested, "4-bit nf4", "LOAD_IN_4BIT=True (4-bit weights, bitsandbytes)")
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        if requested == "bf16" and not native:
-            raise UserError(f"--precision=bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; "
-                            f"use --precision=auto (fp16 here) or fp32")
-        if requested == "auto":
-            used = "bf16" if default_dtype(device) == torch.bfloat16 else "fp16"
-            return Precision(requested, used, f"auto on a GPU: {used}")
-        return Precision(requested, requested, f"--precision={requested}")
-    feature = cpu_bf16_feature()
-    if requested == "bf16":
-        if feature is None:
-            raise UserError("--precision=bf16: this CPU has no bf16 instructions (avx512_bf16 / amx_bf16), so bf16 "
-                            "would be emulated and slower; use --precision=fp32 (or auto)")
-        return Precision(requested, "bf16", f"--precision=bf16 ({feature})")
-    if requested == "fp32":
-        return Precision(requested, "fp32", "--precision=fp32")
-    if feature is None:
-        return Precision(requested, "fp32", "auto: this CPU has no bf16 instructions")
-    if family in AUTO_CPU_BF16:
-        return Precision(requested, "bf16", f"auto: {feature}, and bf16 kept {family} summaries' quality")
-    return Precision(requested, "fp32", f"auto: fp32 for {family or 'this'} models on a CPU (bf16 changed the "
-                                        f"greedy summaries; pass --precision=bf16 for speed)")
-
-
-def precision_for(model: str, requested: str, device=None, load_in_4bit: bool = False) -> Precision:
-    """The precision to load `model` (a Hub id, folder or file) with: resolve_precision for a
-    transformers model; a CTranslate2 or GGUF export runs in the precision it was written in."""
-    from finetuneflow.model.backends import backend_for
-    requested = _check_requested(requested)
-    path = resolve(model)
-    backend = backend_for(path) if path.exists() else BACKEND
-    if backend.name != BACKEND.name:
-        if requested != "auto":
-            raise UserError(f"{model} is a {backend.name} model: its precision was fixed when it was exported; "
-                            f"drop --precision={requested} (or export it again)")
-        return Precision(requested, "runtime", f"{backend.name} runs the precision it was exported in")
-    family = None
-    try:
-        base = adapter_base(model) if is_adapter_dir(model) else model
-        family = str(family_of(load_config(base)))
-    except UserError:
-        pass   # the loader reports an unreadable model with its own message
-    return resolve_precision(requested, device, family, load_in_4bit)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -274,20 +143,32 @@ def _check_adapter_fits(adapter: str, base: str, config) -> None:
                         f"was trained on with --BASE_MODEL")
 
 
+def _config_values(decoding: ResolvedGeneration) -> dict:
+    """The resolved decoding as GenerationConfig attributes (None: the model's own stays)."""
+    values = {"num_beams": decoding.num_beams, "max_new_tokens": decoding.max_new_tokens,
+              "min_new_tokens": decoding.min_new_tokens, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+              "length_penalty": decoding.length_penalty, "max_length": decoding.max_length,
+              "min_length": decoding.min_length}
+    values = {k: v for k, v in values.items() if v is not None}
+    values["do_sample"] = decoding.do_sample
+    if decoding.sampling is not None:   # the seed seeds torch before generate() instead
+        values.update({k: v for k, v in decoding.sampling.as_dict().items() if k != "seed"})
+    return values
+
+
 @contextmanager
-def generation_config_for(loaded: LoadedModel, effective: dict):
-    """Apply the effective settings to a copy of the model's generation config for one call:
+def generation_config_for(loaded: LoadedModel, decoding: ResolvedGeneration):
+    """Apply the resolved decoding to a copy of the model's generation config for one call:
     passing max_new_tokens next to a config that sets max_length makes transformers warn on every
     batch, so the superseded length limits are cleared on the copy."""
     model = unwrap(loaded.model)
     saved = model.generation_config
     config = copy.deepcopy(saved)
-    for key, value in effective.items():
-        if key not in ("backend", "seed"):
-            setattr(config, key, value)
-    if effective.get("max_new_tokens") is not None:
+    for key, value in _config_values(decoding).items():
+        setattr(config, key, value)
+    if decoding.max_new_tokens is not None:
         config.max_length = None
-    if effective.get("min_new_tokens") is not None:
+    if decoding.min_new_tokens is not None:
         config.min_length = None
     if not config.do_sample:   # sampling knobs left in a model's config only cause warnings
         config.temperature = config.top_p = config.top_k = None
@@ -385,7 +266,7 @@ def _store(loaded: LoadedModel) -> _PrefixStore:
         return _STORES[loaded.model]
 
 
-def speedups_for(loaded: LoadedModel, batch: list[list[int]], effective: dict) -> tuple[str, ...]:
+def speedups_for(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple[str, ...]:
     """The exact speed-ups one batch gets (the rule measured in BENCHMARKS.md, "Generation"):
     causal models, one beam; prompt lookup for a single greedy row on a PROMPT_LOOKUP_DEVICES device
     (transformers drafts for one row only), else the shared-prefix KV cache when the rows share >=
@@ -394,10 +275,10 @@ def speedups_for(loaded: LoadedModel, batch: list[list[int]], effective: dict) -
     prompt holds no dialogue to copy from."""
     if not getattr(_enabled, "value", True) or loaded.family != CAUSAL or not batch:
         return ()
-    if (effective.get("num_beams") or 1) != 1:
+    if decoding.num_beams != 1:
         return ()
     device = getattr(loaded.device, "type", str(loaded.device))
-    if len(batch) == 1 and not effective.get("do_sample") and device in PROMPT_LOOKUP_DEVICES:
+    if len(batch) == 1 and not decoding.do_sample and device in PROMPT_LOOKUP_DEVICES:
         return ("prompt_lookup",)
     return ("prefix_cache",) if _store(loaded).find(batch) else ()
 
@@ -446,6 +327,7 @@ def _pad_after_prefix(batch: list[list[int]], prefix: int, pad_id: int) -> dict:
 
 class TransformersBackend(Backend):
     name = "transformers"
+    capabilities = Capabilities(beams=True, sampling=True, exact_speedups=True, training=True, precision=True)
 
     def detect(self, path: Path) -> bool:
         return True
@@ -461,12 +343,13 @@ class TransformersBackend(Backend):
     def load(self, source, *, device=None, dtype=None, **options) -> LoadedModel:
         return load_transformers(source, device=device, dtype=dtype, **options)
 
-    def speedups_for(self, loaded: LoadedModel, batch: list[list[int]], effective: dict) -> tuple[str, ...]:
-        return speedups_for(loaded, batch, effective)
+    def speedups_for(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple:
+        return speedups_for(loaded, batch, decoding)
 
-    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], effective: dict) -> list[Generated]:
+    def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                       on_step: StepCallback | None = None) -> list[Generated]:
         tokenizer = loaded.tokenizer
-        speedups, extra = speedups_for(loaded, batch, effective), {}
+        speedups, extra = speedups_for(loaded, batch, decoding), {}
         cache = None
         if "prefix_cache" in speedups:
             prefix = _store(loaded).find(batch)
@@ -480,18 +363,18 @@ class TransformersBackend(Backend):
         width = padded["input_ids"].shape[1]
         if "prompt_lookup" in speedups:
             extra["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
-        if loaded.family == CAUSAL and effective.get("no_repeat_ngram_size"):
+        if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
             extra["logits_processor"] = LogitsProcessorList(
-                [GeneratedNoRepeatNGram(effective["no_repeat_ngram_size"], width)])
-        if effective.get("do_sample") and effective.get("seed") is not None:
-            torch.manual_seed(int(effective["seed"]))   # seeded sampling repeats
-        with generation_config_for(loaded, effective), torch.inference_mode():
+                [GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width)])
+        if decoding.sampling is not None and decoding.sampling.seed is not None:
+            torch.manual_seed(int(decoding.sampling.seed))   # seeded sampling repeats
+        with generation_config_for(loaded, decoding), torch.inference_mode():
             out = loaded.model.generate(**padded, **extra)
         if loaded.family == CAUSAL:
             _store(loaded).last_row = list(batch[-1])
         new = loaded.family.new_tokens(out, width)
         stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
-        return finish(new.tolist(), stops, effective.get("max_new_tokens"))
+        return finish(new.tolist(), stops, decoding.max_new_tokens)
 
     def logits(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]):
         """Causal: logits at every position of prompt + target; seq2seq: decoder logits per target."""

@@ -1,0 +1,129 @@
+"""Sharded runs (`accelerate launch --num_processes N <stage> ...`): several processes share one
+generation, and every row comes out as it would in one process.
+
+`current_shard()` says which process this is, `shard_indices` deals each process whole batches of
+the plan one process would run (the same length order, the same batches, so every row is
+generated exactly as it would be alone), and `gather_results` hands every row back to the main
+process in the caller's order. `summarize_sharded` is the three around the long-input engine, as
+the evaluation and inference stages run it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, fields, replace
+
+from finetuneflow.contract.decoding import GenerationSettings, LongInput
+from finetuneflow.engine.generation import GenerationResult, input_lengths
+from finetuneflow.engine.long_input import LongGenerationResult, input_limit, summarize_long
+from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a sharded run; Shard() is a run in one process."""
+    rank: int = 0
+    world: int = 1
+    device: str | None = None     # the GPU accelerate gives this process (None: the caller's DEVICE)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+
+def current_shard(device=None) -> Shard:
+    """The shard of this process: started by `accelerate launch --num_processes N` (or torchrun),
+    WORLD_SIZE > 1 and accelerate joins the process group (gloo on CPUs, NCCL on GPUs); else one
+    process. On GPUs each process takes its own GPU unless DEVICE names one."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return Shard()
+    import torch
+    from accelerate import PartialState
+    on_cpu = (str(device or "").strip().lower().startswith("cpu")) or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
+    return Shard(state.process_index, state.num_processes, None if on_cpu else str(state.device))
+
+
+def shard_indices(lengths: list[int], batch_size: int, shard: Shard) -> list[int]:
+    """The rows (indices, ascending) this process generates: the batches one process would form
+    (longest first, `batch_size` each), dealt out whole in snake order (0 1 1 0 0 1 ...) so each
+    process gets a similar share of long and short batches. The engine re-sorts a process's rows
+    into exactly those batches, so a row's summary does not depend on how many processes ran."""
+    if not shard.sharded:
+        return list(range(len(lengths)))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    mine = []
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        turn, place = divmod(number, shard.world)
+        owner = place if turn % 2 == 0 else shard.world - 1 - place
+        if owner == shard.rank:
+            mine += order[start:start + batch_size]
+    return sorted(mine)
+
+
+def gather_results(shard: Shard, indices: list[int], result: GenerationResult, total: int,
+                   seconds: float | None = None) -> GenerationResult | None:
+    """Every process's rows in one result, in the caller's order, on the main process (None on the
+    others). Per-row lists are put back in place; generated tokens (and chunked inputs) add up,
+    `seconds` is the slowest process's (or the caller's wall clock), the batch size the smallest."""
+    if not shard.sharded:
+        return result
+    from accelerate.utils import gather_object
+    parts = gather_object([(list(indices), result)])
+    if not shard.main:
+        return None
+    return merge_results(parts, total, seconds)
+
+
+def merge_results(parts: list[tuple[list[int], GenerationResult]], total: int,
+                  seconds: float | None = None) -> GenerationResult:
+    """One result from the results of disjoint row sets (see gather_results)."""
+    first = next((r for idx, r in parts if idx), parts[0][1])
+    merged = {}
+    for f in fields(first):
+        values = [getattr(r, f.name) for _, r in parts]
+        if isinstance(values[0], list):
+            column = [None] * total
+            for (indices, _), value in zip(parts, values):
+                for i, v in zip(indices, value):
+                    column[i] = v
+            merged[f.name] = column
+        elif f.name in ("generated_tokens", "chunked"):
+            merged[f.name] = sum(values)
+        elif f.name == "speedups":
+            merged[f.name] = {k: sum(v.get(k, 0) for v in values) for k in sorted(set().union(*values))}
+        elif f.name == "seconds":
+            merged[f.name] = seconds if seconds is not None else max(values)
+        elif f.name == "batch_size":
+            merged[f.name] = min((v for (idx, _), v in zip(parts, values) if idx and v), default=values[0])
+        else:
+            merged[f.name] = getattr(first, f.name)
+    return replace(first, **merged)
+
+
+def summarize_sharded(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None,
+                      batch_size: int, max_input_length: int | None, instruction: str | None,
+                      long_input: LongInput | str, ids: list[str], progress: bool = True,
+                      shard: Shard | None = None) -> LongGenerationResult | None:
+    """engine.long_input.summarize_long over `dialogues`, in one process or sharded: each process
+    generates its whole batches and the main process gets every row in order (the others: None)."""
+    shard = shard or Shard()
+    instruction = instruction or DEFAULT_INSTRUCTION
+    started = time.perf_counter()
+    mine = list(range(len(dialogues)))
+    if shard.sharded:
+        limit = input_limit(loaded, settings, max_input_length)
+        mine = shard_indices(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard)
+    result = summarize_long(loaded, [dialogues[i] for i in mine], settings, batch_size, max_input_length,
+                            instruction, mode=long_input, progress=progress and shard.main,
+                            ids=[ids[i] for i in mine])
+    return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
