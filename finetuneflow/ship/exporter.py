@@ -32,6 +32,7 @@ from finetuneflow.contract.architectures import max_positions
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.record import RunRecord, portable
+from finetuneflow.model.family import CAUSAL_DEFAULTS
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.ship.source import ModelFolder
 
@@ -80,7 +81,8 @@ class Resolved:
 
     @property
     def max_new_tokens(self) -> int:
-        return int(self.generation.get("max_new_tokens") or 128)
+        """Exports are decoder-only (GGUF) or carry their own limit: the causal family's default when unset."""
+        return int(self.generation.get("max_new_tokens") or CAUSAL_DEFAULTS["max_new_tokens"])
 
     def as_dict(self) -> dict:
         return {"instruction": self.instruction, "max_input_length": self.max_input_length,
