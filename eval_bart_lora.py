@@ -197,7 +197,7 @@ def evaluate(cfg, plan: EvalPlan, shard, precision) -> tuple[dict | None, object
             return None, loaded
         summary = report.record
         summary.update(model=describe_model(cfg, loaded, plan, load_seconds, precision, shard),
-                       dataset={"source": plan.data.source, "split": cfg.SPLIT, "rows": len(plan.rows),
+                       dataset={"source": portable(plan.data.source), "split": cfg.SPLIT, "rows": len(plan.rows),
                                 "n_samples": cfg.N_SAMPLES, "shuffle": cfg.SHUFFLE, "seed": cfg.SEED,
                                 "columns": plan.data.columns, "dropped_empty_rows": plan.data.dropped},
                        training_overlap={"rows": len(plan.overlap), "ids": plan.overlap[:50],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -70,10 +71,10 @@ def portable(path: str | Path | None) -> str | None:
         if (ROOT / p).exists() or not (CODE_ROOT / p).exists():
             return text
         p = CODE_ROOT / p
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
+    for candidate in (Path(os.path.normpath(p)), p.resolve()):
+        if candidate.is_relative_to(ROOT):
+            return str(candidate.relative_to(ROOT))
+    return str(p)
 
 
 def from_code_folder(path: str | None) -> str | None:
@@ -92,7 +93,7 @@ def describe_inputs(paths: Iterable[str | Path | None]) -> dict:
         if item is None:
             continue
         path = resolve(item)
-        key = portable(path) if path.exists() else str(item)
+        key = portable(item) if path.exists() else str(item)   # a relative path stays as given
         if path.is_file():
             described[key] = sha256_file(path)
         elif path.is_dir():

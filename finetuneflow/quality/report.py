@@ -13,6 +13,7 @@ from pathlib import Path
 from finetuneflow.quality import metrics as M
 from finetuneflow.quality.scoring import METRIC_LABELS, VersionScores
 from finetuneflow.contract.io import atomic_path
+from finetuneflow.contract.paths import project_relative
 
 esc = html.escape
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
@@ -145,7 +146,7 @@ def inputs_section(versions: list[VersionScores]) -> list[str]:
              "<th>notes</th></tr>"]
     for v in versions:
         notes = "; ".join(v.notes + [f"truncated inputs: {v.truncation_source}"])
-        parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(str(v.source.path))}</td><td>{esc(v.source.format)}</td>"
+        parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(project_relative(v.source.path))}</td><td>{esc(v.source.format)}</td>"
                      f"<td>{v.summary['samples']}</td><td class='small'>{esc(notes)}</td></tr>")
     return parts + ["</table>"]
 
