@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import re
+from itertools import combinations
 from pathlib import Path
 
 from finetuneflow.quality import metrics as M
@@ -33,6 +35,54 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def wrap_label(name: str, width: int = 14) -> str:
+    """A category name in lines of at most `width` characters, broken after `_`, `-`, `/`, `.` or a
+    space (a longer piece is cut)."""
+    lines, line = [], ""
+    for piece in re.findall(r"[^_/. -]*[_/. -]*", str(name)):
+        while len(piece) > width:
+            lines, line, piece = lines + ([line] if line else []) + [piece[:width]], "", piece[width:]
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines, line = lines + [line], ""
+        line += piece
+    return "\n".join(text.rstrip() for text in [*lines, line] if text.strip()) or str(name)
+
+
+def overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels (on the same axis) whose drawn boxes overlap, and labels that stick
+    out of the figure (paired with "figure edge")."""
+    fig.canvas.draw()
+    renderer, edge = fig.canvas.get_renderer(), fig.bbox
+    found = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            slack = 1e-9 * max(1.0, abs(high - low))
+            shown = [label for tick in axis.get_major_ticks() if low - slack <= tick.get_loc() <= high + slack
+                     for label in (tick.label1, tick.label2) if label.get_visible() and label.get_text().strip()]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
+            found += [(a, b) for (a, box_a), (b, box_b) in combinations(boxes, 2)
+                      if box_a.x0 < box_b.x1 - 0.5 and box_b.x0 < box_a.x1 - 0.5
+                      and box_a.y0 < box_b.y1 - 0.5 and box_b.y0 < box_a.y1 - 0.5]
+            found += [(text, "figure edge") for text, box in boxes if box.x0 < edge.x0 - 0.5 or box.x1 >
+                      edge.x1 + 0.5 or box.y0 < edge.y0 - 0.5 or box.y1 > edge.y1 + 0.5]
+    return found
+
+
+def fit_category_labels(fig, ax, names: list[str], fontsize: int = 8) -> None:
+    """Category tick labels (at the ticks already set) that never run into each other: wrapped,
+    then turned 30 and 90 degrees when wrapping is not enough; the layout makes room for them."""
+    ax.set_xticklabels([wrap_label(name) for name in names], fontsize=fontsize)
+    for rotation in (0, 30, 90):
+        for label in ax.get_xticklabels():
+            label.set_rotation(rotation)
+            label.set_horizontalalignment("right" if rotation == 30 else "center")
+            label.set_rotation_mode("anchor" if rotation == 30 else "default")
+        fig.tight_layout()
+        if not overlapping_labels(fig):
+            return
+
+
 def rouge_chart(versions: list[VersionScores], key: str, path: Path) -> Path:
     """Mean per-sample F1 per version, with rouge-score's bootstrap interval as error bars."""
     plt = _pyplot()
@@ -40,15 +90,16 @@ def rouge_chart(versions: list[VersionScores], key: str, path: Path) -> Path:
     means = [v.summary[key] for v in versions]
     low = [max(0.0, m - v.summary[f"{key}_boot_low"]) for m, v in zip(means, versions)]
     high = [max(0.0, v.summary[f"{key}_boot_high"] - m) for m, v in zip(means, versions)]
-    bars = ax.bar([v.name for v in versions], means, yerr=[low, high], capsize=5,
+    bars = ax.bar(range(len(versions)), means, yerr=[low, high], capsize=5,
                   color=[COLORS[i % len(COLORS)] for i in range(len(versions))])
+    ax.set_xticks(range(len(versions)))
     for bar, mean in zip(bars, means):
         ax.annotate(f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, mean / 2), ha="center", va="center",
                     color="white", fontweight="bold", fontsize=10)
     ax.set_ylabel(f"{METRIC_LABELS[key]} F1 x 100")
     ax.set_title(f"{METRIC_LABELS[key]} (mean of per-sample F1; bars: bootstrap 95% interval)", fontsize=9)
     ax.set_ylim(0, max([v.summary[f"{key}_boot_high"] for v in versions] + [1.0]) * 1.2)
-    fig.tight_layout()
+    fit_category_labels(fig, ax, [v.name for v in versions])
     return _save(fig, path)
 
 
@@ -64,11 +115,10 @@ def bucket_chart(versions: list[VersionScores], path: Path) -> Path:
         ax.bar([i + j * width for i in range(len(labels))], shares, width, label=version.name,
                color=COLORS[j % len(COLORS)])
     ax.set_xticks([i + width * (len(versions) - 1) / 2 for i in range(len(labels))])
-    ax.set_xticklabels([label.replace("_", "\n") for label in labels], fontsize=8)
     ax.set_ylabel("% of samples")
     ax.set_title("Failure buckets (a sample can match several rules; 'ok' matches none)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend([wrap_label(v.name, 24) for v in versions], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fit_category_labels(fig, ax, labels)
     return _save(fig, path)
 
 
@@ -83,10 +133,10 @@ def distribution_chart(versions: list[VersionScores], path: Path) -> Path:
             patch.set_facecolor(COLORS[j % len(COLORS)])
             patch.set_alpha(0.6)
         ax.set_xticks(range(1, len(versions) + 1))
-        ax.set_xticklabels([v.name for v in versions], fontsize=8)
         ax.set_title(f"{METRIC_LABELS[key]} per sample", fontsize=9)
         ax.set_ylim(-2, 102)
-    fig.tight_layout()
+    for ax in axes:
+        fit_category_labels(fig, ax, [v.name for v in versions])
     return _save(fig, path)
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from finetuneflow.quality import faithfulness as F
-from finetuneflow.quality.report import COLORS, _img, _pyplot, _save
+from finetuneflow.quality.report import COLORS, _img, _pyplot, _save, fit_category_labels
 from finetuneflow.quality.scoring import VersionScores
 
 esc = html.escape
@@ -20,14 +20,15 @@ def coverage_chart(versions: list[VersionScores], path: Path) -> Path:
     bottom = [0.0] * len(versions)
     for k, segment in enumerate(F.SEGMENTS):
         values = [v.summary.get(f"faith_coverage_{segment}") or 0.0 for v in versions]
-        ax.bar([v.name for v in versions], values, bottom=bottom, label=f"{segment} third",
+        ax.bar(range(len(versions)), values, bottom=bottom, label=f"{segment} third",
                color=COLORS[k % len(COLORS)])
         bottom = [b + x for b, x in zip(bottom, values)]
+    ax.set_xticks(range(len(versions)))
     ax.set_ylabel("share of the summary's content")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the bars, never on them
     ax.set_title("Coverage by position: which third\nof the dialogue the summary draws on", fontsize=9)
-    fig.tight_layout()
+    fit_category_labels(fig, ax, [v.name for v in versions])
     return _save(fig, path)
 
 
