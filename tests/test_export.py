@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, error_line, files_under, run_stage
+from conftest import REPO, SAMPLES, error_line, files_under, run_stage
 from finetuneflow.contract.errors import UserError
 
 sys.path.insert(0, str(REPO))   # the stage scripts, for in-process calls of main()
@@ -147,7 +147,8 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     assert (row["label"], row["runtime"]) == ("float32", "ctranslate2") and row["bytes"] > 0
     # float32, but other kernels: a random tiny model's near-ties can flip a beam (3 of 4 rows identical here)
     assert row["identical_share"] >= 0.5 and row["verdict"] == ("ship" if row["delta_rougeL"]["high"] >= 0 else "hold")
-    assert deploy["rows"]["from"] == "4 held-out rows of split 'test' of data/samples/dialogues.jsonl (the model's " \
+    # the bundled samples lie outside this FTF_ROOT: named absolute (record.portable)
+    assert deploy["rows"]["from"] == f"4 held-out rows of split 'test' of {SAMPLES} (the model's " \
                                      "record names no training data)"
     assert deploy["reference"]["how"].endswith("run now with the same decoding as the artifacts")
     assert report_verdict(out) == row["verdict"] and "deploy gate on 4 held-out rows of split" in result.stdout
