@@ -172,8 +172,9 @@ def main(argv=None) -> dict:
     versions_in, shared_ids = read_versions(cfg, files)
     out = check_outputs(cfg, [v.name for v in versions_in], files)
     names = [v.name for v in versions_in]
+    given = files if list(cfg.PREDICTIONS) == DEFAULT_PREDICTIONS else list(cfg.PREDICTIONS)   # as the user named them
     # claim the outputs first: an interrupted run leaves its own record, so the next run may replace them
-    write_record(out, RunRecord(STAGE, extra={"compared": names, "status": "started"}), cfg, files,
+    write_record(out, RunRecord(STAGE, extra={"compared": names, "status": "started"}), cfg, given,
                  name=f"{STAGE}.run_config.json")
     from finetuneflow.quality.scoring import ScoringSettings, by_bucket, compare
     settings = ScoringSettings.from_config(cfg)
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
     buckets = by_bucket(versions, shared_ids, list(cfg.BUCKETS), settings)
     record = write_summary(cfg, settings, versions, pairs, buckets, shared_ids, out)
     write_record(out, RunRecord(STAGE, extra={"compared": names, "shared_samples": len(shared_ids),
-                                              "status": "finished"}), cfg, files, name=f"{STAGE}.run_config.json")
+                                              "status": "finished"}), cfg, given, name=f"{STAGE}.run_config.json")
     print_results(versions, pairs, buckets)
     print(f"wrote {out / 'summary_metrics.csv'}, {out / 'report.html'} and {len(versions)} per-sample metrics CSVs")
     return record

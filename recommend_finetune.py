@@ -4,7 +4,7 @@ Reads:  RANKING (benchmark_models.py's final_ranking.csv), OVERVIEW (inspect_dat
         dataset_overview.json, optional: p99 token lengths), each model's config (local folder or Hub)
 Writes: OUTPUT_DIR/recommendations.json        per model: size, memory estimates, method, hyperparameters, time
         OUTPUT_DIR/finetune_plan.md            the same for humans, with the reasoning
-        OUTPUT_DIR/train_<model>.sh            `accelerate launch train_bart_lora.py --NAME=value ...`
+        OUTPUT_DIR/train_<model>.sh            `<this python> -m accelerate.commands.launch train_bart_lora.py ...`
         OUTPUT_DIR/recommend_finetune.run_config.json
 
 Run as:

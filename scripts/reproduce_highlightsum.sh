@@ -4,10 +4,11 @@
 # SmolLM2-135M-Instruct (truncated) and by the DialogSum LoRA adapter of scripts/reproduce_dialogsum.sh (trained on
 # DialogSum rows only: nothing of these 200 was trained on), long inputs truncated or chunk_join (windows
 # of the meeting summarized, the window summaries joined in order; add `chunk` to the loop for the
-# map-reduce variant, ~30 more CPU minutes), then scored beside the seed's two bart-large-cnn systems
+# map-reduce variant, not run: estimated ~30 more CPU minutes), then scored beside the seed's two bart-large-cnn systems
 # from their own CSVs, per bucket (<= 600 / > 600 words), with paired bootstrap CIs and faithfulness.
-# Needs ../shared/data. CPU time on a 2-core CPU: see RESULTS.md (about 50 minutes; runs the DialogSum
-# script first when its adapter is missing).
+# Needs ../shared/data. Time on a 2-core CPU, from the records (RESULTS.md): 3,097 s of generation
+# (chunk_join 2,327 s, truncate 479 s, zero-shot 291 s); runs the DialogSum script first when its adapter
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} TOKENIZERS_PARALLELISM=false

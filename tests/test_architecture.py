@@ -28,12 +28,7 @@ MAX_FILE_LINES = 450
 
 # Known offenders still being fixed; the lists only shrink (test_the_known_offenders_still_offend).
 KNOWN_CIRCLES: set[frozenset[str]] = set()
-KNOWN_PRIVATE_IMPORTS = {
-    # quality/report.py is being changed for issue 21; its chart helpers become public names after that lands
-    ("finetuneflow.quality.report_faithfulness", "finetuneflow.quality.report._img"),
-    ("finetuneflow.quality.report_faithfulness", "finetuneflow.quality.report._pyplot"),
-    ("finetuneflow.quality.report_faithfulness", "finetuneflow.quality.report._save"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 KNOWN_LONG_FILES: set[str] = set()
 
 

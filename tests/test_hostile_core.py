@@ -83,13 +83,20 @@ def _data_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (folder / "notes.txt").write_text("not data")
     missing = tmp_path / "renamed.jsonl"
     missing.write_text(json.dumps({"id": "1", "text_of_chat": "A: hi", "summary": "hi"}) + "\n")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"dialogue": "A: hi \\ud83d\\ude00", "summary": "a valid pair"}\n'
+                         '{"dialogue": "A: hi", "summary": "lone \\ud800 surrogate"}\n')
+    unbalanced = tmp_path / "unbalanced.csv"
+    unbalanced.write_text('dialogue,summary\n"A: hi\nB: hello",greeting\n"A: lunch?,asks\n"B: yes",agrees\n')
     return {"empty file": (empty, "empty.jsonl"), "not UTF-8": (latin, "latin1.jsonl"),
             "garbled JSON lines": (garbled, "garbled.jsonl"), "folder without data": (folder, "no readable data file"),
-            "no dialogue column": (missing, "no dialogue column found")}
+            "no dialogue column": (missing, "no dialogue column found"),
+            "lone surrogate": (surrogate, "surrogate.jsonl line 2: holds a lone UTF-16 surrogate (U+D800)"),
+            "unbalanced CSV quote": (unbalanced, "unbalanced.csv: the row starting at line 4 is not valid CSV")}
 
 
 @pytest.mark.parametrize("case", ["empty file", "not UTF-8", "garbled JSON lines", "folder without data",
-                                  "no dialogue column"])
+                                  "no dialogue column", "lone surrogate", "unbalanced CSV quote"])
 @pytest.mark.parametrize("stage", ["inspect_dataset.py", "eval_bart_lora.py"])
 def test_bad_data_files_are_one_line(stage, case, tmp_path, tiny_models):
     project = user_project(tmp_path)

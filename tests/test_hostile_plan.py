@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -342,20 +343,22 @@ HOSTILE_NAMES = ["evil\ntouch PWNED", "$(touch PWNED)", "`touch PWNED`", "it's \
 HOSTILE_DATASET = "data/d'$(touch PWNED)'\n`touch PWNED`.jsonl"
 
 
-def fake_accelerate(bin_dir: Path) -> None:
-    """`accelerate launch [--flags] trainer.py args...` -> `python trainer.py args...`."""
+def fake_python(bin_dir: Path) -> Path:
+    """The interpreter the scripts are generated with, at a hostile path:
+    `python -m accelerate.commands.launch [--flags] trainer.py args...` -> `python trainer.py args...`."""
     bin_dir.mkdir(parents=True)
-    stub = bin_dir / "accelerate"
-    stub.write_text('#!/usr/bin/env bash\n[ "$1" = launch ] || exit 97\nshift\n'
+    stub = bin_dir / "python"
+    stub.write_text('#!/usr/bin/env bash\n[ "$1" = -m ] && [ "$2" = accelerate.commands.launch ] || exit 97\nshift 2\n'
                     'while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done\nexec "$STUB_PYTHON" "$@"\n')
     stub.chmod(0o755)
+    return stub
 
 
 def markers(*folders: Path) -> list[Path]:
     return [p for folder in folders for p in folder.rglob("PWNED*") if p.name != "PWNED_DIR"]
 
 
-def test_generated_scripts_are_inert_for_hostile_names(tmp_path):
+def test_generated_scripts_are_inert_for_hostile_names(tmp_path, monkeypatch):
     import recommend_finetune
     rows = [ranking_row(name, name if i % 2 else f"org/{i}-{name}", 1.0 - i / 100)
             for i, name in enumerate(HOSTILE_NAMES)]
@@ -365,9 +368,12 @@ def test_generated_scripts_are_inert_for_hostile_names(tmp_path):
     trainer = trainer_dir / "my trainer's.py"
     trainer.write_text(trainer_stub_source())
     out = tmp_path / "plan out"
+    python = fake_python(tmp_path / "py $(touch PWNED) 'x' `y`")
+    monkeypatch.setattr(sys, "executable", str(python))   # the interpreter that generates the scripts
     result = recommend_finetune.main([f"--ranking={ranking}", "--overview=", "--gpu_name=T4\ntouch PWNED",
                                       f"--dataset={HOSTILE_DATASET}", f"--trainer={trainer}", f"--output_dir={out}",
                                       f"--top_k={len(HOSTILE_NAMES)}"])
+    monkeypatch.undo()
     plans = result["recommendations"]
     assert [p["model"] for p in plans] == HOSTILE_NAMES and all(p["fits"] for p in plans)
     scripts = [Path(p["script"]) for p in plans]
@@ -375,15 +381,15 @@ def test_generated_scripts_are_inert_for_hostile_names(tmp_path):
     assert all(re.fullmatch(r"train_[a-z0-9][a-z0-9._-]*\.sh", s.name) and ".." not in s.name for s in scripts)
     assert {p.name for p in out.iterdir()} == {s.name for s in scripts} | {
         "recommendations.json", "finetune_plan.md", "recommend_finetune.run_config.json"}
-    fake_accelerate(tmp_path / "bin")
     cwd = tmp_path / "cwd"
     for folder in (cwd / "PWNED_DIR", trainer_dir / "PWNED_DIR"):
         folder.mkdir(parents=True)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "STUB_PYTHON": sys.executable}
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "STUB_PYTHON": sys.executable}   # no accelerate on PATH
     for plan, script in zip(plans, scripts):
         lines = script.read_text().split("\n")
         assert lines[0] == "#!/usr/bin/env bash" and all(line.startswith("# ") for line in lines[1:4])
-        assert lines[4] == "set -euo pipefail" and lines[6].startswith("exec accelerate launch ")
+        assert lines[4] == "set -euo pipefail"
+        assert lines[6].startswith(f"exec {shlex.quote(str(python))} -m accelerate.commands.launch ")
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
         record = tmp_path / f"{script.stem}.json"
         done = subprocess.run(["bash", str(script), "--NOTE=$(touch PWNED)"], cwd=cwd, capture_output=True,

@@ -70,6 +70,13 @@ def inference_cases(project, model) -> dict:
         "rows that are numbers": (["--input_file=data/numbers.jsonl"], "every row must be a JSON object"),
         "all rows empty": (["--input_file=data/blank.jsonl"], "all 2 rows have an empty 'dialogue'"),
         "input is a folder": (["--input_file=data"], "is a folder; give one file"),
+        "lone surrogate in a JSONL row": (["--input_file=data/surrogate.jsonl"],
+                                          "surrogate.jsonl row 2 (id 'b'): holds a lone UTF-16 surrogate (U+D800)"),
+        "lone surrogate in TEXT": (["--text=Anna: caf\udce9?"], "--TEXT: holds a lone UTF-16 surrogate (U+DCE9)"),
+        "CSV with an unbalanced quote": (["--input_file=data/unbalanced.csv"],
+                                         "unbalanced.csv: the row starting at line 4 is not valid CSV"),
+        "CSV row cut at a comma": (["--input_file=data/unquoted.csv"], "the row at line 3 has 3 fields but the "
+                                                                       "header has 2"),
         "spaces as the text": (["--text=   "], "--TEXT is empty"),
         # numbers out of range
         "zero batch size": (["--text=a: hi", "--batch_size=0"], "--BATCH_SIZE=0: out of range"),
@@ -92,6 +99,12 @@ def write_inputs(project, model) -> None:
     (data / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (data / "numbers.jsonl").write_text("1\n2\n")
     (data / "blank.jsonl").write_text('{"dialogue": ""}\n{"dialogue": "  "}\n')
+    (data / "surrogate.jsonl").write_text('{"id": "a", "dialogue": "Anna: hi"}\n'
+                                          '{"id": "b", "dialogue": "Ben: hi \\ud800 there"}\n'
+                                          '{"id": "c", "dialogue": "Cleo: \\ud83d\\ude00 (a valid pair)"}\n')
+    (data / "unbalanced.csv").write_text('id,dialogue\n1,"Anna: hi\nBen: hello"\n2,"Cleo: lunch?\n'
+                                         '3,"Dan: yes, at noon"\n4,"Eve: ok"\n')
+    (data / "unquoted.csv").write_text('id,dialogue\n1,"Anna: hi"\n2,Ben: hi, how are you\n')
     (data / "out.jsonl.run_config.json").write_text(json.dumps(["Anna: hi\nTom: hello"]))
     for name in ("bad-config", "truncated"):
         shutil.copytree(model, model.parent / name, dirs_exist_ok=True)
@@ -128,6 +141,23 @@ def test_inference_refuses_unreadable_stdin(project):
         result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(),
                                              result.stderr.decode())
         assert_refused(result, message)
+
+
+def test_an_instruction_quoting_the_internal_placeholder_stays_text(project, tiny_models):
+    """The prompt builder marks the dialogue's place with U+2063 DIALOGUE U+2063; an INSTRUCTION that
+    contains that text is an instruction like any other: it summarizes, and the prompt holds the
+    instruction verbatim and the dialogue once."""
+    from transformers import AutoTokenizer
+    from finetuneflow.model.prompts import encode_causal_prompt
+    project, model = project
+    instruction = "Summarize \u2063DIALOGUE\u2063 (this chat) briefly."
+    result = run_stage("inference_bart_lora.py", f"--model={model}", "--text=Anna: lunch?\nBen: yes, at noon.",
+                       f"--instruction={instruction}", "--max_new_tokens=4", root=project.root, check=False, env=ENV)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids, cut = encode_causal_prompt(tokenizer, "Anna: lunch?", instruction, 256)
+    text = tokenizer.decode(ids)
+    assert not cut and text.count(instruction) == 1 and text.count("Anna: lunch?") == 1
 
 
 def test_inference_refuses_an_unwritable_folder(project, tmp_path):
@@ -268,6 +298,12 @@ def test_a_heavy_client_does_not_starve_light_ones(server):
     ("/summarize", {"dialogue": "a: hi", "generation": {"length_penalty": float("inf")}}, AUTH, 422,
      "invalid_request"),
     ("/summarize", {"dialogue": "a: hi", "generation": {"num_beams": 2.5}}, AUTH, 422, "invalid_request"),
+    # a lone UTF-16 surrogate (JSON allows the escape; no tokenizer takes it): 4xx, never a 500
+    ("/summarize", b'{"dialogue": "a: hi \\ud800 there"}', AUTH, 422, "invalid_text"),
+    ("/summarize", b'{"dialogues": ["a: hi", "b: \\udfff"]}', AUTH, 422, "invalid_text"),
+    ("/v1/chat/completions", b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a: \\ud800"}]}', AUTH,
+     422, "invalid_text"),
+    ("/v1/completions", b'{"model": "tiny-llama", "prompt": "a: hi \\udbff"}', AUTH, 422, "invalid_text"),
 ])
 def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(server, path, body, headers, status, code):
     if isinstance(body, bytes):

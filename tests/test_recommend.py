@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,7 +114,7 @@ def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
     bart_time = plans[0]["time"]   # 2000 rows / (1.968 samples/s x 3.3) + 200 rows / 1.968 samples/s
     assert bart_time["minutes_per_epoch"] == pytest.approx(2000 / (1.968 * 3.3) / 60 + 200 / 1.968 / 60, abs=0.2)
     script = (out / "train_bart-large.sh").read_text()
-    assert "accelerate launch" in script and "train_bart_lora.py" in script
+    assert f"{shlex.quote(sys.executable)} -m accelerate.commands.launch " in script and "train_bart_lora.py" in script
     for flag in ("--MODEL=facebook/bart-large-cnn", "--BATCH_SIZE=4", "--GRAD_ACCUM=2", "--LORA_R=8",
                  "--TARGET_MODULES=q_proj,v_proj", "--LOAD_IN_4BIT=False", "--MAX_INPUT_LENGTH=768"):
         assert flag in script
@@ -150,7 +152,9 @@ def test_generated_script_trains_the_tiny_model(project, tiny_models):
     import os
     import subprocess
     from conftest import OFFLINE_ENV
-    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(project)}
+    # the venv is not on PATH (a PEP 668 Python, a venv not activated): the script's own interpreter runs it
+    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(project), "PATH": "/usr/bin:/bin"}
+    assert "exec accelerate" not in script.read_text()
     done = subprocess.run(["bash", str(script), "--TRAIN_SAMPLES=8", "--VAL_SAMPLES=4", "--MAX_STEPS=2",
                            "--EVAL_ON_START=False", "--MAX_NEW_TOKENS=8", "--CACHE_DIR="],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,9 @@ non-text value is an error that names the row.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,15 +78,87 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def check_text_file(path: Path) -> None:
-    """A local text data file must be non-empty UTF-8 (datasets would fail later, mid-iteration)."""
+    """A local text data file must be non-empty UTF-8 (datasets would fail later, mid-iteration),
+    a CSV must parse strictly (`read_csv_text`) and JSON text must hold no lone surrogate
+    (`check_unicode`): each is one error naming the line, never a silent merge or a traceback."""
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{path} is empty: no dialogues to read; check the file")
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it "
                         f"as UTF-8") from None
+    if path.suffix.lower() == ".csv":
+        read_csv_text(text, str(path))
+    elif _SURROGATE_ESCAPE.search(text):
+        _check_json_unicode(text, path)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def check_unicode(text: str, where: str) -> str:
+    """`text` unchanged, or one error naming `where` when it holds a lone UTF-16 surrogate (a JSON
+    "\\ud800" escape without its pair, or undecodable command-line bytes): no tokenizer or file
+    takes it, and a guessed replacement would change the user's text silently."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise UserError(f"{where}: holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at character "
+                        f"{found.start()}, which is not text; fix that escape (\\ud800-\\udbff must be followed by "
+                        f"\\udc00-\\udfff) or remove it")
+    return text
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _check_json_unicode(text: str, path: Path) -> None:
+    """Only lines that hold a surrogate escape are parsed (a valid pair is an emoji, not an error)."""
+    pieces = [(number, line) for number, line in enumerate(text.splitlines(), 1) if _SURROGATE_ESCAPE.search(line)]
+    if path.suffix.lower() == ".json":
+        pieces = [(None, text)]
+    for number, piece in pieces:
+        try:
+            value = json.loads(piece)
+        except (json.JSONDecodeError, RecursionError):
+            continue   # not this check's business: the JSON reader names the bad line
+        for item in _strings(value):
+            check_unicode(item, f"{path} line {number}" if number else str(path))
+
+
+def read_csv_text(text: str, where: str) -> list[dict]:
+    """The rows of CSV text as {header: value} (a short row's missing fields are None), read
+    strictly: a quote that is never closed or not doubled inside a quoted field, or a row with
+    more fields than the header, is one error naming the line where that row starts (a lenient
+    reader merges rows or cuts a dialogue at a comma, silently). Every CSV reader goes through here."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, start, header = [], 1, None
+    try:
+        header = next(reader, None) or []
+        start = reader.line_num + 1
+        for fields in reader:
+            if len(fields) > len(header):
+                raise UserError(f"{where}: the row at line {start} has {len(fields)} fields but the header has "
+                                f"{len(header)}; quote a field that holds a comma (\"...\")")
+            if fields:
+                rows.append(dict(zip(header, fields + [None] * (len(header) - len(fields)))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UserError(f"{where}: the row starting at line {start} is not valid CSV ({exc}, line {reader.line_num}): "
+                        f"a quote is not closed, or a quote inside a quoted field is not doubled (\"\"); fix that "
+                        f"row") from None
+    return rows
 
 
 def _split_of(file: Path) -> str | None:

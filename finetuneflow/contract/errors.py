@@ -21,6 +21,10 @@ def run_cli(main: Callable[..., dict]) -> None:
     A failed read or write (permissions, a full disk, a folder where a file was expected) is the
     user's environment, not a bug, so it gets the same one line naming the path."""
     _quiet_library_progress_bars()
+    from finetuneflow.contract import environment
+    if environment.problem:   # the .env file could not be applied: stop before the stage does anything
+        print(f"error: {environment.problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         main()
     except UserError as exc:

@@ -25,6 +25,13 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
+def project_relative(path: str | os.PathLike) -> str:
+    """How a report (summary_metrics, report.html) names a local file: relative to the project root,
+    `../shared/data/x.csv` for one beside it, so a committed report names no machine's folders.
+    Run records use `record.portable` instead (absolute outside the root: a later stage resolves it)."""
+    return os.path.relpath(resolve(path), ROOT)
+
+
 def output_dir(path: str | os.PathLike) -> Path:
     """Resolve an output folder and create it."""
     p = resolve(path)

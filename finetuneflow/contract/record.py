@@ -11,7 +11,8 @@ sha256 of every input, and what later stages need to know:
 * `split`: the data it was trained on (source, seed, fractions, row counts) with a fingerprint of
   every training dialogue, so evaluation can refuse to score rows the model was trained on.
 
-Paths in a record are relative to the project root when they lie under it, else as given.
+Paths in a record are relative to the project root (FTF_ROOT) when they lie under it, else absolute
+(`portable`); `read_record` also reads older records' paths relative to the code folder.
 First-wave records (`schema_version` absent) load too: their flat keys map onto the same fields.
 
 `inherit_into(cfg, names)` is the one "a setting left at None comes from the previous stage" rule.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -57,19 +59,31 @@ def ids_digest(ids: Iterable) -> str:
 
 
 def portable(path: str | Path | None) -> str | None:
-    """A path as a record stores it: relative to the project root when under it, else as given."""
+    """A path as a record stores it, the way `resolve` reads it back: relative to the project root
+    (FTF_ROOT) when it lies under it, else absolute. Hub ids and relative paths are kept as given,
+    except a relative path found only under the code folder (the bundled samples with another
+    FTF_ROOT), which is stored absolute."""
     if path is None:
         return None
     text = str(path)
     p = Path(text).expanduser()
     if not p.is_absolute():
-        return text
-    for root in (ROOT, CODE_ROOT):
-        try:
-            return str(p.resolve().relative_to(root))
-        except ValueError:
-            continue
-    return text
+        if (ROOT / p).exists() or not (CODE_ROOT / p).exists():
+            return text
+        p = CODE_ROOT / p
+    for candidate in (Path(os.path.normpath(p)), p.resolve()):
+        if candidate.is_relative_to(ROOT):
+            return str(candidate.relative_to(ROOT))
+    return str(p)
+
+
+def from_code_folder(path: str | None) -> str | None:
+    """A path read from a record: records written before `portable` kept to FTF_ROOT stored a path
+    under the code folder relative to it; such a path (missing under the project root, present
+    under the code folder) comes back absolute. Every other value is returned unchanged."""
+    if not path or Path(path).expanduser().is_absolute() or resolve(path).exists():
+        return path
+    return str(CODE_ROOT / path) if (CODE_ROOT / path).exists() else path
 
 
 def describe_inputs(paths: Iterable[str | Path | None]) -> dict:
@@ -79,7 +93,7 @@ def describe_inputs(paths: Iterable[str | Path | None]) -> dict:
         if item is None:
             continue
         path = resolve(item)
-        key = portable(path) if path.exists() else str(item)
+        key = portable(item) if path.exists() else str(item)   # a relative path stays as given
         if path.is_file():
             described[key] = sha256_file(path)
         elif path.is_dir():
@@ -281,7 +295,12 @@ def read_record(folder: str | Path, name: str | None = None) -> RunRecord | None
     path = Path(resolve(folder)) / (name or RECORD_FILE)
     if not path.is_file():
         return None
-    return RunRecord.from_dict(read_json_object(path, "restore it or re-run the stage that wrote it"))
+    record = RunRecord.from_dict(read_json_object(path, "restore it or re-run the stage that wrote it"))
+    for name in ("base_model", "adapter", "merged_from", "cleaned_from", "exported_from", "imported_from"):
+        setattr(record.lineage, name, from_code_folder(getattr(record.lineage, name)))
+    if record.split is not None:
+        record.split.source = from_code_folder(record.split.source)
+    return record
 
 
 def write_record(out_dir: str | Path, record: RunRecord, cfg: dict | None = None, inputs: Iterable = (),

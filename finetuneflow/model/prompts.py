@@ -34,13 +34,16 @@ def prompt_style(tokenizer) -> str:
 
 def _template_text(tokenizer, instruction: str) -> tuple[str, str, list[int]]:
     """The rendered prompt around the dialogue: (text before, text after, ids prepended)."""
+    marker = _PLACEHOLDER
+    while marker in instruction:   # an instruction that quotes the placeholder stays text
+        marker += "\u2063"
     if prompt_style(tokenizer) == "chat_template":
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{instruction}\n\n{_PLACEHOLDER}"}],
+            [{"role": "user", "content": f"{instruction}\n\n{marker}"}],
             add_generation_prompt=True, tokenize=False)
-        before, after = text.split(_PLACEHOLDER)
+        before, after = text.split(marker)
         return before, after, []
-    before, after = PLAIN_TEMPLATE.format(instruction=instruction, dialogue=_PLACEHOLDER).split(_PLACEHOLDER)
+    before, after = PLAIN_TEMPLATE.format(instruction=instruction, dialogue=marker).split(marker)
     return before, after, [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 

@@ -1,5 +1,7 @@
 """The launch scripts recommend_finetune.py writes: `train_<model>.sh`, which runs the trainer under
-`accelerate launch` with the plan's settings as `--NAME=value` arguments.
+`accelerate launch` with the plan's settings as `--NAME=value` arguments. The launcher is the
+interpreter that wrote the script (`<sys.executable> -m accelerate.commands.launch`), never an
+`accelerate` found on PATH: a virtual environment that is not activated still trains.
 
 Everything in a script that came from outside (model names and sources from the ranking CSV, the
 dataset, GPU_NAME, TRAINER) is inert text:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,13 @@ from finetuneflow.contract.paths import CODE_ROOT
 from finetuneflow.contract.settings import Setting, SpecError, coerce, declared_settings
 from finetuneflow.plan.hardware import one_line
 
-ACCELERATE = "accelerate launch --num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+LAUNCH_FLAGS = "--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+
+
+def launcher(python: str | None = None) -> str:
+    """`<python> -m accelerate.commands.launch <flags>`, the interpreter shell-quoted (this process's
+    by default: the one whose environment has accelerate and the library installed)."""
+    return f"{shlex.quote(python or sys.executable or 'python3')} -m accelerate.commands.launch {LAUNCH_FLAGS}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ def launch_script(flags: dict[str, str], header: list[str], script: Path, traine
              comment("Extra --NAME=value arguments go to the trainer (e.g. --MAX_STEPS=20 for a smoke test)."),
              "set -euo pipefail",
              f'cd "$(dirname "$0")"/{shlex.quote(folder)}',
-             f"exec {ACCELERATE} \\",
+             f"exec {launcher()} \\",
              f"  {shlex.quote(trainer.name)} \\",
              *(f"  {shlex.quote(f'--{name}={value}')} \\" for name, value in flags.items()),
              '  "$@"', ""]

@@ -47,6 +47,7 @@ def _plt():
 
 def rouge_chart(rows: list[dict], path: Path) -> None:
     """Grouped bars of ROUGE-1/2/L/Lsum per successful entry; baselines hatched."""
+    from finetuneflow.quality.report import fit_category_labels
     plt = _plt()
     done = [r for r in rows if r.get("status") == "ok"]
     keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -57,13 +58,11 @@ def rouge_chart(rows: list[dict], path: Path) -> None:
             ax.bar(i + (j - 1.5) * width, row[key], width, color=f"C{j}", label=key if i == 0 else None,
                    hatch="//" if row["kind"] == "reference" else None, edgecolor="white")
     ax.set_xticks(range(len(done)))
-    ax.set_xticklabels([r["model"] + (" (ref)" if r["kind"] == "reference" else "") for r in done],
-                       rotation=20, ha="right")
     ax.set_ylabel("F1 x 100")
     ax.set_ylim(0, 1.25 * max([r[k] for r in done for k in keys] + [1.0]))   # room for the legend
     ax.set_title("ROUGE by model (hatched: reference baselines)")
     ax.legend(ncol=4, fontsize=8)
-    fig.tight_layout()
+    fit_category_labels(fig, ax, [r["model"] + (" (ref)" if r["kind"] == "reference" else "") for r in done], 10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

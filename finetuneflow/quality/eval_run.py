@@ -77,7 +77,7 @@ def eval_record(run: EvalRun, loaded: LoadedModel, report: EvalReport) -> dict:
     """<TAG>_eval.json: the report's scores, counts and decoding, and the model, data and overlap."""
     plan, settings = run.plan, run.plan.settings
     return {**report.record, "model": describe_model(run, loaded),
-            "dataset": {"source": plan.data.source, "split": settings.split, "rows": len(plan.rows),
+            "dataset": {"source": portable(plan.data.source), "split": settings.split, "rows": len(plan.rows),
                         "n_samples": settings.n_samples, "shuffle": settings.shuffle, "seed": settings.seed,
                         "columns": plan.data.columns, "dropped_empty_rows": plan.data.dropped},
             "training_overlap": {"rows": len(plan.overlap), "ids": plan.overlap[:50], "allowed": bool(plan.overlap)},

@@ -8,52 +8,104 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import re
+from itertools import combinations
 from pathlib import Path
 
 from finetuneflow.quality import metrics as M
 from finetuneflow.quality.scoring import METRIC_LABELS, VersionScores
 from finetuneflow.contract.io import atomic_path
+from finetuneflow.contract.paths import project_relative
 
 esc = html.escape
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
+
+
+def wrap_label(name: str, width: int = 14) -> str:
+    """A category name in lines of at most `width` characters, broken after `_`, `-`, `/`, `.` or a
+    space (a longer piece is cut)."""
+    lines, line = [], ""
+    for piece in re.findall(r"[^_/. -]*[_/. -]*", str(name)):
+        while len(piece) > width:
+            lines, line, piece = lines + ([line] if line else []) + [piece[:width]], "", piece[width:]
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines, line = lines + [line], ""
+        line += piece
+    return "\n".join(text.rstrip() for text in [*lines, line] if text.strip()) or str(name)
+
+
+def overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels (on the same axis) whose drawn boxes overlap, and labels that stick
+    out of the figure (paired with "figure edge")."""
+    fig.canvas.draw()
+    renderer, edge = fig.canvas.get_renderer(), fig.bbox
+    found = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            slack = 1e-9 * max(1.0, abs(high - low))
+            shown = [label for tick in axis.get_major_ticks() if low - slack <= tick.get_loc() <= high + slack
+                     for label in (tick.label1, tick.label2) if label.get_visible() and label.get_text().strip()]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
+            found += [(a, b) for (a, box_a), (b, box_b) in combinations(boxes, 2)
+                      if box_a.x0 < box_b.x1 - 0.5 and box_b.x0 < box_a.x1 - 0.5
+                      and box_a.y0 < box_b.y1 - 0.5 and box_b.y0 < box_a.y1 - 0.5]
+            found += [(text, "figure edge") for text, box in boxes if box.x0 < edge.x0 - 0.5 or box.x1 >
+                      edge.x1 + 0.5 or box.y0 < edge.y0 - 0.5 or box.y1 > edge.y1 + 0.5]
+    return found
+
+
+def fit_category_labels(fig, ax, names: list[str], fontsize: int = 8) -> None:
+    """Category tick labels (at the ticks already set) that never run into each other: wrapped,
+    then turned 30 and 90 degrees when wrapping is not enough; the layout makes room for them."""
+    ax.set_xticklabels([wrap_label(name) for name in names], fontsize=fontsize)
+    for rotation in (0, 30, 90):
+        for label in ax.get_xticklabels():
+            label.set_rotation(rotation)
+            label.set_horizontalalignment("right" if rotation == 30 else "center")
+            label.set_rotation_mode("anchor" if rotation == 30 else "default")
+        fig.tight_layout()
+        if not overlapping_labels(fig):
+            return
 
 
 def rouge_chart(versions: list[VersionScores], key: str, path: Path) -> Path:
     """Mean per-sample F1 per version, with rouge-score's bootstrap interval as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(versions) + 2), 3.6))
     means = [v.summary[key] for v in versions]
     low = [max(0.0, m - v.summary[f"{key}_boot_low"]) for m, v in zip(means, versions)]
     high = [max(0.0, v.summary[f"{key}_boot_high"] - m) for m, v in zip(means, versions)]
-    bars = ax.bar([v.name for v in versions], means, yerr=[low, high], capsize=5,
+    bars = ax.bar(range(len(versions)), means, yerr=[low, high], capsize=5,
                   color=[COLORS[i % len(COLORS)] for i in range(len(versions))])
+    ax.set_xticks(range(len(versions)))
     for bar, mean in zip(bars, means):
         ax.annotate(f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, mean / 2), ha="center", va="center",
                     color="white", fontweight="bold", fontsize=10)
     ax.set_ylabel(f"{METRIC_LABELS[key]} F1 x 100")
     ax.set_title(f"{METRIC_LABELS[key]} (mean of per-sample F1; bars: bootstrap 95% interval)", fontsize=9)
     ax.set_ylim(0, max([v.summary[f"{key}_boot_high"] for v in versions] + [1.0]) * 1.2)
-    fig.tight_layout()
-    return _save(fig, path)
+    fit_category_labels(fig, ax, [v.name for v in versions])
+    return save_figure(fig, path)
 
 
 def bucket_chart(versions: list[VersionScores], path: Path) -> Path:
     """Share of samples matching each failure rule (a sample can match several), per version."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(M.BUCKETS) + [M.OK_BUCKET]
     fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.8 / max(1, len(versions))
@@ -63,17 +115,16 @@ def bucket_chart(versions: list[VersionScores], path: Path) -> Path:
         ax.bar([i + j * width for i in range(len(labels))], shares, width, label=version.name,
                color=COLORS[j % len(COLORS)])
     ax.set_xticks([i + width * (len(versions) - 1) / 2 for i in range(len(labels))])
-    ax.set_xticklabels([label.replace("_", "\n") for label in labels], fontsize=8)
     ax.set_ylabel("% of samples")
     ax.set_title("Failure buckets (a sample can match several rules; 'ok' matches none)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    ax.legend([wrap_label(v.name, 24) for v in versions], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fit_category_labels(fig, ax, labels)
+    return save_figure(fig, path)
 
 
 def distribution_chart(versions: list[VersionScores], path: Path) -> Path:
     """Per-sample ROUGE-1/2/L distributions (box plots; the triangle is the mean)."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = ("rouge1", "rouge2", "rougeL")
     fig, axes = plt.subplots(1, 3, figsize=(max(9, 2 * len(versions) + 6), 3.6))
     for ax, key in zip(axes, keys):
@@ -82,14 +133,14 @@ def distribution_chart(versions: list[VersionScores], path: Path) -> Path:
             patch.set_facecolor(COLORS[j % len(COLORS)])
             patch.set_alpha(0.6)
         ax.set_xticks(range(1, len(versions) + 1))
-        ax.set_xticklabels([v.name for v in versions], fontsize=8)
         ax.set_title(f"{METRIC_LABELS[key]} per sample", fontsize=9)
         ax.set_ylim(-2, 102)
-    fig.tight_layout()
-    return _save(fig, path)
+    for ax in axes:
+        fit_category_labels(fig, ax, [v.name for v in versions])
+    return save_figure(fig, path)
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
@@ -145,7 +196,7 @@ def inputs_section(versions: list[VersionScores]) -> list[str]:
              "<th>notes</th></tr>"]
     for v in versions:
         notes = "; ".join(v.notes + [f"truncated inputs: {v.truncation_source}"])
-        parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(str(v.source.path))}</td><td>{esc(v.source.format)}</td>"
+        parts.append(f"<tr><td>{esc(v.name)}</td><td>{esc(project_relative(v.source.path))}</td><td>{esc(v.source.format)}</td>"
                      f"<td>{v.summary['samples']}</td><td class='small'>{esc(notes)}</td></tr>")
     return parts + ["</table>"]
 
@@ -205,7 +256,7 @@ def comparisons_section(pairs: list[dict], shared_ids: list[str], settings: dict
 
 def charts_section(charts: dict[str, Path]) -> list[str]:
     names = ("rouge1", "rouge2", "rougeL", "distribution", "buckets")
-    return ["<h2>Charts</h2>"] + [_img(charts[name]) for name in names if name in charts]
+    return ["<h2>Charts</h2>"] + [img_tag(charts[name]) for name in names if name in charts]
 
 
 def buckets_section(versions: list[VersionScores]) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from finetuneflow.quality import faithfulness as F
-from finetuneflow.quality.report import COLORS, _img, _pyplot, _save
+from finetuneflow.quality.report import COLORS, img_tag, pyplot, save_figure, fit_category_labels
 from finetuneflow.quality.scoring import VersionScores
 
 esc = html.escape
@@ -15,20 +15,21 @@ esc = html.escape
 
 def coverage_chart(versions: list[VersionScores], path: Path) -> Path:
     """Where each version's summaries draw from: mean share of the first, middle and last third."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(versions) + 2), 3.4))
     bottom = [0.0] * len(versions)
     for k, segment in enumerate(F.SEGMENTS):
         values = [v.summary.get(f"faith_coverage_{segment}") or 0.0 for v in versions]
-        ax.bar([v.name for v in versions], values, bottom=bottom, label=f"{segment} third",
+        ax.bar(range(len(versions)), values, bottom=bottom, label=f"{segment} third",
                color=COLORS[k % len(COLORS)])
         bottom = [b + x for b, x in zip(bottom, values)]
+    ax.set_xticks(range(len(versions)))
     ax.set_ylabel("share of the summary's content")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the bars, never on them
     ax.set_title("Coverage by position: which third\nof the dialogue the summary draws on", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    fit_category_labels(fig, ax, [v.name for v in versions])
+    return save_figure(fig, path)
 
 
 def _rate_cell(summary: dict, check: str) -> str:
@@ -101,7 +102,7 @@ def faithfulness_section(versions: list[VersionScores], pairs: list[dict], examp
         if v.summary.get("faithfulness_notes"):
             parts.append(f"<p class='small'>{esc(v.name)}: {esc(v.summary['faithfulness_notes'])}</p>")
     if coverage_chart_path is not None:
-        parts.append(_img(coverage_chart_path))
+        parts.append(img_tag(coverage_chart_path))
     for version in versions[-1:] if len(versions) > 1 else versions:
         parts += worst_examples(version, max(1, examples))
     return parts

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from finetuneflow.contract.errors import UserError
+from finetuneflow.contract.paths import project_relative
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.quality import faithfulness as F
 from finetuneflow.quality import metrics as M
@@ -153,7 +154,8 @@ def version_summary(preds: Predictions, per_sample: pd.DataFrame, raw, bert, set
     boot = M.rouge_bootstrap(raw, settings.bootstrap_samples, settings.confidence, settings.bootstrap_seed)
     corpus = M.corpus_bleu_chrf(predictions, references)
     lengths = M.length_summary(per_sample.to_dict("records"))
-    summary = {"model": preds.name, "file": str(preds.path), "format": preds.format, "samples": len(per_sample)}
+    summary = {"model": preds.name, "file": project_relative(preds.path), "format": preds.format,
+               "samples": len(per_sample)}
     summary.update({key: float(per_sample[key].mean()) for key in M.ROUGE_KEYS})
     for key in M.ROUGE_KEYS:
         summary.update({f"{key}_boot_mid": boot[key]["mid"], f"{key}_boot_low": boot[key]["low"],

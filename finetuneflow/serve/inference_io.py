@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES, pick_column
+from finetuneflow.contract.data import DIALOGUE_CANDIDATES, ID_CANDIDATES, check_unicode, pick_column, read_csv_text
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.io import atomic_write_text
@@ -127,10 +127,7 @@ def _parquet_rows(path: Path) -> list:
 def _records(path: Path, text: str) -> list:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        try:
-            return list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as exc:
-            raise UserError(f"{path}: not a readable CSV file ({exc})") from None
+        return read_csv_text(text, str(path))
     if suffix == ".json":
         data = _json(text, str(path))
         if not isinstance(data, list):
@@ -168,8 +165,8 @@ def _file_inputs(path: Path, text_column: str | None, id_column: str | None) -> 
         if not (value or "").strip():
             inputs.skipped.append(row_id)
             continue
-        inputs.ids.append(row_id)
-        inputs.dialogues.append(value.strip())
+        inputs.ids.append(check_unicode(row_id, f"{path} row {number}: its id"))
+        inputs.dialogues.append(check_unicode(value.strip(), f"{path} row {number} (id {row_id!r})"))
     if not inputs.dialogues:
         raise UserError(f"{path}: all {len(records)} rows have an empty {dialogue_key!r}: nothing to summarize")
     return inputs
@@ -182,6 +179,7 @@ def read_inputs(text: str = "", input_file: str = "", text_column: str | None = 
     if text:
         if not text.strip():
             raise UserError("--TEXT is empty (only spaces): nothing to summarize")
+        text = check_unicode(text, "--TEXT")
         return Inputs(["text"], [text.replace("\\n", "\n") if "\n" not in text else text], "TEXT", rows=1)
     if input_file:
         path = resolve(input_file)

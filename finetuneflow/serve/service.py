@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
+from finetuneflow.contract.data import check_unicode
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.engine.long_input import Cancelled
@@ -84,6 +85,10 @@ class Service:
             if len(text) > options.max_chars:
                 raise Rejected(422, "dialogue_too_long", f"{what} {i} has {len(text)} characters; the limit is "
                                                          f"{options.max_chars} (MAX_CHARS)")
+            try:
+                check_unicode(text, f"{what} {i}")
+            except UserError as exc:
+                raise Rejected(422, "invalid_text", str(exc)) from None
 
     async def admit(self, dialogues: list[str], decoding: Decoding, client: str, stream: bool = False,
                     what: str = "dialogue") -> tuple[Job, Plan]:
