@@ -158,6 +158,8 @@ def stage_flags(text: str, variables: dict[str, str] | None = None) -> list[tupl
                 script = None
             elif script is None and Path(token).name in stages and not token.startswith("-"):
                 script = Path(token).name
+            elif script is None and re.fullmatch(r"train_[\w.-]+\.sh", Path(token).name):
+                script = "train_bart_lora.py"   # recommend_finetune.py's launch script passes flags through
             elif script and token.startswith("--") and token[2:].split("=", 1)[0] != "NAME":   # a placeholder
                 found.append((script, token[2:].split("=", 1)[0]))
     return found

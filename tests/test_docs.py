@@ -15,6 +15,8 @@ marks are counted and printed; an unknown mark fails.
 """
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -62,13 +64,14 @@ def test_flag_check_catches_a_renamed_flag():
         "doc: train_bart_lora.py has no setting --text_column"]
     assert flag_problems([("doc", "accelerate launch --num_processes 2 eval_bart_lora.py --modle=x")]) == [
         "doc: eval_bart_lora.py has no setting --modle"]
+    assert flag_problems([("doc", "bash outputs/benchmarks/train_smollm2.sh --max_step=20")]) == [
+        "doc: train_bart_lora.py has no setting --max_step"]
 
 
 def test_readme_is_short_and_links_resolve():
     readme = doc_files()[0]
     words = prose_words(readme)
     assert words <= README_WORD_LIMIT, f"README.md has {words} words of prose (limit {README_WORD_LIMIT})"
-    import re
     for path in doc_files():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
             if not target.startswith(("http://", "https://", "mailto:")):
@@ -79,6 +82,8 @@ def test_readme_is_short_and_links_resolve():
 def walked(tiny_models, converter, tmp_path_factory):
     """The README walkthrough, run in a fresh project: (root, models, env, output)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed (the serving blocks use it)")
     base = tmp_path_factory.mktemp("doc_models")
     models = {kind: tiny_without_cr(folder, base / folder.name) for kind, folder in tiny_models.items()}
     root = make_project(tmp_path_factory.mktemp("doc_project"))
@@ -110,3 +115,15 @@ def test_docs_page_runs(walked, page):
     path = Path(doc_files()[0].parent / "docs" / page)
     result = run_shell(script_for(blocks(path), models, free_port()), root, env, timeout=600)
     assert result.returncode == 0, f"docs/{page}'s blocks failed:\n{result.stdout[-6000:]}"
+
+
+def test_marks_are_read_from_the_line_above_a_block(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("text\n<!-- doc-test: skip gpu -->\n```bash\nmake gpu-check\n```\n\n```sh\necho hi\n```\n"
+                    "<!-- doc-test: skip lunch -->\n```bash\necho\n```\n")
+    found = blocks(page)
+    assert [(b.lang, b.mark) for b in found] == [("bash", "skip gpu"), ("sh", None), ("bash", "skip lunch")]
+    assert found[2].mark not in MARKS
+    page.write_text("<!-- doc-test: skip gpu -->\nprose between the mark and its block\n```bash\nls\n```\n")
+    with pytest.raises(AssertionError, match="just above a block"):
+        blocks(page)
