@@ -57,6 +57,15 @@ def test_every_flag_in_the_docs_is_a_setting_of_its_stage():
     assert not problems, "\n".join(problems)
 
 
+def test_every_shell_block_is_valid_bash():
+    """Blocks that do not run here are at least parsed (`bash -n`)."""
+    import subprocess
+    for block in all_blocks():
+        if block.lang in SHELL_LANGS:
+            result = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
+            assert result.returncode == 0, f"{block.where}: {result.stderr.strip()}"
+
+
 def test_flag_check_catches_a_renamed_flag():
     assert flag_problems([("doc", "python train_bart_lora.py --epochs=1 --learning_rate=1e-3")]) == []
     assert flag_problems([("doc", 'DATA="--dataset=x --text_column=dialogue"\n'
