@@ -261,6 +261,17 @@ def load_data(spec: DataSpec) -> LoadedData:
                           spec.val_fraction, spec.test_fraction, bool(spec.normalize), spec.hub_config)
 
 
+def load_as_recorded(split: Split, dataset: str | None = None) -> LoadedData:
+    """The data a run record's split names (or `dataset`, the same data found elsewhere), read with
+    the settings it was trained with: its columns, seed, fractions, normalization and Hub config."""
+    columns = split.columns or {}
+    return load_dialogues(dataset or split.source, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
+                          42 if split.seed is None else split.seed,
+                          0.0 if split.val_fraction is None else split.val_fraction,
+                          0.0 if split.test_fraction is None else split.test_fraction, bool(split.normalize),
+                          split.hub_config)
+
+
 def split_deterministic(ds: datasets.Dataset, seed: int, val_fraction: float,
                         test_fraction: float) -> dict[str, datasets.Dataset]:
     """Shuffle once with `seed` and cut into train/validation/test by the given fractions."""
@@ -336,10 +347,7 @@ def legacy_train_fingerprints(split: Split) -> list[str]:
     trainer chose them (same file, seed, fractions and sample count), when the file is still there."""
     if not split.source or split.seed is None or not resolve(split.source).exists():
         return []
-    columns = split.columns or {}
-    data = load_dialogues(split.source, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
-                          split.seed, split.val_fraction or 0.0, split.test_fraction or 0.0, bool(split.normalize),
-                          split.hub_config)
+    data = load_as_recorded(split)
     train, _, _ = training_splits(data, split.train_samples or 0, split.val_samples or 0, split.seed,
                                   split.val_fraction or 0.0)
     return [fingerprint(d) for d in train["dialogue"]]
