@@ -18,8 +18,9 @@ time scaling in finetuneflow/plan/planning.py; times are estimates (expect withi
 scripts quote every value and pass only settings the trainer declares, checked against its specs
 (finetuneflow/plan/launch.py). They pass the dataset with the settings inspect_dataset.py (else
 benchmark_models.py) read that dataset with: its columns, split fractions, seed, Hub config and
-normalization, so training reads the same columns and makes the same split. OUTPUT_DIR is shared with benchmark_models.py: this stage replaces
-only the files its own record lists, and removes its earlier scripts only when they are unchanged.
+normalization, so training reads the same columns and makes the same split. OUTPUT_DIR is shared
+with benchmark_models.py: this stage replaces only the files its own record lists, and removes its
+earlier scripts only when they are unchanged.
 """
 RANKING = "outputs/benchmarks/final_ranking.csv"  # benchmark_models.py's ranking
 TOP_K = 2                              # [int >= 1] plan the best K successful models

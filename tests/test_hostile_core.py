@@ -107,6 +107,18 @@ def test_bad_data_files_are_one_line(stage, case, tmp_path, tiny_models):
     assert_refused(result, message, before, project.root)
 
 
+@pytest.mark.parametrize("stage", ["inspect_dataset.py", "train_bart_lora.py", "eval_bart_lora.py"])
+def test_an_unreachable_hub_dataset_is_one_line(stage, tmp_path, tiny_models):
+    """Offline (or a typo'd id): no ConnectionError traceback, one line naming the dataset and the fixes."""
+    project = user_project(tmp_path)
+    before = snapshot(project.root)
+    result = run_stage(stage, "--dataset=nobody/no-such-dialogues", f"--model={tiny_models['bart']}",
+                       root=project.root, check=False)
+    line = assert_refused(result, "dataset 'nobody/no-such-dialogues' is not a local file or folder", before,
+                          project.root)
+    assert "HF_HUB_OFFLINE" in line and "use a local file instead" in line
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def test_inspect_never_overwrites_its_own_dataset_or_a_users_file(tmp_path):
