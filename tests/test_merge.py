@@ -75,6 +75,13 @@ def test_merge_cleanup_bart_end_to_end(bart_adapter, project):
     assert verification["measured"]["max_abs"] == 0.0                  # same weights, same logits
     assert {c["key"] for c in cleanup["changes"]} >= {"max_new_tokens", "max_length", "min_length", "do_sample"}
     assert json.loads((clean / "run_config.json").read_text())["stage"] == "post_merge_cleanup"
+    # re-runnable like merge and training: the same command on its own finished output has nothing to do
+    before = {name: (clean / name).stat().st_mtime_ns for name in files_under(clean)}
+    again = run_stage("post_merge_cleanup.py", root=project, env=SUBPROCESS_ENV)
+    assert f"skip: {clean} already holds the cleanup of {merged} with these settings" in again.stdout
+    assert {name: (clean / name).stat().st_mtime_ns for name in files_under(clean)} == before
+    changed = run_stage("post_merge_cleanup.py", "--max_new_tokens=5", root=project, check=False, env=SUBPROCESS_ENV)
+    assert changed.returncode == 2 and "holds an earlier post_merge_cleanup output" in error_line(changed)
 
 
 def test_merge_and_cleanup_causal_qlora_in_process(tiny_models, tmp_path, capsys):
