@@ -124,6 +124,25 @@ def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
     assert "planning for T4" in result.stdout
 
 
+def test_without_an_overview_the_benchmarks_data_settings_are_carried(tmp_path):
+    """The benchmark read the user's CSV (its record beside the ranking): the plan passes the same
+    columns, fractions and seed; another DATASET gets none of them (the trainer's defaults)."""
+    write_ranking(tmp_path / "ranking.csv", [BART])
+    config = {"DATASET": "data/my_dialogues.csv", "HUB_CONFIG": None, "DIALOGUE_COLUMN": "conversation",
+              "SUMMARY_COLUMN": "notes", "ID_COLUMN": None, "VAL_FRACTION": 0.1, "TEST_FRACTION": 0.2, "SEED": 3}
+    (tmp_path / "run_config.json").write_text(json.dumps({"stage": "benchmark_models", "dataset": config["DATASET"],
+                                                          "config": config}))
+    result = recommend(tmp_path, "--gpu_name=T4", "--gpu_memory_gb=16")
+    assert result["dataset"] == "data/my_dialogues.csv"
+    assert result["data_settings"] == {"DIALOGUE_COLUMN": "conversation", "SUMMARY_COLUMN": "notes",
+                                       "VAL_FRACTION": 0.1, "TEST_FRACTION": 0.2, "SEED": 3}
+    script = (tmp_path / "plan" / "train_bart-large-cnn.sh").read_text()
+    assert "--DIALOGUE_COLUMN=conversation \\" in script and "--SEED=3 \\" in script
+    assert "`DIALOGUE_COLUMN=conversation`" in (tmp_path / "plan" / "finetune_plan.md").read_text()
+    other = recommend(tmp_path, "--gpu_name=T4", "--gpu_memory_gb=16", "--dataset=data/other.jsonl")
+    assert other["data_settings"] == {}
+
+
 def test_bad_inputs_are_one_clear_line(project, tmp_path):
     import recommend_finetune
     from finetuneflow.contract.errors import UserError
