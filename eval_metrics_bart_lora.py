@@ -36,7 +36,7 @@ OUTPUT_DIR = "metrics"                 # where everything is written
 import re
 
 from finetuneflow.contract.errors import UserError, run_cli
-from finetuneflow.contract.io import atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.contract.io import CSV_QUOTING, atomic_path, atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, write_record
 from finetuneflow.contract.safety import check_output_file
@@ -101,7 +101,7 @@ def score_all(settings, versions_in: list, out) -> list:
         print(f"scoring {preds.name}: {len(preds.ids)} rows from {preds.path} ({preds.format} format)")
         scored = score_version(preds, settings, encoder=loaded if loaded is not None else settings.encoder)
         with atomic_path(out / f"{preds.name}_metrics.csv") as tmp:
-            scored.frame.to_csv(tmp, index=False, float_format="%.4f")
+            scored.frame.to_csv(tmp, index=False, float_format="%.4f", quoting=CSV_QUOTING)
         versions.append(scored)
     return versions
 

@@ -147,6 +147,11 @@ def main(argv=None) -> dict:
     first = selected[0] if len(selected) else all_rows[0]
     overview = {
         "dataset": data.source, "columns": data.columns, "splits_made_from_single_file": data.made_splits,
+        # how this dataset was read, in the trainer's setting names: recommend_finetune.py's scripts pass them on
+        "data_settings": {"HUB_CONFIG": cfg.HUB_CONFIG, "DIALOGUE_COLUMN": data.columns["dialogue"],
+                          "SUMMARY_COLUMN": data.columns["summary"], "ID_COLUMN": data.columns["id"],
+                          "VAL_FRACTION": cfg.VAL_FRACTION, "TEST_FRACTION": cfg.TEST_FRACTION, "SEED": cfg.SEED,
+                          "NORMALIZE": cfg.NORMALIZE},
         "split_fractions": ({"validation": cfg.VAL_FRACTION, "test": cfg.TEST_FRACTION, "seed": cfg.SEED}
                             if data.made_splits else None),
         "rows": {name: len(ds) for name, ds in data.splits.items()}, "total_rows": len(all_rows),

@@ -23,7 +23,7 @@ OUTPUT_DIR = "ft_outputs/bart_merged_highlightsum"  # where the merged model goe
 OVERWRITE = False                      # True: replace an existing merged folder
 DTYPE = "auto"                         # [auto | float32 | float16 | bfloat16] auto: bf16/fp16 on GPU, fp32 on CPU
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
-PARITY_DATASET = None                  # [str | None] parity probes' data; None: the adapter's data or the samples
+PARITY_DATASET = None                  # [str | None] probes' data; None: the adapter's data (its columns) or samples
 PARITY_SAMPLES = 4                     # [int >= 1] dialogues in the parity check
 PARITY_NEW_TOKENS = 32                 # [int >= 1] greedy tokens generated per probe and compared
 MAX_LOGIT_DIFF = None                  # [float > 0 | None] parity tolerance; None: 1e-3 fp32, 5e-2 fp16, 0.25 bf16

@@ -15,7 +15,8 @@ Afterwards a plain `model.generate(**inputs)` reproduces the evaluated summaries
 that by loading the result with plain transformers, generating with no warnings allowed, and comparing
 with the shared engine, and that the cleaned folder computes the same logits as MODEL. OUTPUT_DIR is
 never MODEL, the project root or a folder of other files; an earlier cleanup there is replaced
-(atomically) only with OVERWRITE=True.
+(atomically) only with OVERWRITE=True, and re-running skips one made from the same MODEL files with the
+same settings.
 """
 MODEL = "ft_outputs/bart_merged_highlightsum"  # merged model folder from merge_bart_lora.py
 OUTPUT_DIR = "ft_outputs/bart_merged_clean"  # where the cleaned model goes

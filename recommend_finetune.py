@@ -16,8 +16,11 @@ download of weights); when the config cannot be loaded (offline, gated) the rank
 used. The memory formula and the method choice are documented in finetuneflow/plan/memory.py, the
 time scaling in finetuneflow/plan/planning.py; times are estimates (expect within ~2x). The launch
 scripts quote every value and pass only settings the trainer declares, checked against its specs
-(finetuneflow/plan/launch.py). OUTPUT_DIR is shared with benchmark_models.py: this stage replaces
-only the files its own record lists, and removes its earlier scripts only when they are unchanged.
+(finetuneflow/plan/launch.py). They pass the dataset with the settings inspect_dataset.py (else
+benchmark_models.py) read that dataset with: its columns, split fractions, seed, Hub config and
+normalization, so training reads the same columns and makes the same split. OUTPUT_DIR is shared
+with benchmark_models.py: this stage replaces only the files its own record lists, and removes its
+earlier scripts only when they are unchanged.
 """
 RANKING = "outputs/benchmarks/final_ranking.csv"  # benchmark_models.py's ranking
 TOP_K = 2                              # [int >= 1] plan the best K successful models
@@ -71,19 +74,21 @@ def main(argv=None) -> dict:
     folder = recommend.open_output(cfg.OUTPUT_DIR, ranking, overview_path, trainer, candidates)
     target = resolve_target(settings.gpu_name, settings.gpu_memory_gb)
     dataset = recommend.pick_dataset(settings, overview, ranking)
+    data, data_from = recommend.data_settings(dataset, overview, ranking)   # columns, fractions, seed
     train_rows, val_rows = planning.rows_to_use(settings, overview, dataset)
-    ctx = planning.PlanContext(settings, target, overview, dataset, train_rows, val_rows, trainer)
+    ctx = planning.PlanContext(settings, target, overview, dataset, train_rows, val_rows, trainer, data)
     print(f"planning for {target.name} ({target.memory_gb:.1f} GB, {target.source}); budget "
           f"{settings.memory_margin:.0%} = {settings.memory_margin * target.memory_gb:.1f} GB; data "
           f"{one_line(dataset)} ({'all' if train_rows is None else train_rows} training / {val_rows or 'all'} "
           f"validation rows); {overview_note}")
+    print(f"data settings from {data_from}: " + (one_line(" ".join(f"{k}={v}" for k, v in data.items())) or "none"))
     if skipped:
         print("ranking rows not planned: " + ", ".join(f"{n} {what}" for what, n in skipped.items()))
     plans, scripts = planning.make_plans(candidates, ctx, folder.path)
     for plan in plans:
         print(describe(plan))
     meta = {"ranking": str(ranking), "overview": str(overview_path) if overview_path else None, "dataset": dataset,
-            "margin": settings.memory_margin, "output_dir": str(folder.path)}
+            "data_settings": data, "margin": settings.memory_margin, "output_dir": str(folder.path)}
     inputs = [ranking, overview_path, trainer.path]
     result = recommend.write_outputs(folder, plans, scripts, ctx, meta, cfg, inputs)
     if result["removed"] or result["kept"]:

@@ -189,24 +189,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_without_cr(folder: Path, out: Path) -> Path:
-    """A copy of a tiny model that never generates a carriage return. A random tiny model emits one
-    now and then, and a bare "\\r" in a prediction splits its row when metrics/<tag>_predictions.csv
-    is read back (finetuneflow/quality/predictions.py writes with lineterminator="\\n", which does not
-    quote "\\r"; reported). Real models do not write "\\r"; drop this once the writer quotes it."""
-    import shutil
-
-    from transformers import AutoTokenizer
-    shutil.copytree(folder, out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = sorted(i for token, i in tokenizer.get_vocab().items() if "\r" in tokenizer.convert_tokens_to_string([token]))
-    config_path = out / "generation_config.json"
-    config = json.loads(config_path.read_text())
-    config["suppress_tokens"] = ids
-    config_path.write_text(json.dumps(config, indent=2))
-    return out
-
-
 def dialogue_rows() -> list[dict]:
     """40 dialogues: the 36 bundled samples plus 4 of them with the two DialogSum speakers swapped
     (different text, so training and evaluation see different dialogues)."""

@@ -140,3 +140,19 @@ def test_bundled_samples_shape():
         styles[key] += 1
     assert min(styles.values()) >= 10
     assert max(len(r["dialogue"].split()) for r in rows) > 1000
+
+
+def test_an_unreachable_hub_dataset_is_one_line_naming_it_and_the_fix(tmp_path):
+    """Offline here (conftest sets HF_HUB_OFFLINE): a Hub id with no cached copy is a UserError, not
+    datasets' ConnectionError; the other causes (a typo'd or private id, no network) get their own fix."""
+    from datasets.exceptions import DatasetNotFoundError
+    from finetuneflow.contract.data import hub_problem
+    with pytest.raises(UserError, match="'nobody/no-such-dialogues' is not a local file or folder .*HF_HUB_OFFLINE"):
+        load_dialogues("nobody/no-such-dialogues")
+    where = tmp_path / "nobody" / "typo"
+    typo = hub_problem("nobody/typo", where, DatasetNotFoundError("Dataset 'nobody/typo' doesn't exist"), offline=False)
+    assert "has no such dataset, or it is private or gated" in typo and "huggingface.co/datasets/nobody/typo" in typo
+    down = hub_problem("nobody/typo", where, ConnectionError("Couldn't reach 'nobody/typo' on the Hub"), offline=False)
+    assert "cannot be reached (Couldn't reach" in down and "HF_HUB_OFFLINE=1" in down
+    for line in (typo, down):
+        assert str(where) in line and "use a local file instead" in line and "\n" not in line

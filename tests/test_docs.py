@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from doc_blocks import (MARKS, SHELL_LANGS, blocks, doc_files, flag_problems, free_port, inline_commands,
-                        make_project, prose_words, run_shell, script_for, shell_env, tiny_without_cr)
+                        make_project, prose_words, run_shell, script_for, shell_env)
 
 README_WORD_LIMIT = 1500
 
@@ -93,10 +93,9 @@ def walked(tiny_models, converter, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
     if not shutil.which("curl"):
         pytest.skip("curl is not installed (the serving blocks use it)")
-    base = tmp_path_factory.mktemp("doc_models")
-    models = {kind: tiny_without_cr(folder, base / folder.name) for kind, folder in tiny_models.items()}
+    models = dict(tiny_models)
     root = make_project(tmp_path_factory.mktemp("doc_project"))
-    env = shell_env(root, base / "bin")
+    env = shell_env(root, tmp_path_factory.mktemp("doc_bin"))
     readme = doc_files()[0]
     start = time.perf_counter()
     result = run_shell(script_for(blocks(readme), models, free_port()), root, env, timeout=900)

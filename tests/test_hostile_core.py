@@ -107,6 +107,18 @@ def test_bad_data_files_are_one_line(stage, case, tmp_path, tiny_models):
     assert_refused(result, message, before, project.root)
 
 
+@pytest.mark.parametrize("stage", ["inspect_dataset.py", "train_bart_lora.py", "eval_bart_lora.py"])
+def test_an_unreachable_hub_dataset_is_one_line(stage, tmp_path, tiny_models):
+    """Offline (or a typo'd id): no ConnectionError traceback, one line naming the dataset and the fixes."""
+    project = user_project(tmp_path)
+    before = snapshot(project.root)
+    result = run_stage(stage, "--dataset=nobody/no-such-dialogues", f"--model={tiny_models['bart']}",
+                       root=project.root, check=False)
+    line = assert_refused(result, "dataset 'nobody/no-such-dialogues' is not a local file or folder", before,
+                          project.root)
+    assert "HF_HUB_OFFLINE" in line and "use a local file instead" in line
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def test_inspect_never_overwrites_its_own_dataset_or_a_users_file(tmp_path):
@@ -171,3 +183,42 @@ def test_eval_metrics_names_cannot_escape_the_output_folder(tmp_path):
                        f"--output_dir={project.notes}", root=project.root, check=False)
     assert result.returncode == 0   # new files beside the user's own are fine; theirs are untouched
     assert (project.notes / "todo.txt").read_text() == "my own work\n"
+
+
+# ----------------------------------------------------------------------------- a summary holding "\r"
+
+def _bart_that_writes_carriage_returns(tiny_bart: Path, out: Path) -> Path:
+    """A copy of the tiny BART whose summaries alternate " the" and a bare "\\r": every other token is
+    suppressed, and a bias on each pair makes one always follow the other (whatever the random weights)."""
+    import shutil
+    from transformers import AutoTokenizer
+    shutil.copytree(tiny_bart, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    cr, the = tokenizer.convert_tokens_to_ids(["\u010d", "\u0120the"])   # byte-level BPE spelling of "\r" and " the"
+    assert tokenizer.decode([the, cr, the]) == " the\r the"
+    config = json.loads((out / "generation_config.json").read_text())
+    special = {config["bos_token_id"], config["eos_token_id"]}
+    config.update(suppress_tokens=sorted(set(range(len(tokenizer))) - special - {cr, the}),
+                  sequence_bias=[[[i], -100.0] for i in sorted(special)] + [[[the, cr], 50.0], [[cr, the], 50.0]])
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.slow
+def test_a_summary_holding_a_carriage_return_reads_back_exactly(tmp_path, tiny_models):
+    """A model that writes "\\r" inside a summary: the predictions CSV keeps it inside its field, so the
+    comparison reads every row back with the exact text (it used to split the row: "duplicate ids")."""
+    import csv
+    import pandas as pd
+    project = user_project(tmp_path)
+    model = _bart_that_writes_carriage_returns(tiny_models["bart"], tmp_path / "cr-bart")
+    run_stage("eval_bart_lora.py", f"--model={model}", f"--dataset={project.data}", "--split=test", "--n_samples=4",
+              "--num_beams=1", "--max_new_tokens=9", "--no_repeat_ngram_size=0", "--tag=cr", root=project.root)
+    path = project.root / "metrics" / "cr_predictions.csv"
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and all("\r the" in r["prediction"] or "the\r" in r["prediction"] for r in rows), rows
+    run_stage("eval_metrics_bart_lora.py", f"--predictions={path}", "--bertscore_model=", "--faithfulness=False",
+              "--bootstrap_samples=50", root=project.root)
+    scored = pd.read_csv(project.root / "metrics" / "cr_metrics.csv", dtype=str, keep_default_na=False)
+    assert scored["prediction"].tolist() == [r["prediction"] for r in rows]

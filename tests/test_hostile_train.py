@@ -248,3 +248,53 @@ def test_a_real_process_refuses_the_same_way(hostile, case):
     result = run_stage(SCRIPT, f"--model={model}", f"--dataset={project.data}", *QUICK, *args, root=project.root,
                        check=False)
     assert_refused(result, messages[case], before, project.root)
+
+
+def test_out_of_memory_while_training_is_one_line_and_the_run_stays_resumable(tmp_path):
+    """The translation run_training applies to torch.OutOfMemoryError (and the CPU allocator's
+    RuntimeError): the fixes in order, keeping the batch; the run folder keeps its complete checkpoint
+    and the same settings resume from it."""
+    import torch
+    import train_bart_lora
+    from finetuneflow.contract.settings import configure
+    from finetuneflow.train import run_dir
+    from finetuneflow.train.settings import TrainSettings
+    from finetuneflow.train.steps import out_of_memory
+    cfg = dict(configure(vars(train_bart_lora), ["--batch_size=8", "--grad_accum=2", "--max_input_length=384"]))
+    settings = TrainSettings.from_config(cfg)
+    out = tmp_path / "run"
+    run_dir.prepare_run_dir(run_dir.plan_run(out, cfg, [], "auto", False), cfg, [], keep_checkpoints=False)
+    checkpoints = out / run_dir.CHECKPOINTS
+    gpu = out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), settings,
+                        checkpoints, torch.device("cuda:0"))
+    assert str(gpu) == ("training ran out of memory on cuda:0 (BATCH_SIZE=8 x GRAD_ACCUM=2, MAX_INPUT_LENGTH=384); "
+                        "try, in this order: --BATCH_SIZE=4 --GRAD_ACCUM=4 (the same batch of 16); "
+                        "--GRADIENT_CHECKPOINTING=True; --LOAD_IN_4BIT=True (QLoRA); a shorter --MAX_INPUT_LENGTH "
+                        "(now 384); no checkpoint was saved yet: the next command starts over in the same folder")
+    saved = checkpoints / "checkpoint-4"
+    saved.mkdir()
+    (saved / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    run_dir.mark_complete(saved)
+    (checkpoints / "checkpoint-6").mkdir()   # the save the error interrupted: never marked complete
+    cpu = str(out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                         "allocate memory: you tried to allocate 8589934592 bytes."),
+                            settings, checkpoints, torch.device("cpu")))
+    assert cpu.startswith("training ran out of memory on cpu") and "LOAD_IN_4BIT" not in cpu
+    assert cpu.endswith("checkpoint-4 is kept: the same command resumes from it, changed settings need "
+                        "--OVERWRITE=True or a new --OUTPUT_DIR")
+    assert run_dir.plan_run(out, cfg, [], "auto", False).resume_from == saved
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), settings, checkpoints,
+                         "cpu") is None
+    # run_training applies it to what the Trainer raises (a stand-in Trainer: the job and trainer are its arguments)
+    from types import SimpleNamespace
+    from finetuneflow.contract.errors import UserError
+    from finetuneflow.train.steps import run_training
+
+    class OutOfMemoryTrainer:
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    job = SimpleNamespace(plan=run_dir.RunPlan(out), settings=settings, say=print,
+                          state=SimpleNamespace(device=torch.device("cpu"), is_main_process=True))
+    with pytest.raises(UserError, match="^training ran out of memory on cpu .* checkpoint-4 is kept"):
+        run_training(job, OutOfMemoryTrainer())
+    assert run_dir.plan_run(out, cfg, [], "auto", False).resume_from == saved

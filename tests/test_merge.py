@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import error_line, files_under, run_stage
+from conftest import SAMPLES, error_line, files_under, run_stage
 from tests.adapters import make_adapter
 
 import merge_bart_lora
@@ -75,6 +75,13 @@ def test_merge_cleanup_bart_end_to_end(bart_adapter, project):
     assert verification["measured"]["max_abs"] == 0.0                  # same weights, same logits
     assert {c["key"] for c in cleanup["changes"]} >= {"max_new_tokens", "max_length", "min_length", "do_sample"}
     assert json.loads((clean / "run_config.json").read_text())["stage"] == "post_merge_cleanup"
+    # re-runnable like merge and training: the same command on its own finished output has nothing to do
+    before = {name: (clean / name).stat().st_mtime_ns for name in files_under(clean)}
+    again = run_stage("post_merge_cleanup.py", root=project, env=SUBPROCESS_ENV)
+    assert f"skip: {clean} already holds the cleanup of {merged} with these settings" in again.stdout
+    assert {name: (clean / name).stat().st_mtime_ns for name in files_under(clean)} == before
+    changed = run_stage("post_merge_cleanup.py", "--max_new_tokens=5", root=project, check=False, env=SUBPROCESS_ENV)
+    assert changed.returncode == 2 and "holds an earlier post_merge_cleanup output" in error_line(changed)
 
 
 def test_merge_and_cleanup_causal_qlora_in_process(tiny_models, tmp_path, capsys):
@@ -158,6 +165,26 @@ def test_merge_bad_input(bart_adapter, bart_merged, tiny_models, tmp_path, proje
     result = run_stage("merge_bart_lora.py", f"--adapter={orphan}", root=project, check=False, env=SUBPROCESS_ENV)
     assert result.returncode == 2 and "deleted-base" in error_line(result) and "not found" in error_line(result)
     assert not (project / "ft_outputs").exists()
+
+
+def test_merge_probes_the_users_own_csv_with_its_recorded_columns(tiny_models, project):
+    """An adapter trained on a CSV with the user's own column names (`conversation`, `notes`) and its own
+    split settings: with PARITY_DATASET left at None the merge reads that CSV the way training did."""
+    import csv
+    rows = [json.loads(line) for line in SAMPLES.read_text().splitlines()]
+    data = project / "data" / "my_dialogues.csv"
+    data.parent.mkdir(parents=True)
+    with open(data, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["conversation", "notes"], *([r["dialogue"], r["summary"]] for r in rows)])
+    adapter = make_adapter(tiny_models["bart"], project / "ft_outputs" / "my_lora", dataset="data/my_dialogues.csv")
+    record = json.loads((adapter / "run_config.json").read_text())
+    record["split"].update(columns={"dialogue": "conversation", "summary": "notes", "id": None}, seed=7,
+                           val_fraction=0.1, test_fraction=0.2)
+    (adapter / "run_config.json").write_text(json.dumps(record))
+    run_stage("merge_bart_lora.py", "--adapter=ft_outputs/my_lora", "--output_dir=ft_outputs/my_merged",
+              "--parity_samples=2", root=project, env=SUBPROCESS_ENV)
+    report = json.loads((project / "ft_outputs" / "my_merged" / "merge_report.json").read_text())
+    assert report["passed"] and report["probe_source"] == "data/my_dialogues.csv" and len(report["probes"]) == 2
 
 
 def test_merge_refuses_an_adapter_that_changes_nothing(tiny_models, tmp_path):

@@ -216,10 +216,13 @@ def _rows(ids, prediction="a summary"):
 
 
 def test_read_both_formats(tmp_path):
-    ours = write_predictions(tmp_path / "lora_predictions.csv", _rows(["7", "8"]))
-    assert ours.read_text().splitlines()[0] == ",".join(COLUMNS)
+    rows = _rows(["7", "8"])
+    rows[1]["prediction"] = "one line\rand a bare carriage return,\r\nthen \"quotes\"\n"   # kept exactly
+    ours = write_predictions(tmp_path / "lora_predictions.csv", rows)
+    assert ours.read_text().splitlines()[0] == ",".join(f'"{c}"' for c in COLUMNS)   # every field quoted
     read = read_predictions(ours)
     assert read.name == "lora" and read.format == "finetuneflow" and read.ids == ["7", "8"]
+    assert read.frame["prediction"].tolist() == ["a summary", rows[1]["prediction"]]
     assert list(read.frame.columns) == ["id", "dialogue", "reference", "prediction"]
     seed = tmp_path / "validation_predictions.csv"
     seed.write_text('sample_id,dialogue,human_summary,model_summary,rouge1\n0,"A: hi\nB: yo",greeting,,0.1\n'

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OFFLINE_ENV
-from doc_blocks import REPO, SAMPLES, flag_problems, tiny_without_cr
+from doc_blocks import REPO, SAMPLES, flag_problems
 
 NOTEBOOK = REPO / "notebooks" / "finetuneflow_colab.ipynb"
 STAGE_ORDER = ["inspect_dataset.py", "benchmark_models.py", "recommend_finetune.py", "bash {SCRIPT}",
@@ -52,7 +52,7 @@ def test_stages_in_order_with_known_flags():
 @pytest.mark.slow
 def test_runs_on_cpu_with_tiny_models(tiny_models, tmp_path, monkeypatch):
     from nbclient import NotebookClient
-    bart = tiny_without_cr(tiny_models["bart"], tmp_path / "tiny-bart")
+    bart = tiny_models["bart"]
     out = tmp_path / "drive"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

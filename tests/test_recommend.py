@@ -124,6 +124,25 @@ def test_seed_ranking_on_a_t4_plans_bart_and_llama_1b(project):
     assert "planning for T4" in result.stdout
 
 
+def test_without_an_overview_the_benchmarks_data_settings_are_carried(tmp_path):
+    """The benchmark read the user's CSV (its record beside the ranking): the plan passes the same
+    columns, fractions and seed; another DATASET gets none of them (the trainer's defaults)."""
+    write_ranking(tmp_path / "ranking.csv", [BART])
+    config = {"DATASET": "data/my_dialogues.csv", "HUB_CONFIG": None, "DIALOGUE_COLUMN": "conversation",
+              "SUMMARY_COLUMN": "notes", "ID_COLUMN": None, "VAL_FRACTION": 0.1, "TEST_FRACTION": 0.2, "SEED": 3}
+    (tmp_path / "run_config.json").write_text(json.dumps({"stage": "benchmark_models", "dataset": config["DATASET"],
+                                                          "config": config}))
+    result = recommend(tmp_path, "--gpu_name=T4", "--gpu_memory_gb=16")
+    assert result["dataset"] == "data/my_dialogues.csv"
+    assert result["data_settings"] == {"DIALOGUE_COLUMN": "conversation", "SUMMARY_COLUMN": "notes",
+                                       "VAL_FRACTION": 0.1, "TEST_FRACTION": 0.2, "SEED": 3}
+    script = (tmp_path / "plan" / "train_bart-large-cnn.sh").read_text()
+    assert "--DIALOGUE_COLUMN=conversation \\" in script and "--SEED=3 \\" in script
+    assert "`DIALOGUE_COLUMN=conversation`" in (tmp_path / "plan" / "finetune_plan.md").read_text()
+    other = recommend(tmp_path, "--gpu_name=T4", "--gpu_memory_gb=16", "--dataset=data/other.jsonl")
+    assert other["data_settings"] == {}
+
+
 def test_bad_inputs_are_one_clear_line(project, tmp_path):
     import recommend_finetune
     from finetuneflow.contract.errors import UserError
@@ -143,12 +162,24 @@ def test_bad_inputs_are_one_clear_line(project, tmp_path):
 
 @pytest.mark.skipif(not (REPO / "train_bart_lora.py").is_file(), reason="train_bart_lora.py is not written yet")
 def test_generated_script_trains_the_tiny_model(project, tiny_models):
+    """The user's own CSV (columns `conversation`, `notes`) inspected with their split settings: the
+    generated script trains on the same columns and makes the same split, with no flag added by hand."""
+    rows = [json.loads(line) for line in SAMPLES.read_text().splitlines()]
+    (project / "data").mkdir()
+    with open(project / "data" / "my_dialogues.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["conversation", "notes"], *([r["dialogue"], r["summary"]] for r in rows)])
+    run_stage("inspect_dataset.py", "--dataset=data/my_dialogues.csv", "--dialogue_column=conversation",
+              "--summary_column=notes", "--test_fraction=0.2", "--seed=7", "--model=", root=project)
     ranking = write_ranking(project / "outputs" / "benchmarks" / "final_ranking.csv", [
         ["1", "tiny-llama", "model", "ok", "1.0", "1.0", "20", "", "", "", "", "", "", "", "cpu",
          str(tiny_models["llama"])]])
-    run_stage("recommend_finetune.py", f"--ranking={ranking}", f"--dataset={SAMPLES}", root=project)
+    planned = run_stage("recommend_finetune.py", f"--ranking={ranking}", root=project)
+    assert "data settings from the dataset overview: DIALOGUE_COLUMN=conversation SUMMARY_COLUMN=notes" \
+        in planned.stdout
     script = project / "outputs" / "benchmarks" / "train_tiny-llama.sh"
-    assert f"--MODEL={tiny_models['llama']}" in script.read_text()
+    for flag in (f"--MODEL={tiny_models['llama']}", "--DATASET=data/my_dialogues.csv", "--DIALOGUE_COLUMN=conversation",
+                 "--SUMMARY_COLUMN=notes", "--TEST_FRACTION=0.2", "--VAL_FRACTION=0.1", "--SEED=7"):
+        assert flag in script.read_text(), flag
     import os
     import subprocess
     from conftest import OFFLINE_ENV
@@ -163,6 +194,9 @@ def test_generated_script_trains_the_tiny_model(project, tiny_models):
     assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json"} <= files_under(adapter)
     record = json.loads((adapter / "run_config.json").read_text())
     assert record["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    split = record["split"]
+    assert split["source"] == "data/my_dialogues.csv" and split["columns"]["summary"] == "notes"
+    assert (split["seed"], split["val_fraction"], split["test_fraction"]) == (7, 0.1, 0.2)
 
 
 # ----------------------------------------------------------------------------- one table of LoRA targets

@@ -189,9 +189,37 @@ def _load_raw(dataset: str, hub_config: str | None) -> tuple[datasets.DatasetDic
                             f"{builder} with one record per row") from None
         return raw, len(by_split) == 1, files
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) and not Path(dataset).suffix:
-        raw = datasets.load_dataset(dataset, hub_config)
-        return raw, False, []
+        return _load_hub(dataset, hub_config, path), False, []
     raise UserError(f"dataset not found: {dataset!r} is neither a local file/folder ({path}) nor a Hub id")
+
+
+def _load_hub(dataset: str, hub_config: str | None, path: Path) -> datasets.DatasetDict:
+    """A Hub dataset; one it cannot reach (offline, no network, a typo'd, private or gated id) is one
+    error naming it and the fixes (`hub_problem`), never a traceback."""
+    from datasets import config
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        return datasets.load_dataset(dataset, hub_config)
+    except (ConnectionError, TimeoutError, DatasetNotFoundError, HfHubHTTPError) as exc:
+        raise UserError(hub_problem(dataset, path, exc, offline=config.HF_HUB_OFFLINE)) from None
+
+
+def hub_problem(dataset: str, path: Path, exc: BaseException, offline: bool) -> str:
+    """Why the Hub dataset `dataset` could not be loaded and what to do, in one line (`offline`:
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)."""
+    from datasets.exceptions import DatasetNotFoundError
+    local = ("use a local file instead (.jsonl, .json, .csv or .parquet, e.g. --DATASET=data/my_dialogues.csv; "
+             "relative paths are taken from the project root)")
+    start = f"dataset {dataset!r} is not a local file or folder ({path}), and "
+    if offline:
+        return (start + "the Hugging Face Hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) with no cached "
+                f"copy of it; {local}, or unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE to download it")
+    if isinstance(exc, DatasetNotFoundError):
+        return (start + f"the Hugging Face Hub has no such dataset, or it is private or gated; check the id "
+                f"(https://huggingface.co/datasets/{dataset}), set HF_TOKEN for a private or gated one, or {local}")
+    return (start + f"the Hugging Face Hub cannot be reached ({first_line(exc, 160)}); check the network (or "
+            f"HTTPS_PROXY) and the id, set HF_HUB_OFFLINE=1 to use a cached copy, or {local}")
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple, role: str, required: bool,
@@ -259,6 +287,17 @@ def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_col
 def load_data(spec: DataSpec) -> LoadedData:
     return load_dialogues(spec.dataset, spec.dialogue_column, spec.summary_column, spec.id_column, spec.seed,
                           spec.val_fraction, spec.test_fraction, bool(spec.normalize), spec.hub_config)
+
+
+def load_as_recorded(split: Split, dataset: str | None = None) -> LoadedData:
+    """The data a run record's split names (or `dataset`, the same data found elsewhere), read with
+    the settings it was trained with: its columns, seed, fractions, normalization and Hub config."""
+    columns = split.columns or {}
+    return load_dialogues(dataset or split.source, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
+                          42 if split.seed is None else split.seed,
+                          0.0 if split.val_fraction is None else split.val_fraction,
+                          0.0 if split.test_fraction is None else split.test_fraction, bool(split.normalize),
+                          split.hub_config)
 
 
 def split_deterministic(ds: datasets.Dataset, seed: int, val_fraction: float,
@@ -336,10 +375,7 @@ def legacy_train_fingerprints(split: Split) -> list[str]:
     trainer chose them (same file, seed, fractions and sample count), when the file is still there."""
     if not split.source or split.seed is None or not resolve(split.source).exists():
         return []
-    columns = split.columns or {}
-    data = load_dialogues(split.source, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
-                          split.seed, split.val_fraction or 0.0, split.test_fraction or 0.0, bool(split.normalize),
-                          split.hub_config)
+    data = load_as_recorded(split)
     train, _, _ = training_splits(data, split.train_samples or 0, split.val_samples or 0, split.seed,
                                   split.val_fraction or 0.0)
     return [fingerprint(d) for d in train["dialogue"]]

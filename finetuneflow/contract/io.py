@@ -1,6 +1,7 @@
 """Atomic writes: outputs appear complete or not at all."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -8,6 +9,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+# Every CSV the project writes with text in it quotes every field: a "\r" or "\n" inside a summary or a
+# dialogue then stays inside its field and reads back exactly (pandas, the csv module, spreadsheets). Unquoted,
+# a bare "\r" ends the row for most readers: a predictions file read back would have split rows.
+CSV_QUOTING = csv.QUOTE_ALL
 
 
 def _umask() -> int:

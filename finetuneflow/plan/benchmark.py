@@ -17,7 +17,7 @@ from typing import Callable
 from finetuneflow.contract.data import DataSpec, get_split, load_data, subset
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
-from finetuneflow.contract.io import atomic_write_text
+from finetuneflow.contract.io import CSV_QUOTING, atomic_write_text
 from finetuneflow.contract.io import atomic_dir
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import RunRecord, portable
@@ -210,7 +210,7 @@ def score_predictions(row: dict, sample: Sample, predictions: list[str], path: P
                           "prediction": predictions, **{k: [s[k] for s in per_sample] for k in metrics.ROUGE_KEYS},
                           **({"bertscore_f1": bert.f1} if bert.computed else {}),
                           "pred_words": words, "ref_words": [len(r.split()) for r in sample.references]})
-    atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write_text(path, frame.to_csv(index=False, quoting=CSV_QUOTING))
 
 
 def run_entry(entry: Entry, sample: Sample, settings: BenchmarkSettings, generation: GenerationSettings,

@@ -13,7 +13,9 @@ def _intro(target: Target, meta: dict) -> list[str]:
     return ["# Fine-tuning plan", "",
             f"Target: **{one_line(target.name)}**, {target.memory_gb:.1f} GB ({target.source}); a plan may fill "
             f"{meta['margin']:.0%} of it. Ranking: `{one_line(meta['ranking'])}`. Training data: "
-            f"`{one_line(meta['dataset'])}`.", "",
+            f"`{one_line(meta['dataset'])}`" + (", read with " + ", ".join(
+                f"`{name}={one_line(str(value))}`" for name, value in meta.get("data_settings", {}).items())
+                if meta.get("data_settings") else "") + ".", "",
             "Memory = weights + gradients + optimizer + activations + logits + overhead (formula in "
             "`finetuneflow/plan/memory.py`). The method is the cheapest that fits: LoRA, then LoRA with gradient "
             "checkpointing, then QLoRA (4-bit base), at the planned micro-batch, which is halved when nothing fits. "

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetuneflow.contract.errors import UserError, first_line
@@ -36,6 +36,10 @@ PROMPT_TOKENS = 48             # chat template + instruction around a causal mod
 # benchmark generated 0.51 samples/s -> 1.9, i.e. 2.5 without checkpointing. LoRA skips the 4-bit
 # dequantisation (~1.3x faster); a full fine-tune adds the weight-gradient matmuls (6P vs 4P FLOPs).
 TRAIN_PER_GENERATE = {"qlora": 2.5, "lora": 3.3, "full": 2.2}
+# How a dataset is read (same names in inspect_dataset.py, benchmark_models.py and the trainer): a launch
+# script passes the ones the data stages used, so training reads the same columns and makes the same split.
+DATA_SETTINGS = ("HUB_CONFIG", "DIALOGUE_COLUMN", "SUMMARY_COLUMN", "ID_COLUMN", "VAL_FRACTION", "TEST_FRACTION",
+                 "SEED", "NORMALIZE")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Overview:
     dialogue_p99: float | None = None      # tokens
     summary_p99: float | None = None
     tokenizer: str | None = None
+    data_settings: dict = field(default_factory=dict)   # DATA_SETTINGS the overview read the dataset with
 
 
 def _read_text(path: Path, what: str, fix: str) -> str:
@@ -106,6 +111,19 @@ def _p99(data: dict, role: str, where: str) -> float | None:
     return float(value)
 
 
+def data_settings_of(overview: dict) -> dict:
+    """The DATA_SETTINGS an overview was made with (its "data_settings"; an older overview: the columns
+    it found and the fractions of the split it made), None values left out."""
+    found = overview.get("data_settings")
+    if not isinstance(found, dict):
+        columns = overview.get("columns") if isinstance(overview.get("columns"), dict) else {}
+        made = overview.get("split_fractions") if isinstance(overview.get("split_fractions"), dict) else {}
+        found = {"DIALOGUE_COLUMN": columns.get("dialogue"), "SUMMARY_COLUMN": columns.get("summary"),
+                 "ID_COLUMN": columns.get("id"), "VAL_FRACTION": made.get("validation"),
+                 "TEST_FRACTION": made.get("test"), "SEED": made.get("seed")}
+    return {name: found[name] for name in DATA_SETTINGS if found.get(name) is not None}
+
+
 def read_overview(path: Path) -> Overview:
     """The overview's dataset, row counts and p99 token lengths; a corrupt file is one clear error."""
     fix = "re-run inspect_dataset.py, or pass --OVERVIEW= to plan without it"
@@ -125,7 +143,7 @@ def read_overview(path: Path) -> Overview:
     dataset, tokenizer = data.get("dataset"), data.get("tokenizer")
     return Overview(str(dataset) if isinstance(dataset, str) else None, _count(rows, "train", where),
                     _count(rows, "validation", where), p99["dialogue"], p99["summary"],
-                    str(tokenizer) if isinstance(tokenizer, str) else None)
+                    str(tokenizer) if isinstance(tokenizer, str) else None, data_settings_of(data))
 
 
 def read_ranking(path: Path) -> list[dict]:
@@ -190,6 +208,7 @@ class PlanContext:
     train_rows: int | None          # rows the trainer will use (None: unknown, "all rows")
     val_rows: int | None
     trainer: launch.Trainer
+    data_settings: dict = field(default_factory=dict)   # DATA_SETTINGS for the trainer (recommend.data_settings)
 
 
 def rows_to_use(settings: PlanSettings, overview: Overview | None, dataset: str) -> tuple[int | None, int | None]:
@@ -282,7 +301,7 @@ def _asked(rows: int | None, setting: int) -> int:
 def trainer_flags(plan: dict, shape: ModelShape, hyper: dict, ctx: PlanContext) -> dict:
     """The trainer's settings for this plan (before they are checked against its specs)."""
     settings = ctx.settings
-    flags = {"MODEL": plan["source"], "DATASET": ctx.dataset,
+    flags = {"MODEL": plan["source"], "DATASET": ctx.dataset, **ctx.data_settings,
              "TRAIN_SAMPLES": _asked(ctx.train_rows, settings.train_samples),
              "VAL_SAMPLES": _asked(ctx.val_rows, settings.val_samples), "EPOCHS": settings.epochs,
              "BATCH_SIZE": plan["micro_batch"], "GRAD_ACCUM": plan["grad_accum"], "LEARNING_RATE": hyper["lr"],

@@ -35,19 +35,48 @@ def load_overview(setting: str, default: str) -> tuple[Path | None, planning.Ove
     return path, planning.read_overview(path), f"lengths and row counts from {path}"
 
 
+def _benchmark_record(ranking: Path) -> dict:
+    """benchmark_models.py's record beside the ranking ({} when there is none or it is damaged: it
+    is only a hint here)."""
+    record = ranking.parent / RECORDS[BENCHMARK]
+    try:
+        data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    return data if isinstance(data, dict) and data.get("stage") == BENCHMARK else {}
+
+
 def pick_dataset(settings: planning.PlanSettings, overview: planning.Overview | None, ranking: Path) -> str:
     """DATASET, else the overview's dataset, else the benchmark's, else HighlightSum (the seed's)."""
     if settings.dataset:
         return settings.dataset
     if overview is not None and overview.dataset:
         return overview.dataset
-    record = ranking.parent / RECORDS[BENCHMARK]   # first-wave records keep "dataset" at the top level too
-    try:
-        data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
-    except (OSError, ValueError):   # a damaged record beside the ranking is only a missing hint here
-        data = {}
-    found = data.get("dataset") if isinstance(data, dict) and data.get("stage") == BENCHMARK else None
+    found = _benchmark_record(ranking).get("dataset")   # first-wave records keep "dataset" at the top level too
     return str(found) if isinstance(found, str) and found else FALLBACK_DATASET
+
+
+def same_dataset(a: str | None, b: str | None) -> bool:
+    """The same Hub id, or the same local file however its path is written."""
+    if not a or not b:
+        return False
+    try:
+        return a == b or (resolve(a).exists() and resolve(a).resolve() == resolve(b).resolve())
+    except (OSError, ValueError):   # not a usable path (a NUL byte, too long): only the same text counts
+        return False
+
+
+def data_settings(dataset: str, overview: planning.Overview | None, ranking: Path) -> tuple[dict, str]:
+    """(planning.DATA_SETTINGS for the trainer, where they come from): how inspect_dataset.py read
+    `dataset` (its overview), else how benchmark_models.py read it (its record); {} when neither did."""
+    if overview is not None and same_dataset(overview.dataset, dataset):
+        return dict(overview.data_settings), "the dataset overview"
+    record = _benchmark_record(ranking)
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    if same_dataset(config.get("DATASET") if isinstance(config.get("DATASET"), str) else None, dataset):
+        return ({k: config[k] for k in planning.DATA_SETTINGS if config.get(k) is not None},
+                f"the benchmark's record ({RECORDS[BENCHMARK]})")
+    return {}, "none (no overview or benchmark read this dataset: the trainer's defaults)"
 
 
 def local_sources(candidates: list[dict]) -> list[Path]:
@@ -86,6 +115,7 @@ def write_outputs(folder: StageFolder, plans: list[dict], scripts: dict[str, str
         atomic_write_text(folder.path / name, text)
         os.chmod(folder.path / name, 0o755 & ~_umask())
     result = {"target": asdict(ctx.target), "memory_margin": ctx.settings.memory_margin, "dataset": ctx.dataset,
+              "data_settings": ctx.data_settings,
               "ranking": meta["ranking"], "overview": meta["overview"],
               "time_label": "estimates, scaled from measured generation speed (expect within ~2x)",
               "recommendations": plans}

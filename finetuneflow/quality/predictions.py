@@ -18,7 +18,7 @@ import pandas as pd
 
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.record import sha256_file
-from finetuneflow.contract.io import atomic_write_text
+from finetuneflow.contract.io import CSV_QUOTING, atomic_write_text
 
 BASE_COLUMNS = ("id", "dialogue", "reference", "prediction", "rouge1", "rouge2", "rougeL", "rougeLsum",
                 "pred_words", "ref_words")
@@ -54,9 +54,11 @@ class Predictions:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with every name in COLUMNS) as this project's predictions CSV."""
+    """Write rows (dicts with every name in COLUMNS) as this project's predictions CSV. Every field is
+    quoted (contract/io.py CSV_QUOTING), so a summary holding "\r" or "\n" reads back exactly."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n",
+                            quoting=CSV_QUOTING)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

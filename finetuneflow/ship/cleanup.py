@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 
 from finetuneflow.contract.decoding import DecodingFields, GenerationSettings
 from finetuneflow.contract.errors import UserError, first_line
-from finetuneflow.contract.io import atomic_write_json, atomic_write_text
-from finetuneflow.contract.record import RunRecord, portable, write_record
+from finetuneflow.contract.io import atomic_write_json, atomic_write_text, read_json_object
+from finetuneflow.contract.paths import resolve
+from finetuneflow.contract.record import RunRecord, describe_inputs, portable, read_record, write_record
 from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.model.family import CAUSAL, CAUSAL_DEFAULTS, SEQ2SEQ
@@ -293,9 +294,36 @@ def evaluated_settings(source: ModelFolder, settings: CleanupSettings, log=print
     return evaluated
 
 
+def already_cleaned(source: ModelFolder, settings: CleanupSettings) -> tuple[Path, dict] | None:
+    """(OUTPUT_DIR, its cleanup report) when OUTPUT_DIR holds this stage's cleanup of this very source
+    (same folder, same file contents) with the same evaluated settings and VERIFY_SAMPLES: a re-run
+    has nothing to do (OVERWRITE=True redoes it). None otherwise: the output-safety rule decides."""
+    out = resolve(settings.output_dir)
+    try:
+        existing = read_record(out) if not settings.overwrite and out.is_dir() else None
+    except UserError:   # an unreadable record: not this stage's finished output
+        return None
+    if existing is None or existing.stage != STAGE or not (out / "cleanup_report.json").is_file() \
+            or not existing.lineage.cleaned_from \
+            or resolve(existing.lineage.cleaned_from).resolve() != Path(source.path).resolve():
+        return None
+    same_settings = (existing.generation.overrides() if existing.generation else {}) == \
+        evaluated_settings(source, settings, log=lambda *_: None) \
+        and existing.config.get("VERIFY_SAMPLES") == settings.verify_samples
+    if not same_settings or list(existing.inputs.values()) != list(describe_inputs([source.path]).values()):
+        return None
+    return out, read_json_object(out / "cleanup_report.json", "pass --OVERWRITE=True to clean again")
+
+
 def clean(settings: CleanupSettings, provenance: dict | None = None, log=print) -> dict:
-    """Clean MODEL into OUTPUT_DIR, verify, and return the cleanup report."""
+    """Clean MODEL into OUTPUT_DIR, verify, and return the cleanup report (the earlier one, with
+    "skipped": True, when OUTPUT_DIR already holds this cleanup: `already_cleaned`)."""
     source = inspect_model_folder(settings.model, produced_by="merge_bart_lora.py")
+    done = already_cleaned(source, settings)
+    if done is not None:
+        log(f"skip: {done[0]} already holds the cleanup of {source.path} with these settings; pass "
+            f"--OVERWRITE=True to clean it again")
+        return {**done[1], "skipped": True}
     out = check_output_dir(settings.output_dir, stage=STAGE, inputs=[source.path], overwrite=settings.overwrite)
     from finetuneflow.model.device import default_dtype, parse_device   # torch: after the checks
     from finetuneflow.ship import parity

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_write_json, atomic_write_text
 from finetuneflow.contract.paths import require, resolve
-from finetuneflow.contract.record import RunRecord, portable, read_record, sha256_file, write_record
+from finetuneflow.contract.record import RunRecord, Split, portable, read_record, sha256_file, write_record
 from finetuneflow.contract.safety import check_output_dir, replace_dir
 from finetuneflow.contract.settings import FromConfig
 from finetuneflow.model.loading import ADAPTER_CONFIG, adapter_base, load_config, load_model
@@ -140,12 +140,17 @@ def plan(settings: MergeSettings) -> MergeJob | None:
     return MergeJob(adapter, upstream, base, adapter_sha, out, device, pick_dtype(settings.dtype, device))
 
 
-def probe_source(settings: MergeSettings, upstream: RunRecord) -> str | None:
-    """PARITY_DATASET, else the adapter's training data when it is a local file, else the samples."""
+def probe_source(settings: MergeSettings, upstream: RunRecord) -> tuple[str | None, Split | None]:
+    """(dataset, how to read it): PARITY_DATASET, else the adapter's training data when it is a local
+    file, else the samples. The training data (named by PARITY_DATASET or not) is read with the
+    columns, fractions and seed its record names: a CSV with the user's own column names works."""
+    split = upstream.split
+    source = split.source if split else None
+    recorded = source if source and resolve(source).exists() else None
     if settings.parity_dataset:
-        return settings.parity_dataset
-    source = upstream.split.source if upstream.split else None
-    return source if source and resolve(source).exists() else None
+        same = recorded is not None and resolve(settings.parity_dataset).resolve() == resolve(recorded).resolve()
+        return settings.parity_dataset, split if same else None
+    return recorded, split if recorded else None
 
 
 def merged_record(job: MergeJob) -> RunRecord:
@@ -223,7 +228,8 @@ def merge(settings: MergeSettings, provenance: dict | None = None, log=print) ->
                         allow_unsafe_weights=settings.allow_unsafe_weights)
     instruction = job.upstream.instruction or DEFAULT_INSTRUCTION
     limit = int(job.upstream.max_input_length or 512)
-    probes, source = parity.load_probes(probe_source(settings, job.upstream), settings.parity_samples)
+    dataset, recorded = probe_source(settings, job.upstream)
+    probes, source = parity.load_probes(dataset, settings.parity_samples, recorded=recorded)
     items = parity.teacher_forced(loaded, probes, instruction, limit, TARGET_TOKENS)
     expected = reference(loaded, items, probes, instruction, limit, settings.parity_new_tokens)
     refuse_no_op(expected["adapter_effect"], job)

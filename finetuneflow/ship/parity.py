@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from finetuneflow.contract.data import get_split, load_dialogues, subset
+from finetuneflow.contract.data import get_split, load_as_recorded, load_dialogues, subset
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.paths import BUNDLED_SAMPLES, CODE_ROOT, resolve
+from finetuneflow.contract.record import Split
 from finetuneflow.engine.generation import GenerationResult, encode, summarize
 from finetuneflow.model.family import CAUSAL
 from finetuneflow.model.loaded import LoadedModel
@@ -81,14 +82,16 @@ TARGET_TOKENS = 128      # reference summary tokens scored per probe
 
 # ----------------------------------------------------------------------------- probes
 
-def load_probes(dataset: str | None, n: int, split: str = "all", seed: int = 42) -> tuple[list[dict], str]:
+def load_probes(dataset: str | None, n: int, split: str = "all", seed: int = 42,
+                recorded: Split | None = None) -> tuple[list[dict], str]:
     """`n` rows {id, dialogue, summary} of `split` (a seeded subset), and where they came from.
     No dataset: the bundled samples. A relative path that exists only under the code folder
-    (the bundled samples with another FTF_ROOT) is found there."""
+    (the bundled samples with another FTF_ROOT) is found there. `recorded`: the dataset is a
+    model's training data, read with the settings its record names (columns, fractions, ...)."""
     source = str(dataset) if dataset else str(BUNDLED_SAMPLES)
     if not resolve(source).exists() and (CODE_ROOT / source).exists():
         source = str(CODE_ROOT / source)
-    data = load_dialogues(source, seed=seed)
+    data = load_as_recorded(recorded, source) if recorded is not None else load_dialogues(source, seed=seed)
     rows = [{"id": str(r["id"]), "dialogue": r["dialogue"], "summary": r["summary"]}
             for r in subset(get_split(data, split), n, seed)]
     if not rows:

@@ -7,11 +7,17 @@
 2. `start`: the run folder is prepared (main process) - from here on a failure leaves an
    unfinished run that the next command resumes, or replaces when it is not worth keeping.
 3. `build_trainer`, `run_training` (a non-finite loss marks the run failed and stops with one
-   line), `finish` (metrics, the adapter folder, run_config.json last).
+   line; running out of memory stops with one line of fixes and leaves the run resumable),
+   `finish` (metrics, the adapter folder, run_config.json last).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from transformers import set_seed
+
+from finetuneflow.contract.errors import UserError
 
 from finetuneflow.contract.paths import ROOT
 from finetuneflow.contract.record import Lineage, RunRecord, Split, fingerprint, ids_digest, portable
@@ -24,7 +30,7 @@ from finetuneflow.train import encoding, evaluation, outputs, trackers
 from finetuneflow.train.lora import Base
 from finetuneflow.model.precision import resolve_training_precision
 from finetuneflow.train.preflight import TrainJob
-from finetuneflow.train.run_dir import mark_failed, prepare_run_dir
+from finetuneflow.train.run_dir import complete_checkpoints, mark_failed, prepare_run_dir
 from finetuneflow.train.settings import STAGE
 from finetuneflow.train.trainer import (GenerationEval, NonFiniteTraining, SummarizationTrainer, process_state,
                                         training_arguments, training_callbacks)
@@ -182,6 +188,38 @@ def run_training(job: TrainJob, trainer: SummarizationTrainer) -> None:
         if job.state.is_main_process:
             mark_failed(job.plan, str(exc).split(":", 1)[0])
         raise
+    except (torch.OutOfMemoryError, RuntimeError) as exc:   # the run stays unfinished: resumable, not failed
+        problem = out_of_memory(exc, job.settings, job.plan.checkpoints, job.state.device)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def out_of_memory(exc: BaseException, s, checkpoints: Path, device) -> UserError | None:
+    """Out of memory while training (CUDA, MPS, or the CPU allocator's RuntimeError) as one line: the
+    fixes in the order to try them, and what the next command does with the run folder (its complete
+    checkpoints are kept, never half-written ones); None when `exc` is another error."""
+    text = str(exc)
+    if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in text \
+            and "can't allocate memory" not in text:
+        return None
+    fixes = []
+    if s.batch_size > 1:
+        half = s.batch_size // 2
+        accum = -(-s.batch_size * s.grad_accum // half)
+        fixes.append(f"--BATCH_SIZE={half} --GRAD_ACCUM={accum} (the same batch of {s.batch_size * s.grad_accum})")
+    if not s.gradient_checkpointing:
+        fixes.append("--GRADIENT_CHECKPOINTING=True")
+    if not s.load_in_4bit and torch.device(device).type == "cuda":
+        fixes.append("--LOAD_IN_4BIT=True (QLoRA)")
+    fixes.append(f"a shorter --MAX_INPUT_LENGTH (now {s.max_input_length})")
+    saved = complete_checkpoints(checkpoints)
+    state = (f"{saved[-1].name} is kept: the same command resumes from it, changed settings need --OVERWRITE=True "
+             f"or a new --OUTPUT_DIR" if saved else
+             "no checkpoint was saved yet: the next command starts over in the same folder")
+    return UserError(f"training ran out of memory on {device} (BATCH_SIZE={s.batch_size} x GRAD_ACCUM="
+                     f"{s.grad_accum}, MAX_INPUT_LENGTH={s.max_input_length}); try, in this order: "
+                     f"{'; '.join(fixes)}; {state}")
 
 
 def finish(job: TrainJob, base: Base, trainer: SummarizationTrainer, tokenized: dict, run) -> dict:
