@@ -110,7 +110,7 @@ def save_outputs(plan: RunPlan, model, tokenizer, metrics: dict, config: Mapping
     out = plan.out
     staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])   # not DPO's "ref"
         (staging / "README.md").unlink(missing_ok=True)   # PEFT's model-card stub is not part of the contract
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / "train_metrics.json", metrics)
