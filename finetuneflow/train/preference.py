@@ -37,6 +37,14 @@ with warnings.catch_warnings():   # ORPO lives in trl.experimental, which warns 
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 
+REFERENCE_ADAPTER = "ref"   # the frozen copy of the start adapter TRL's DPOTrainer makes
+
+
+def trl_version() -> str:
+    import trl
+    return trl.__version__
+
+
 def pair_lengths(prompts: list, chosen: list, rejected: list) -> list[int]:
     """Tokens of each pair's longer sequence (the length-grouped order)."""
     return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
@@ -132,8 +140,12 @@ def build_trainer(job: TrainJob, model, tokenizer, tokenized: dict, report_to, c
                   select_on=job.select_on, faithfulness_margin=s.faithfulness_margin, eval_precision=s.eval_precision)
     if s.objective == "dpo":
         args = DPOConfig(**values, max_length=None, precompute_ref_log_probs=False)
-        return PreferenceDPOTrainer(args=args, train_dataset=tokenized["train"],
-                                    eval_dataset=tokenized["validation"], **common)
+        trainer = PreferenceDPOTrainer(args=args, train_dataset=tokenized["train"],
+                                       eval_dataset=tokenized["validation"], **common)
+        if REFERENCE_ADAPTER not in trainer.model.peft_config:   # an older TRL would compare with the bare base
+            raise UserError(f"this TRL ({trl_version()}) computes DPO's reference without the start adapter (the base "
+                            f"model, not the SFT model); install trl>=1.16 (requirements.txt)")
+        return trainer
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     args = ORPOConfig(**values, max_length=s.max_input_length + s.max_target_length,
                       max_completion_length=s.max_target_length)

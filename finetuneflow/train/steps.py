@@ -234,8 +234,10 @@ def finish(job: TrainJob, base: Base, trainer: SummarizationTrainer, tokenized: 
         "eval_precision": s.eval_precision,
         "parameters": {"trainable": trainable, "total": total}, "data": tokenized["stats"], **objective})
     if job.state.is_main_process:
-        lora = lora_facts(trainer.model) if s.preference else {
-            "r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout, "target_modules": base.targets}
+        if s.preference:   # the start adapter's own LoRA (its record keeps the targets' order)
+            lora = job.start.record.extra.get("lora") or lora_facts(trainer.model)
+        else:
+            lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout, "target_modules": base.targets}
         record = run_record(job, base, lora)
         record.extra.update(best_step=metrics["best_step"], best_rougeL=metrics["best_rougeL"],
                             evaluation=metrics["evaluation"], selection=metrics["selection"], **objective)
