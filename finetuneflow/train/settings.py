@@ -141,6 +141,22 @@ class TrainSettings(FromConfig):
                             f"would pick a best checkpoint; set --EVAL_STEPS to at most {self.max_steps} (or 0 = "
                             f"once per epoch)")
         self.generation   # MIN_NEW_TOKENS > MAX_NEW_TOKENS is an error there
+        self.check_objective()
+
+    def check_objective(self) -> None:
+        """OBJECTIVE and the settings that belong to it."""
+        objective = self.objective
+        if self.preference and not self.start_adapter:
+            raise UserError(f"OBJECTIVE={objective} tunes a trained adapter, and START_ADAPTER is not set; train one "
+                            f"with --objective=sft first, then pass its folder: --start_adapter=ft_outputs/<run>")
+        if not self.preference and self.start_adapter:
+            raise UserError(f"START_ADAPTER={self.start_adapter} is for OBJECTIVE=dpo or orpo (OBJECTIVE={objective} "
+                            f"starts a new adapter); pass --objective=dpo, or drop --start_adapter")
+        if not self.preference and self.preference_beta is not None:
+            raise UserError(f"PREFERENCE_BETA is for OBJECTIVE=dpo or orpo, not {objective}; drop --preference_beta")
+        if self.preference and not self.negatives:
+            raise UserError("NEGATIVES is empty: preference tuning needs at least one corruption kind to make the "
+                            "rejected summaries; pass e.g. --negatives=name,number,speaker,sentence")
 
 
 def check_lengths(model_config, family: str, model_name: str, max_input: int, max_target: int) -> int | None:
