@@ -20,6 +20,19 @@ Checkpoint selection (SELECT_ON): rougeL = highest validation ROUGE-L. rougeL_fa
 ROUGE-L among the checkpoints whose unsupported-mention rate is at most the lowest rate seen so far
 + FAITHFULNESS_MARGIN, decided again after every evaluation (finetuneflow/train/selection.py);
 on dialogues longer than the check was validated for, it falls back to rougeL and says so.
+Preference tuning (OBJECTIVE=dpo|orpo, through TRL's DPOTrainer / ORPOTrainer): continues START_ADAPTER
+(a finished adapter of MODEL) on pairs whose chosen summary is the reference and whose rejected one is a
+corruption of it by the faithfulness validation's code (finetuneflow/quality/corruptions.py): NEGATIVES =
+name (a name from another dialogue), number (a changed number or time), speaker (swapped speakers),
+sentence (a sentence from another dialogue); PAIRS_PER_ROW of the kinds that apply to a row are drawn
+with SEED (a kind that cannot apply is skipped for that row and counted). DPO's reference is the start
+adapter itself (a frozen copy). INSTRUCTION and decoding settings left at None come from the start
+adapter's record. Evaluations, selection, resume and the outputs are those of sft; run_config.json and
+train_metrics.json add "preference" (objective, beta, start adapter, pairs of each kind). DPO trains
+decoder-only models only (TRL); ORPO trains both families.
+Seeds: SEED seeds the training (order, LoRA init, dropout, negatives); SPLIT_SEED (None: SEED) the data
+split and row subsets, so several SEEDs with one SPLIT_SEED keep the same train/validation/test rows.
+In-training generation runs in fp32 (autocast off, as the evaluation stage) unless EVAL_PRECISION=autocast.
 Precision (PRECISION): autocast only, LoRA weights and AdamW stay fp32. auto = bf16 on a GPU that
 has it (else fp16); on a CPU, bf16 only with native bf16 (avx512_bf16/AMX) for causal models of
 >= 50M parameters (measured as good as fp32 on SmolLM2; see BENCHMARKS.md, Training), else fp32.
@@ -49,6 +62,8 @@ Run as:
     python train_bart_lora.py --model_name=ft_outputs/base_smollm2 --dataset=../shared/data/dialogsum_dev500.jsonl \\
         --train_samples=400 --epochs=1 --max_input_length=512 --num_beams=1 --output_dir=ft_outputs/smollm2_lora
     python train_bart_lora.py --load_in_4bit=True ...           # QLoRA
+    python train_bart_lora.py --model_name=ft_outputs/base_smollm2 --dataset=../shared/data/dialogsum_dev500.jsonl \\
+        --objective=dpo --start_adapter=ft_outputs/smollm2_lora --output_dir=ft_outputs/smollm2_dpo ...  # DPO on SFT
     accelerate launch --num_processes 2 train_bart_lora.py ...  # DDP on 2 GPUs (FSDP/DeepSpeed: `accelerate config`)
     accelerate launch --multi_gpu --num_processes 2 train_bart_lora.py ...  # no GPU: 2 CPU processes, DDP over gloo
       (accelerate's `--cpu --num_processes 2` starts only ONE process unless MPI is set up)

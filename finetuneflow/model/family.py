@@ -8,7 +8,8 @@ it owns the family's rules:
   parsed into special tokens) and counting input tokens the same way (for long-input windows);
 * the padding side for generation and how the new tokens are cut from `generate()`'s output;
 * teacher-forced inputs (prompt + reference summary) for parity checks and training examples
-  (causal: loss on the summary + EOS only; seq2seq: `labels`);
+  (causal: loss on the summary + EOS only; seq2seq: `labels`), and preference pairs (the same
+  input with a chosen and a rejected target) with the objectives TRL trains for the family;
 * the LoRA task type and default targets, and the decoding defaults: `resolve_generation` puts a
   request (contract/decoding.py `GenerationSettings`, already filled from the upstream run record)
   over them once, with every limit a backend needs worked out (`ResolvedGeneration`).
