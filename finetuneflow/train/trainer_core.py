@@ -6,6 +6,9 @@ Trainer class it extends.
   length-stratified subset of the validation rows, on a time budget (train/evaluation.py; shared
   across processes), to the validation loss, and reports what each part cost. The best
   checkpoint follows SELECT_ON (train/selection.py), decided again after every evaluation.
+* In-training generation runs without the backend's exact speed-ups: its prompt-prefix KV cache is
+  kept per model object, whose weights change between evaluations here (a cache kept from the
+  first evaluation made every later one decode from stale keys and values).
 * In-training generation runs in fp32 (autocast off), as the evaluation stage generates, so the
   checkpoint chosen is the one the evaluation stage would choose; EVAL_PRECISION=autocast
   generates under the training autocast instead (faster on a GPU; bf16 summaries on SmolLM2 scored
@@ -35,7 +38,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from finetuneflow.contract.errors import UserError
 from finetuneflow.engine.generation import summarize
 from finetuneflow.model.backends.hf import BACKEND as HF
-from finetuneflow.model.backends.hf import unwrap
+from finetuneflow.model.backends.hf import exact_speedups, unwrap
 from finetuneflow.model.family import family_of
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.train import evaluation, selection
@@ -274,7 +277,10 @@ class SummaryTrainerMixin:
             return gather_object(items) if world > 1 else items
 
         try:
-            with self.generation_precision():
+            # exact speed-ups off: the backend keeps the prompt prefix's KV cache per model object, which
+            # here changes its weights between evaluations (a later evaluation would decode from the
+            # first evaluation's prefix keys and values)
+            with self.generation_precision(), exact_speedups(False):
                 generated = evaluation.generate_rows(spec, summarize_rows, self.fixed_rows(), self.args.process_index,
                                                      world, agree, collect)
         finally:
