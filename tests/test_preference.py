@@ -168,11 +168,14 @@ def test_orpo_trains_both_families(tiny_models, sft_llama):
     root, sft = sft_llama
     run_stage(SCRIPT, f"--model={tiny_models['llama']}", "--objective=orpo", "--start_adapter=sft",
               "--output_dir=orpo", "--negatives=name,sentence", "--pairs_per_row=0", "--preference_beta=0.2",
-              *FAST, root=root)
+              *FAST, "--train_samples=6", root=root)
     record = json.loads((root / "orpo" / "run_config.json").read_text())
     assert files_under(root / "orpo") == files_under(sft) and record["objective"] == "orpo"
     assert set(record["preference"]["pairs"]["train"]["kinds"]) == {"name_insert", "sentence_append"}
     assert record["preference"]["beta"] == 0.2
+    # 6 rows trained here, and the start adapter's 12 are still rows this adapter learned from
+    start = json.loads((sft / "run_config.json").read_text())["split"]["train_fingerprints"]
+    assert record["split"]["train_rows"] == 6 and set(record["split"]["train_fingerprints"]) == set(start)
 
     run_stage(SCRIPT, f"--model={tiny_models['bart']}", "--output_dir=sft_bart", *FAST, root=root)
     run_stage(SCRIPT, f"--model={tiny_models['bart']}", "--objective=orpo", "--start_adapter=sft_bart",

@@ -25,9 +25,10 @@ import warnings
 import datasets
 
 from finetuneflow.contract.errors import UserError
-from finetuneflow.contract.record import portable
+from finetuneflow.contract.record import fingerprint, portable
 from finetuneflow.train import encoding, pairs
 from finetuneflow.train.preflight import TrainJob
+from finetuneflow.train.start_adapter import trained_fingerprints
 from finetuneflow.train.trainer import training_argument_values
 from finetuneflow.train.trainer_core import SummaryTrainerMixin
 
@@ -125,6 +126,12 @@ def tokenize(job: TrainJob, tokenizer, spec: encoding.EncodingSpec) -> dict:
                                                                                f"pairs-{name}")
     validation, _ = encoding.tokenize_split(job.val_rows, tokenizer, spec, job.cache, "validation")
     out["eval_lengths"] = [len(ids) for ids in validation["input_ids"]]
+    seen = set(trained_fingerprints(job.start))
+    overlap = sum(1 for dialogue in job.val_rows["dialogue"] if fingerprint(dialogue) in seen)
+    if overlap:
+        job.say(f"note: {overlap} of the {len(job.val_rows)} validation rows are rows {job.start.path.name} was "
+                f"trained on, so in-training scores are optimistic; give this run the sft run's data settings "
+                f"(DATASET, SPLIT_SEED or SEED, VAL_FRACTION, TEST_FRACTION, TRAIN_SAMPLES, VAL_SAMPLES)")
     return out
 
 

@@ -8,12 +8,15 @@ heavy loads (no torch here), and what the run takes over from the adapter's run 
 * The objective must be one TRL can train for the family (`Family.preference_objectives`).
 * INSTRUCTION and the decoding settings left at None are taken from the adapter's record, so the
   prompt is the one the adapter learned and in-training evaluations decode as its own did.
+* The rows the start adapter was trained on stay training rows of the result (`trained_fingerprints`
+  joins the run record's), so the evaluation stage keeps refusing them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetuneflow.contract.data import legacy_train_fingerprints
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.paths import resolve
@@ -85,3 +88,11 @@ def with_inherited(settings: TrainSettings, start: StartAdapter | None) -> tuple
     if not filled:
         return settings, []
     return TrainSettings.from_config(config), filled
+
+
+def trained_fingerprints(start: StartAdapter | None) -> list[str]:
+    """Fingerprints of the dialogues the start adapter was trained on (none without a start adapter)."""
+    split = start.record.split if start is not None else None
+    if split is None:
+        return []
+    return list(split.train_fingerprints or legacy_train_fingerprints(split))

@@ -28,6 +28,7 @@ from finetuneflow.model.precision import resolve_training_precision
 from finetuneflow.train.preflight import TrainJob
 from finetuneflow.train.run_dir import mark_failed, prepare_run_dir
 from finetuneflow.train.settings import STAGE
+from finetuneflow.train.start_adapter import trained_fingerprints
 from finetuneflow.train.trainer import (GenerationEval, NonFiniteTraining, SummarizationTrainer, process_state,
                                         training_arguments, training_callbacks)
 
@@ -137,6 +138,14 @@ def start(job: TrainJob) -> None:
     job.state.wait_for_everyone()
 
 
+def trained_rows(job: TrainJob) -> list[str]:
+    """Fingerprints of every dialogue the adapter has learned from: this run's rows, and for dpo/orpo
+    those the start adapter was trained on (the evaluation stage refuses them all)."""
+    own = [fingerprint(d) for d in job.train_rows["dialogue"]]
+    known = set(own)
+    return own + [f for f in dict.fromkeys(trained_fingerprints(job.start)) if f not in known]
+
+
 def run_record(job: TrainJob, base: Base, lora: dict) -> RunRecord:
     """What later stages inherit from the adapter folder."""
     s, data, seq2seq = job.settings, job.data, base.family == SEQ2SEQ
@@ -145,7 +154,7 @@ def run_record(job: TrainJob, base: Base, lora: dict) -> RunRecord:
                   test_fraction=s.test_fraction, made_from_single_file=data.made_splits,
                   train_samples=s.train_samples, val_samples=s.val_samples, train_rows=len(job.train_rows),
                   validation_rows=len(job.val_rows), dropped_empty_rows=data.dropped,
-                  train_fingerprints=[fingerprint(d) for d in job.train_rows["dialogue"]],
+                  train_fingerprints=trained_rows(job),
                   validation_ids=ids_digest(job.val_rows["id"]))
     return RunRecord(
         STAGE, family=base.family, instruction=job.instruction,
