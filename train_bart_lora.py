@@ -29,7 +29,8 @@ with SEED (a kind that cannot apply is skipped for that row and counted). DPO's 
 adapter itself (a frozen copy). INSTRUCTION and decoding settings left at None come from the start
 adapter's record. Evaluations, selection, resume and the outputs are those of sft; run_config.json and
 train_metrics.json add "preference" (objective, beta, start adapter, pairs of each kind). DPO trains
-decoder-only models only (TRL); ORPO trains both families.
+decoder-only models only (TRL); ORPO trains both families. A batch of BATCH_SIZE pairs runs 2 x BATCH_SIZE
+sequences (DPO: plus the reference's forward): halve BATCH_SIZE and double GRAD_ACCUM to keep sft's memory.
 Seeds: SEED seeds the training (order, LoRA init, dropout, negatives); SPLIT_SEED (None: SEED) the data
 split and row subsets, so several SEEDs with one SPLIT_SEED keep the same train/validation/test rows.
 In-training generation runs in fp32 (autocast off, as the evaluation stage) unless EVAL_PRECISION=autocast.

@@ -69,10 +69,10 @@ def tokenize(job: TrainJob, base: Base) -> dict:
                 f"tokens, {stats['truncated_dialogues']} dialogues and {stats['truncated_summaries']} summaries cut "
                 f"(cache {stats['cache']})")
     for name, counts in job.pairs.items():
-        kinds = ", ".join(f"{kind} {c['pairs']} ({c['skipped']} rows skipped: cannot apply)"
+        kinds = ", ".join(f"{kind} {c['pairs']} (cannot apply to {c['skipped']})"
                           for kind, c in counts["kinds"].items())
-        job.say(f"{name} pairs: {counts['pairs']} from {counts['rows']} rows ({counts['rows_without_pair']} rows "
-                f"without any): {kinds}")
+        job.say(f"{name} pairs: {counts['pairs']} from {counts['rows']} rows ({counts['rows_without_pair']} "
+                f"with none): {kinds}")
     return tokenized
 
 
