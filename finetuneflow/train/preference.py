@@ -39,6 +39,8 @@ with warnings.catch_warnings():   # ORPO lives in trl.experimental, which warns 
 
 
 REFERENCE_ADAPTER = "ref"   # the frozen copy of the start adapter TRL's DPOTrainer makes
+# TRL asks transformers 5 by the old name on every step; the answer is the same
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def trl_version() -> str:

@@ -201,11 +201,13 @@ class SummaryTrainerMixin:
                                         lengths, seed)
 
     def _get_eval_sampler(self, eval_dataset):
-        """Validation batches grouped by `row_lengths` too (transformers infers lengths only from input_ids)."""
-        lengths = self.row_lengths(eval_dataset) if eval_dataset is not None else None
-        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
-            return super()._get_eval_sampler(eval_dataset) if lengths is not None or eval_dataset is None \
-                else (torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None)
+        """Validation batches grouped by `row_lengths` too (transformers infers lengths only from
+        input_ids, which preference pairs do not have), with transformers' seeded generator."""
+        if eval_dataset is None or self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = self.row_lengths(eval_dataset)
+        if lengths is None:   # rows of unknown shape: in order
+            return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
                                     generator=torch.Generator().manual_seed(seed))
