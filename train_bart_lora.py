@@ -20,6 +20,20 @@ Checkpoint selection (SELECT_ON): rougeL = highest validation ROUGE-L. rougeL_fa
 ROUGE-L among the checkpoints whose unsupported-mention rate is at most the lowest rate seen so far
 + FAITHFULNESS_MARGIN, decided again after every evaluation (finetuneflow/train/selection.py);
 on dialogues longer than the check was validated for, it falls back to rougeL and says so.
+Preference tuning (OBJECTIVE=dpo|orpo, through TRL's DPOTrainer / ORPOTrainer): continues START_ADAPTER
+(a finished adapter of MODEL) on pairs whose chosen summary is the reference and whose rejected one is a
+corruption of it by the faithfulness validation's code (finetuneflow/quality/corruptions.py): NEGATIVES =
+name (a name from another dialogue), number (a changed number or time), speaker (swapped speakers),
+sentence (a sentence from another dialogue); PAIRS_PER_ROW of the kinds that apply to a row are drawn
+with SEED (a kind that cannot apply is skipped for that row and counted). DPO's reference is the start
+adapter itself (a frozen copy). INSTRUCTION and decoding settings left at None come from the start
+adapter's record. Evaluations, selection, resume and the outputs are those of sft; run_config.json and
+train_metrics.json add "preference" (objective, beta, start adapter, pairs of each kind). DPO trains
+decoder-only models only (TRL); ORPO trains both families. A batch of BATCH_SIZE pairs runs 2 x BATCH_SIZE
+sequences (DPO: plus the reference's forward): halve BATCH_SIZE and double GRAD_ACCUM to keep sft's memory.
+Seeds: SEED seeds the training (order, LoRA init, dropout, negatives); SPLIT_SEED (None: SEED) the data
+split and row subsets, so several SEEDs with one SPLIT_SEED keep the same train/validation/test rows.
+In-training generation runs in fp32 (autocast off, as the evaluation stage) unless EVAL_PRECISION=autocast.
 Precision (PRECISION): autocast only, LoRA weights and AdamW stay fp32. auto = bf16 on a GPU that
 has it (else fp16); on a CPU, bf16 only with native bf16 (avx512_bf16/AMX) for causal models of
 >= 50M parameters (measured as good as fp32 on SmolLM2; see BENCHMARKS.md, Training), else fp32.
@@ -49,6 +63,8 @@ Run as:
     python train_bart_lora.py --model_name=ft_outputs/base_smollm2 --dataset=../shared/data/dialogsum_dev500.jsonl \\
         --train_samples=400 --epochs=1 --max_input_length=512 --num_beams=1 --output_dir=ft_outputs/smollm2_lora
     python train_bart_lora.py --load_in_4bit=True ...           # QLoRA
+    python train_bart_lora.py --model_name=ft_outputs/base_smollm2 --dataset=../shared/data/dialogsum_dev500.jsonl \\
+        --objective=dpo --start_adapter=ft_outputs/smollm2_lora --output_dir=ft_outputs/smollm2_dpo ...  # DPO on SFT
     accelerate launch --num_processes 2 train_bart_lora.py ...  # DDP on 2 GPUs (FSDP/DeepSpeed: `accelerate config`)
     accelerate launch --multi_gpu --num_processes 2 train_bart_lora.py ...  # no GPU: 2 CPU processes, DDP over gloo
       (accelerate's `--cpu --num_processes 2` starts only ONE process unless MPI is set up)
@@ -80,7 +96,12 @@ TARGET_MODULES = None                  # [all-linear | list[str] | None] None: t
 LOAD_IN_4BIT = False                   # [bool | None] QLoRA: nf4 4-bit base with double quantization (bitsandbytes)
 ALLOW_CPU_FALLBACK = False    # when 4-bit is unavailable here, train the full-precision model instead of failing
 GRADIENT_CHECKPOINTING = False  # trade compute for memory (long inputs, small GPUs)
-INSTRUCTION = None                     # [str | None] causal prompt instruction; None: prompts.DEFAULT_INSTRUCTION
+INSTRUCTION = None                     # [str | None] causal prompt instruction; None: START_ADAPTER's or the default
+OBJECTIVE = "sft"                      # [sft | dpo | orpo] sft: learn the references; dpo/orpo: tune START_ADAPTER
+START_ADAPTER = None                   # [str | None] dpo/orpo: the finished adapter folder to continue (base: MODEL)
+PREFERENCE_BETA = None                 # [float > 0 | None] dpo/orpo: TRL's beta; None: TRL's default (0.1)
+NEGATIVES = "name,number,speaker,sentence"  # [list[name | number | speaker | sentence]] dpo/orpo: corruption kinds
+PAIRS_PER_ROW = 1                      # [int >= 0] dpo/orpo: rejected summaries per row (0 = every kind that applies)
 NUM_BEAMS = None                       # [int >= 1 | None] eval beams (recorded); None: family default (see above)
 MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens; None: family default (seq2seq 192)
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] shortest generated summary, tokens (None: model default)
@@ -91,13 +112,15 @@ EVAL_ON_START = True          # evaluate before training too: the zero-shot ROUG
 EVAL_BATCH_SIZE = 8                    # [int >= 1] batch size for validation loss and generation
 EVAL_GENERATE_SAMPLES = None           # [int >= 0 | None] stratified rows per eval (0 = all); None: family default
 EVAL_BUDGET_SECONDS = 120              # [float >= 0] generation seconds per evaluation (0 = no limit)
+EVAL_PRECISION = "fp32"                # [fp32 | autocast] in-training generation: fp32 (as eval) or under the autocast
 SELECT_ON = "rougeL"                   # [rougeL | rougeL_faithful] how the best checkpoint is chosen
 FAITHFULNESS_MARGIN = 0.05             # [0 <= float <= 1] rougeL_faithful: rate allowed above the lowest
 EARLY_STOPPING_PATIENCE = 0            # [int >= 0] stop after N evaluations without a better ROUGE-L (0 = off)
 MAX_STEPS = 0                          # [int >= 0] cap on optimizer steps (0 = EPOCHS decides)
 LOGGING_STEPS = 10                     # [int >= 1] log the training loss every N steps
 SAVE_TOTAL_LIMIT = 2                   # [int >= 0] newest checkpoints kept while training, plus the best (0 = all)
-SEED = 42                              # [int >= 0] seeds data order, subsets, LoRA init
+SEED = 42                              # [int >= 0] seeds the training: data order, LoRA init, dropout, negatives
+SPLIT_SEED = None                      # [int >= 0 | None] seeds the data split and row subsets; None: SEED
 RESUME = "auto"                        # [auto | never | str] auto: newest complete checkpoint; never; checkpoint-N
 OVERWRITE = False             # replace an OUTPUT_DIR that holds a run with other settings
 KEEP_CHECKPOINTS = False      # keep OUTPUT_DIR/checkpoints after a finished run
@@ -115,24 +138,19 @@ from finetuneflow.train.settings import RENAMED, TrainSettings
 
 def main(argv=None) -> dict:
     settings = TrainSettings.from_config(configure(globals(), argv, renamed=RENAMED))
-    job = preflight.plan_job(settings)     # checks, data, splits, start/resume/skip/replace/refuse: nothing written
+    job = preflight.plan_job(settings)     # checks, start adapter, data, splits, start/resume/skip: nothing written
     if job.plan.finished:
         return preflight.already_finished(job)
     from finetuneflow.quality import tracking   # the heavy libraries load only for a run that will train
     from finetuneflow.train import steps
-    from finetuneflow.train.lora import add_lora, load_base
+    from finetuneflow.train.lora import load_base
     steps.begin(job)                       # process state (one per device under accelerate) and seed
-    base = load_base(settings, job.state.device)   # config, lengths, 4-bit, weights, LoRA targets
+    base = load_base(job.settings, job.state.device)   # config, lengths, 4-bit, weights, LoRA targets
     steps.decide(job, base)                # precision and family decoding defaults (checked, nothing written)
-    tokenized = steps.tokenize(job, base)  # impossible lengths fail here, before the run folder is touched
+    tokenized = steps.tokenize(job, base)  # rows or preference pairs; impossible lengths fail here
     steps.plan_evaluations(job, base, tokenized)   # the fixed evaluation subset, the selection rule
     steps.start(job)                       # the run folder is prepared only now
-    model = add_lora(base.loaded, base.targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout,
-                     base.in_4bit, settings.gradient_checkpointing)
-    trainable, total = model.get_nb_trainable_parameters()
-    job.say(f"model {settings.model} ({base.family}{', 4-bit' if base.in_4bit else ''}) on {job.state.device} "
-            f"x{job.state.num_processes}: LoRA r={settings.lora_r} on {base.targets}: {trainable:,} trainable of "
-            f"{total:,} parameters ({trainable / total:.3%})")
+    model = steps.make_model(job, base)    # a new LoRA adapter (sft), or START_ADAPTER (dpo/orpo)
     run, active = steps.start_tracking(job)
     try:
         trainer = steps.build_trainer(job, base, model, tokenized, active)

@@ -1,7 +1,8 @@
 """Validation of the faithfulness checks: do they catch corrupted summaries, and leave references alone?
 
 From human reference summaries (DialogSum dev, 500 rows) the script builds one corrupted
-version per corruption type, wherever the type applies:
+version per corruption type, wherever the type applies (finetuneflow/quality/corruptions.py, the
+same code that makes the rejected summaries of preference training, OBJECTIVE=dpo|orpo):
 
 * speaker_swap:   the two speakers are swapped everywhere in the summary (#Person1# <-> #Person2#,
                   or the two names of a 'Name: text' chat); only summaries where some clause has one
@@ -41,157 +42,24 @@ SEED = 13                   # corruption choices
 OUTPUT_JSON = ""            # also write every number and per-row flag here ("" = print only)
 
 import json
-import random
-import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetuneflow.contract.errors import UserError, run_cli  # noqa: E402
 from finetuneflow.contract.settings import configure  # noqa: E402
+from finetuneflow.quality.corruptions import CORRUPTIONS, corrupt  # noqa: E402  (the corruptions training uses too)
 
-CORRUPTIONS = ("speaker_swap", "number_change", "name_insert", "sentence_append")
 OWN_CORRUPTION = {"misattribution": "speaker_swap", "unsupported_mentions": ("number_change", "name_insert"),
                   "unsupported_sentence": "sentence_append"}
-
-_TAG = re.compile(r"#Person(\d)#")
-_WORD_NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-                 "fifteen", "twenty", "thirty", "forty", "fifty", "hundred"]
-_NUMBER_TOKEN = re.compile(r"(?<![\w#.])(\d{1,3}(?:,\d{3})+|\d+)(?![\d,]*#)|\b(" + "|".join(_WORD_NUMBERS) + r")\b",
-                           re.IGNORECASE)
-_MONTHS_DAYS = set("january february march april may june july august september october november december monday "
-                   "tuesday wednesday thursday friday saturday sunday".split())
 
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} not found (the shared data folder); pass --dialogsum=<file.jsonl>")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# --- corruptions ----------------------------------------------------------------------------------
-def _labels(dialogue: str) -> list[str]:
-    from finetuneflow.quality.faith_text import parse_turns, speakers_of
-    return speakers_of(parse_turns(dialogue))
-
-
-def swap_speakers(summary: str, dialogue: str) -> str | None:
-    """The two speakers swapped, when some clause has exactly one of them as subject."""
-    speakers = _labels(dialogue)
-    if len(speakers) != 2:
-        return None
-    a, b = speakers
-    if _TAG.fullmatch(a) and _TAG.fullmatch(b):
-        pa, pb = re.escape(a), re.escape(b)
-    else:
-        pa, pb = rf"\b{re.escape(a)}\b", rf"\b{re.escape(b)}\b"
-    subject = re.compile(rf"(?:^|[.;!?]\s+|,\s+|\band\s+|\bbut\s+|\bso\s+|\bthen\s+)({pa}|{pb})"
-                         rf"(?!'s|’s|\s+and\b|\s*&)")
-    joint = re.compile(rf"(?:{pa}|{pb})\s+(?:and|&)\s+$")
-    if not any(not joint.search(summary[:m.start(1)]) for m in subject.finditer(summary)):
-        return None   # only "A and B ..." subjects: a swap changes nothing
-    swapped = re.sub(f"{pa}|{pb}", lambda m: b if m.group(0) == a else a, summary)
-    return swapped if swapped != summary else None
-
-
-def change_number(summary: str, dialogue: str, rng: random.Random) -> str | None:
-    """One number of the summary that also occurs in the dialogue, changed to a value the dialogue lacks."""
-    from finetuneflow.quality.faith_numbers import NumberIndex, number_mentions
-    index = NumberIndex(dialogue)
-    candidates = [m for m in _NUMBER_TOKEN.finditer(summary)]
-    rng.shuffle(candidates)
-    for m in candidates:
-        if m.group(1):
-            value = int(m.group(1).replace(",", ""))
-            for delta in rng.sample([1, 2, 3, 5, 10], 5):
-                new = value + delta if value < 1000 else value + delta * 100
-                text = f"{new:,}" if "," in m.group(1) else str(new)
-                number = re.escape(m.group(1))
-                if re.search(rf"{number}\s*:\s*\d\d|{number}\s*[ap]\.?\s?m", summary[m.start():]) and new > 12:
-                    new = (value % 12) + 2
-                    text = str(new)
-                candidate = summary[:m.start()] + text + summary[m.end():]
-                changed = [x for x in number_mentions(candidate) if x.start <= m.start() < x.end]
-                if changed and not index.supports(changed[0]):
-                    return candidate
-        else:
-            word = m.group(2).lower()
-            for new in rng.sample(_WORD_NUMBERS, len(_WORD_NUMBERS)):
-                if new == word:
-                    continue
-                text = new.capitalize() if m.group(2)[0].isupper() else new
-                candidate = summary[:m.start()] + text + summary[m.end():]
-                changed = [x for x in number_mentions(candidate) if x.start <= m.start() < x.end]
-                if changed and not index.supports(changed[0]):
-                    return candidate
-    return None
-
-
-def name_pool(rows: list[dict]) -> list[str]:
-    """Person-like names: capitalised words after 'Hi/Hey/Hello/Thanks/Dear' or 'I'm/This is/name is' in the
-    dialogues, never written in lower case anywhere in the corpus."""
-    lower_words = Counter()
-    for r in rows:
-        lower_words.update(re.findall(r"\b[a-z]+\b", r["dialogue"] + " " + r["summary"]))
-    names = Counter()
-    cue = re.compile(r"\b(?:Hi|Hey|Hello|Thanks|Thank you|Dear|Bye|I'm|I am|This is|name is|Mr\.|Mrs\.|Ms\.|Miss)"
-                     r"\s*,?\s+"
-                     r"([A-Z][a-z]{2,})\b")
-    for r in rows:
-        for m in cue.finditer(r["dialogue"]):
-            name = m.group(1)
-            if name.lower() not in lower_words and name.lower() not in _MONTHS_DAYS:
-                names[name] += 1
-    return sorted(names)
-
-
-def insert_name(summary: str, dialogue: str, pool: list[str], rng: random.Random) -> str | None:
-    dialogue_lower = dialogue.lower()
-    choices = [n for n in pool if n.lower() not in dialogue_lower and n.lower() not in summary.lower()]
-    if not choices:
-        return None
-    name = rng.choice(choices)
-    speakers = [s for s in _labels(dialogue)]
-    mentions = [m for s in speakers for m in re.finditer(re.escape(s), summary)]
-    if mentions and rng.random() < 0.5:
-        m = rng.choice(mentions)
-        return summary[:m.start()] + name + summary[m.end():]
-    sentences = [m for m in re.finditer(r"[^.!?]+[.!?]?", summary) if m.group(0).strip()]
-    if not sentences:
-        return None
-    s = rng.choice(sentences)
-    body = s.group(0).rstrip()
-    end = body[-1] if body[-1] in ".!?" else ""
-    body = body[:-1] if end else body
-    return summary[:s.start()] + body + f" with {name}" + end + summary[s.start() + len(s.group(0).rstrip()):]
-
-
-def append_sentence(summary: str, index: int, rows: list[dict], rng: random.Random) -> str | None:
-    from finetuneflow.quality.metrics import split_sentences
-    topic = rows[index].get("topic")
-    for _ in range(50):
-        j = rng.randrange(len(rows))
-        if j == index or (topic and rows[j].get("topic") == topic):
-            continue
-        first = split_sentences(rows[j]["summary"]).split("\n")[0].strip()
-        if first:
-            return summary.rstrip() + " " + first
-    return None
-
-
-def corrupt(rows: list[dict], seed: int) -> list[dict]:
-    """{corruption: text or None} for every row."""
-    pool = name_pool(rows)
-    out = []
-    for i, row in enumerate(rows):
-        rng = random.Random(f"{seed}-{i}")
-        s, d = row["summary"], row["dialogue"]
-        out.append({"speaker_swap": swap_speakers(s, d), "number_change": change_number(s, d, rng),
-                    "name_insert": insert_name(s, d, pool, rng), "sentence_append": append_sentence(s, i, rows, rng)})
-    return out
 
 
 # --- evaluation -----------------------------------------------------------------------------------

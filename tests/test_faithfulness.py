@@ -309,9 +309,10 @@ def _bench():
     return bench_faithfulness
 
 
-def test_benchmark_corruptions():
+def test_the_corruptions_live_in_the_library_and_the_benchmark_uses_them():
     import random
-    B = _bench()
+    from finetuneflow.quality import corruptions as B
+    assert _bench().corrupt is B.corrupt and _bench().CORRUPTIONS is B.CORRUPTIONS
     assert B.swap_speakers(GOOD, DIALOGUE) == GOOD.replace("#Person1#", "@").replace("#Person2#", "#Person1#") \
         .replace("@", "#Person2#")
     assert B.swap_speakers("#Person1# and #Person2# discuss cars.", DIALOGUE) is None

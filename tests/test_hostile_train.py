@@ -1,6 +1,7 @@
 """Hostile input for train_bart_lora.py, by attack class: every output location a typo or an attacker
-would pick (with --OVERWRITE=True, the dangerous flag), corrupt inputs, and settings that contradict
-each other. Each reproduction must end with exactly one `error:` line, exit code 2, no traceback,
+would pick (with --OVERWRITE=True, the dangerous flag), corrupt inputs, settings that contradict
+each other, and preference tuning (OBJECTIVE=dpo|orpo) without a start adapter it can continue.
+Each reproduction must end with exactly one `error:` line, exit code 2, no traceback,
 and every file of the user's project (its .git folder included) unchanged; no output is created.
 
 The cases share one user project and run in ONE fresh interpreter (FTF_ROOT = the project), each
@@ -178,13 +179,62 @@ def contradiction_cases(project, model: Path) -> dict[str, tuple[list[str], str]
             for name, (args, message) in cases.items()}
 
 
+def fake_adapter(folder: Path, base: Path | str, family: str = "causal", stage: str = "train_bart_lora") -> str:
+    """An adapter folder as a finished run leaves it, as far as the checks before loading read it."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "run_config.json").write_text(json.dumps({
+        "stage": stage, "schema_version": 2, "family": family, "lineage": {"base_model": str(base)},
+        "config": {}, "files": ["adapter_config.json", "adapter_model.safetensors", "run_config.json"]}))
+    return str(folder)
+
+
+def preference_cases(project, model: Path) -> dict[str, tuple[list[str], str]]:
+    """OBJECTIVE=dpo|orpo without what it needs, or with a start adapter it cannot continue."""
+    adapters = project.root / "adapters"
+    own = fake_adapter(adapters / "own", model)
+    other = fake_adapter(adapters / "other-base", project.root / "models" / "another-model")
+    merged = fake_adapter(adapters / "merged", model, stage="merge_bart_lora")
+    bart = project.root / "models" / "tiny-bart"
+    seq2seq = fake_adapter(adapters / "bart", bart, family="seq2seq")
+    plain = adapters / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not an adapter")
+    cases = {
+        "dpo without START_ADAPTER": (["--objective=dpo"], "START_ADAPTER is not set"),
+        "orpo without START_ADAPTER": (["--objective=orpo"], "START_ADAPTER is not set"),
+        "START_ADAPTER for sft": ([f"--start_adapter={own}"], "is for OBJECTIVE=dpo or orpo"),
+        "PREFERENCE_BETA for sft": (["--preference_beta=0.2"], "PREFERENCE_BETA is for OBJECTIVE=dpo or orpo"),
+        "unknown negative kind": (["--objective=dpo", f"--start_adapter={own}", "--negatives=name,digit"],
+                                  "must be one of name, number, speaker, sentence"),
+        "no negative kind": (["--objective=dpo", f"--start_adapter={own}", "--negatives="], "NEGATIVES is empty"),
+        "negative PAIRS_PER_ROW": (["--objective=dpo", f"--start_adapter={own}", "--pairs_per_row=-1"],
+                                   "out of range"),
+        "zero PREFERENCE_BETA": (["--objective=dpo", f"--start_adapter={own}", "--preference_beta=0"],
+                                 "out of range"),
+        "START_ADAPTER missing": (["--objective=dpo", f"--start_adapter={adapters / 'nowhere'}"], "is not a folder"),
+        "START_ADAPTER not an adapter": (["--objective=dpo", f"--start_adapter={plain}"], "is not an adapter folder"),
+        "START_ADAPTER of another stage": (["--objective=dpo", f"--start_adapter={merged}"],
+                                           "holds no finished train_bart_lora.py run"),
+        "START_ADAPTER of another base": (["--objective=dpo", f"--start_adapter={other}"],
+                                          f"was trained on {project.root / 'models' / 'another-model'}, not on MODEL"),
+        "dpo on a seq2seq model": (["--objective=dpo", f"--start_adapter={seq2seq}", f"--model={bart}"],
+                                   "TRL's DPOTrainer trains decoder-only models only"),
+        "OUTPUT_DIR is the START_ADAPTER": (["--objective=orpo", f"--start_adapter={own}", f"--output_dir={own}",
+                                             "--overwrite=True"], "is an input of this run"),
+    }
+    return {f"preference: {name}": (["--output_dir=ft_outputs/lora", *args], message)
+            for name, (args, message) in cases.items()}
+
+
 def torch_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
 
 
 CLASSES = {"protected outputs": protected_cases, "corrupt inputs": corrupt_cases,
-           "contradictory settings": contradiction_cases}
+           "contradictory settings": contradiction_cases, "preference tuning": preference_cases}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +243,7 @@ def hostile(tmp_path_factory, tiny_models):
     project = user_project(tmp_path_factory.mktemp("hostile_train"))
     model = project.root / "models" / "tiny-llama"
     shutil.copytree(tiny_models["llama"], model)
+    shutil.copytree(tiny_models["bart"], project.root / "models" / "tiny-bart")
     cases = {attack: make(project, model) for attack, make in CLASSES.items()}
     argv = {name: [f"--model={model}", f"--dataset={project.data}", *QUICK, *args]
             for group in cases.values() for name, (args, _) in group.items()}

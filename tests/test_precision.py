@@ -155,3 +155,32 @@ def test_a_bad_precision_is_one_error_line(tiny_models, project):
     assert result.returncode == 2
     assert "PRECISION" in error_line(result) and "auto" in error_line(result)
     assert not (project / "metrics").exists()
+
+
+def test_in_training_generation_runs_in_fp32_unless_asked_otherwise(tiny_models, tmp_path, bf16_cpu, monkeypatch):
+    """Under bf16 autocast training, the evaluations' summaries are generated in fp32 (as the
+    evaluation stage generates them), so checkpoint selection sees what eval_bart_lora.py will see;
+    --eval_precision=autocast generates under the training autocast."""
+    import importlib.util
+    from conftest import REPO
+    from finetuneflow.train import trainer_core
+    seen, original = [], trainer_core.summarize
+
+    def watching(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_core, "summarize", watching)
+    spec = importlib.util.spec_from_file_location("train_bart_lora", REPO / "train_bart_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    common = [f"--model={tiny_models['llama']}", f"--dataset={SAMPLES}", "--train_samples=8", "--val_samples=2",
+              "--max_input_length=192", "--max_target_length=32", "--max_new_tokens=4", "--num_beams=1",
+              "--max_steps=1", "--eval_steps=1", "--eval_on_start=False", "--precision=bf16",
+              f"--cache_dir={tmp_path / 'cache'}"]
+    metrics = one_thread(module.main, [*common, f"--output_dir={tmp_path / 'fp32'}"])
+    assert metrics["precision"] == "bf16" and metrics["eval_precision"] == "fp32"
+    assert seen == [False]                                  # the evaluation at step 1: autocast off
+    seen.clear()
+    metrics = one_thread(module.main, [*common, "--eval_precision=autocast", f"--output_dir={tmp_path / 'bf16'}"])
+    assert metrics["eval_precision"] == "autocast" and seen == [True]

@@ -639,3 +639,30 @@ def test_bf16_training_with_tensorboard_and_mlflow_logs_the_same_metrics_and_kee
     assert {"loss", "eval_loss", "eval_rougeL", "eval_generation_seconds", "eval_generated_rows"} <= from_mlflow
     assert from_mlflow == from_tensorboard, from_mlflow ^ from_tensorboard   # the same metrics in each tracker
     assert scalars["eval/rougeL"] == [e["rougeL"] for e in metrics["evals"]]
+
+
+def test_every_in_training_evaluation_generates_what_a_fresh_model_with_its_weights_generates(tiny_models, tmp_path,
+                                                                                              monkeypatch):
+    """The weights change between evaluations, so nothing the generation backend keeps per model
+    object (the prompt prefix's KV cache) may carry over from one evaluation to the next."""
+    import copy
+    from finetuneflow.train import trainer_core
+    original, compared = trainer_core.summarize, []
+
+    def checked(loaded, dialogues, *args, **kwargs):
+        result = original(loaded, dialogues, *args, **kwargs)
+        fresh = copy.copy(loaded)
+        fresh.model = copy.deepcopy(loaded.model)        # a new object: no state of earlier calls
+        compared.append((result.summaries, original(fresh, dialogues, *args, **kwargs).summaries))
+        return result
+
+    monkeypatch.setattr(trainer_core, "summarize", checked)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_main()([f"--model={tiny_models['llama']}", "--max_steps=2", "--eval_steps=1", *FAST,
+                      "--learning_rate=0.05", f"--output_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(compared) == 3 and all(during == fresh for during, fresh in compared)
+    assert compared[0][0] != compared[-1][0]                 # the weights did change what is generated

@@ -35,7 +35,7 @@ from finetuneflow.contract.paths import CODE_ROOT, ROOT, resolve
 
 RECORD_FILE = "run_config.json"
 SCHEMA_VERSION = 2
-TRACKED_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "rouge-score",
+TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "rouge-score",
                      "bert-score", "sacrebleu", "gguf", "ctranslate2", "llama-cpp-python")
 
 

@@ -8,7 +8,8 @@ it owns the family's rules:
   parsed into special tokens) and counting input tokens the same way (for long-input windows);
 * the padding side for generation and how the new tokens are cut from `generate()`'s output;
 * teacher-forced inputs (prompt + reference summary) for parity checks and training examples
-  (causal: loss on the summary + EOS only; seq2seq: `labels`);
+  (causal: loss on the summary + EOS only; seq2seq: `labels`), and preference pairs (the same
+  input with a chosen and a rejected target) with the objectives TRL trains for the family;
 * the LoRA task type and default targets, and the decoding defaults: `resolve_generation` puts a
   request (contract/decoding.py `GenerationSettings`, already filled from the upstream run record)
   over them once, with every limit a backend needs worked out (`ResolvedGeneration`).
@@ -40,6 +41,8 @@ class Family(str):
     padding_side = "right"
     lora_task_type = ""
     auto_class = ""
+    preference_objectives: tuple[str, ...] = ()   # OBJECTIVE values TRL's preference trainers run for the family
+    preference_note = ""                           # why the others are missing
 
     # -- generation inputs -------------------------------------------------------------------
     def encode(self, tokenizer, dialogue: str, prompt: PromptSpec, limit: int) -> tuple[list[int], bool]:
@@ -112,6 +115,22 @@ class Family(str):
     def training_example_from_ids(self, tokenizer, prompt_ids: list[int], summary: str, max_target: int) -> dict:
         raise NotImplementedError
 
+    def preference_example(self, tokenizer, prompt: PromptSpec, dialogue: str, chosen: str, rejected: str,
+                           max_input: int, max_target: int) -> dict:
+        """One preference pair as ids: the input exactly as `training_example` encodes it
+        (`prompt_ids`: the causal prompt, or the seq2seq encoder input) and each summary as the
+        target the model learns (`chosen_ids`, `rejected_ids`: causal summary + EOS, seq2seq labels)."""
+        good = self.training_example(tokenizer, prompt, dialogue, chosen, max_input, max_target)
+        prompt_ids, chosen_ids = self.split_example(good)
+        bad = self.training_example_from_ids(tokenizer, prompt_ids, rejected, max_target)
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": self.split_example(bad)[1],
+                "input_truncated": good["input_truncated"],
+                "target_truncated": good["target_truncated"] or bad["target_truncated"]}
+
+    def split_example(self, example: dict) -> tuple[list[int], list[int]]:
+        """(input ids, target ids) of a training example."""
+        raise NotImplementedError
+
     def default_lora_targets(self, model_type: str, linear_names=None) -> list[str] | None:
         return arch.default_lora_targets(self, model_type, linear_names)
 
@@ -120,6 +139,8 @@ class Seq2SeqFamily(Family):
     padding_side = "right"
     lora_task_type = "SEQ_2_SEQ_LM"
     auto_class = "AutoModelForSeq2SeqLM"
+    preference_objectives = ("orpo",)
+    preference_note = "TRL's DPOTrainer trains decoder-only models only (its ORPOTrainer takes encoder-decoder ones)"
 
     def encode(self, tokenizer, dialogue, prompt, limit):
         return encode_seq2seq_input(tokenizer, dialogue, prompt.prefix, limit)
@@ -160,11 +181,15 @@ class Seq2SeqFamily(Family):
         return {"input_ids": prompt_ids, "attention_mask": [1] * len(prompt_ids), "labels": labels,
                 "target_truncated": target_cut}
 
+    def split_example(self, example):
+        return list(example["input_ids"]), list(example["labels"])
+
 
 class CausalFamily(Family):
     padding_side = "left"
     lora_task_type = "CAUSAL_LM"
     auto_class = "AutoModelForCausalLM"
+    preference_objectives = ("dpo", "orpo")
 
     def encode(self, tokenizer, dialogue, prompt, limit):
         return encode_causal_prompt(tokenizer, dialogue, prompt.instruction, limit)
@@ -203,6 +228,11 @@ class CausalFamily(Family):
         ids = prompt_ids + target
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt_ids) + target,
                 "target_truncated": len(summary_ids) > room}
+
+    def split_example(self, example):
+        """The prompt is every position without a label; the target is the rest (summary + EOS)."""
+        width = sum(1 for label in example["labels"] if label == -100)
+        return list(example["input_ids"][:width]), list(example["input_ids"][width:])
 
 
 SEQ2SEQ = Seq2SeqFamily(arch.SEQ2SEQ)

@@ -23,9 +23,10 @@ fp32; matrix multiplications run in bf16 (or fp16) inside the forward and backwa
   fp32 one: `CPU_BF16_MEASURED` lists the families measured (BENCHMARKS.md, "Training": SmolLM2
   on 350 DialogSum rows, one recipe trained in both precisions side by side: validation loss
   1.4942 vs 1.4932, ROUGE-L of the two adapters (evaluated in fp32) bf16 - fp32 = -0.23, CI
-  [-1.47, +1.27]). In-training evaluations of a bf16 run generate under bf16 autocast too, so
-  compare them only with runs of the same precision. Seq2seq models (BART, T5) were not measured
-  here (no weights offline), so `auto` keeps them fp32 on a CPU; `--precision=bf16` still works.
+  [-1.47, +1.27]). In-training evaluations generate in fp32 even in a bf16 run (autocast off, as
+  the evaluation stage generates; EVAL_PRECISION=autocast keeps the autocast). Seq2seq models
+  (BART, T5) were not measured here (no weights offline), so `auto` keeps them fp32 on a CPU;
+  `--precision=bf16` still works.
   Models under `CPU_BF16_MIN_PARAMETERS` stay fp32 too: for tiny matrices the casts cost more than
   bf16 saves (the tiny test models train ~1.4x slower in bf16, bench_training). A 4-bit (QLoRA)
   base on a CPU stays fp32 (bitsandbytes' CPU kernels are fp32 there).

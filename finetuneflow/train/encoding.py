@@ -23,6 +23,7 @@ from finetuneflow.model.family import PromptSpec, family_of
 
 TOKENIZATION_VERSION = 3          # bump when the encoding of a row changes, so old caches are not reused
 ROW_FLAGS = ("input_truncated", "target_truncated")
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass(frozen=True)
@@ -56,23 +57,55 @@ def tokenize_split(rows: datasets.Dataset, tokenizer, spec: EncodingSpec, cache_
                    name: str) -> tuple[datasets.Dataset, dict]:
     """Tokenize a split (no padding); reuse the cached result of an identical earlier run.
     Returns the dataset (input_ids, attention_mask, labels) and counts of what was cut."""
+    def encode(row: dict) -> dict:
+        return encode_example(tokenizer, spec, row["dialogue"], row["summary"])
+
+    return _tokenize_cached(rows, encode, ("input_ids", "attention_mask", "labels"), ("id", "dialogue", "summary"),
+                            lambda row: len(row["input_ids"]), tokenizer, spec, cache_dir, name)
+
+
+def encode_pair(tokenizer, spec: EncodingSpec, dialogue: str, chosen: str, rejected: str) -> dict:
+    """prompt_ids / chosen_ids / rejected_ids for one preference pair (model/family.py
+    `preference_example`: the same prompt and targets as `encode_example`)."""
+    return family_of(spec.family).preference_example(tokenizer, PromptSpec(spec.instruction, spec.seq2seq_prefix),
+                                                     dialogue, chosen, rejected, spec.max_input_length,
+                                                     spec.max_target_length)
+
+
+def tokenize_pairs(pairs: datasets.Dataset, tokenizer, spec: EncodingSpec, cache_dir: Path | None,
+                   name: str) -> tuple[datasets.Dataset, dict]:
+    """Tokenize preference pairs (columns id, dialogue, summary = chosen, rejected, kind) like
+    `tokenize_split`: prompt_ids, chosen_ids, rejected_ids, cached."""
+    def encode(row: dict) -> dict:
+        return encode_pair(tokenizer, spec, row["dialogue"], row["summary"], row["rejected"])
+
+    return _tokenize_cached(pairs, encode, PAIR_COLUMNS, ("id", "dialogue", "summary", "rejected", "kind"),
+                            lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])),
+                            tokenizer, spec, cache_dir, name)
+
+
+def _tokenize_cached(rows: datasets.Dataset, encode, columns: tuple, keyed_by: tuple, length, tokenizer,
+                     spec: EncodingSpec, cache_dir: Path | None, name: str) -> tuple[datasets.Dataset, dict]:
+    """`encode` every row into `columns` (+ the cut flags), cached under a fingerprint of the
+    tokenizer, the spec and the `keyed_by` columns; and the counts of what was cut."""
     if len(rows):   # a setting no row can satisfy (MAX_INPUT_LENGTH below the prompt template) fails here, once
-        encode_example(tokenizer, spec, rows[0]["dialogue"], rows[0]["summary"])
+        encode(rows[0])
 
     def encode_batch(batch):
-        encoded = [encode_example(tokenizer, spec, d, s) for d, s in zip(batch["dialogue"], batch["summary"])]
-        return {key: [row[key] for row in encoded] for key in ("input_ids", "attention_mask", "labels", *ROW_FLAGS)}
+        size = len(batch[keyed_by[0]])
+        encoded = [encode({key: batch[key][i] for key in batch}) for i in range(size)]
+        return {key: [row[key] for row in encoded] for key in (*columns, *ROW_FLAGS)}
 
     kwargs, reused = {}, False
     if cache_dir is not None:
         fingerprint = _digest(TOKENIZATION_VERSION, tokenizer_fingerprint(tokenizer), asdict(spec),
-                              *(list(rows[column]) for column in ("id", "dialogue", "summary")))
+                              *(list(rows[column]) for column in keyed_by))
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_file = cache_dir / f"{name}-{fingerprint[:24]}.arrow"
         reused = cache_file.is_file()
         kwargs = {"cache_file_name": str(cache_file), "new_fingerprint": fingerprint, "load_from_cache_file": True}
     encoded = rows.map(encode_batch, batched=True, remove_columns=rows.column_names, desc=f"tokenize {name}", **kwargs)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
+    lengths = [length(row) for row in encoded]
     stats = {"rows": len(encoded), "truncated_dialogues": int(sum(encoded["input_truncated"])),
              "truncated_summaries": int(sum(encoded["target_truncated"])),
              "mean_tokens": round(sum(lengths) / max(1, len(lengths)), 1), "max_tokens": max(lengths, default=0),

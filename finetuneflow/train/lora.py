@@ -145,3 +145,25 @@ def add_lora(loaded: LoadedModel, targets, r: int, alpha: int, dropout: float, i
     if in_4bit and loaded.device.type == "cpu":
         disable_cpu_bf16_kernels(model)  # else training stops silently after an eval's no-grad forward
     return model
+
+
+def load_start_adapter(loaded: LoadedModel, adapter, in_4bit: bool, gradient_checkpointing: bool):
+    """A finished adapter (OBJECTIVE=dpo|orpo's START_ADAPTER) on the base, trainable, under the
+    name "default" (QLoRA: after prepare_model_for_kbit_training); its LoRA settings are its own."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+    model = loaded.model
+    if in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    if in_4bit and loaded.device.type == "cpu":
+        disable_cpu_bf16_kernels(model)
+    return model
+
+
+def lora_facts(model) -> dict:
+    """The trained adapter's LoRA settings, as the run record lists them."""
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}

@@ -23,6 +23,8 @@ from finetuneflow.train.trainer import SummarizationTrainer, peak_rss_mb
 # per evaluation: the cost of each part (seconds) and what was generated
 EVAL_COST_KEYS = ("generation_seconds", "loss_seconds", "scoring_seconds", "generated_rows", "generated_tokens",
                   "budget_stopped", "faithfulness_readable")
+# dpo/orpo: TRL's validation-pair metrics (share of pairs whose chosen summary is preferred, and by how much)
+PREFERENCE_KEYS = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
 
 
 def evaluation_rows(history: list[dict]) -> list[dict]:
@@ -33,6 +35,8 @@ def evaluation_rows(history: list[dict]) -> list[dict]:
             row = {"step": h["step"], "epoch": round(h.get("epoch") or 0, 4), "eval_loss": round(h["eval_loss"], 5),
                    **{k: h.get(f"eval_{k}") for k in ROUGE_KEYS}, RATE_KEY: h.get(f"eval_{RATE_KEY}")}
             row.update({k: h.get(f"eval_{k}") for k in EVAL_COST_KEYS})
+            row.update({name: round(h[f"eval_{key}"], 5) for key, name in PREFERENCE_KEYS.items()
+                        if f"eval_{key}" in h})
             if row["budget_stopped"] is not None:
                 row["budget_stopped"] = bool(row["budget_stopped"])
             by_step[h["step"]] = row
@@ -110,7 +114,7 @@ def save_outputs(plan: RunPlan, model, tokenizer, metrics: dict, config: Mapping
     out = plan.out
     staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])   # not DPO's "ref"
         (staging / "README.md").unlink(missing_ok=True)   # PEFT's model-card stub is not part of the contract
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / "train_metrics.json", metrics)

@@ -1,7 +1,9 @@
 """Everything a training run decides before it loads a heavy library (no torch, transformers or
-peft import here, so a refused command fails in seconds): the settings' own checks, OUTPUT_DIR and
-CACHE_DIR against the output-safety rule (contract/safety.py), the data and its splits, and the
-plan for the run folder (start, resume, skip, replace or refuse). Nothing is written.
+peft import here, so a refused command fails in seconds): the settings' own checks, the adapter a
+dpo/orpo run continues (train/start_adapter.py) and what it inherits from it, OUTPUT_DIR and
+CACHE_DIR against the output-safety rule (contract/safety.py), the data and its splits (seeded by
+SPLIT_SEED, else SEED), and the plan for the run folder (start, resume, skip, replace or refuse).
+Nothing is written.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 from finetuneflow.train import trackers
 from finetuneflow.train.run_dir import CHECKPOINTS, RunPlan, plan_run, prepare_run_dir
 from finetuneflow.train.settings import STAGE, TrainSettings
+from finetuneflow.train.start_adapter import StartAdapter, check_start_adapter, with_inherited
 
 
 @dataclass
@@ -42,6 +45,14 @@ class TrainJob:
     eval_spec: object = None       # evaluation.GenerationEval
     select_on: str = "rougeL"      # the selection rule in force (rougeL when the faithfulness check cannot apply)
     select_note: str = ""
+    start: StartAdapter | None = None   # the adapter a dpo/orpo run continues
+    inherited: list = field(default_factory=list)   # settings taken from its record
+    pairs: dict = field(default_factory=dict)       # dpo/orpo: the pairs of each corruption kind (train/pairs.py)
+
+    @property
+    def input_files(self) -> list:
+        """What the run reads and its identity covers: the data files, and the start adapter's weights."""
+        return [*self.data.local_files, *([self.start.weights] if self.start else [])]
 
     @property
     def is_main_process(self) -> bool:
@@ -63,7 +74,7 @@ def check_outputs(settings: TrainSettings) -> tuple[Path, Path | None]:
     """OUTPUT_DIR and CACHE_DIR against the output-safety rule, before any slow work. OUTPUT_DIR may
     hold this stage's run (finished, or unfinished under checkpoints/); what happens to it is the
     plan's decision."""
-    inputs = [settings.dataset, settings.model]
+    inputs = [settings.dataset, settings.model, *([settings.start_adapter] if settings.start_adapter else [])]
     out = check_output_dir(settings.output_dir, stage=STAGE, inputs=inputs, overwrite=True,
                            markers=(RECORD_FILE, f"{CHECKPOINTS}/{RECORD_FILE}"))
     if not settings.cache_dir:
@@ -101,25 +112,30 @@ def check_tracking(settings: TrainSettings, out: Path) -> tuple[list[str], Path 
 
 
 def plan_job(settings: TrainSettings) -> TrainJob:
-    """Checks, data, splits and the plan: everything decided, nothing written."""
+    """Checks, data, splits and the plan: everything decided, nothing written. The job's settings
+    are `settings` with what a dpo/orpo run inherits from its start adapter."""
     settings.check()
+    start = check_start_adapter(settings)
+    settings, inherited = with_inherited(settings, start)
     out, cache = check_outputs(settings)
     chosen, tracking_dir = check_tracking(settings, out)
     try:
         data = load_data(settings.data_spec)
         train_rows, val_rows, note = training_splits(data, settings.train_samples, settings.val_samples,
-                                                     settings.seed, settings.val_fraction)
+                                                     settings.data_seed, settings.val_fraction)
     except UnicodeDecodeError as exc:   # a JSON/CSV string that is not UTF-8 surfaces only when rows are read
         raise UserError(f"DATASET {settings.dataset}: not UTF-8 text ({exc.reason} in {exc.object[:40]!r}); "
                         f"re-save the file as UTF-8") from None
-    plan = plan_run(out, settings.recorded, data.local_files, str(settings.resume), settings.overwrite)
-    return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note, chosen, tracking_dir)
+    files = [*data.local_files, *([start.weights] if start else [])]
+    plan = plan_run(out, settings.recorded, files, str(settings.resume), settings.overwrite)
+    return TrainJob(settings, data, train_rows, val_rows, out, cache, plan, note, chosen, tracking_dir, start=start,
+                    inherited=inherited)
 
 
 def already_finished(job: TrainJob) -> dict:
     """The result of a finished run with the same settings (its checkpoints go unless kept)."""
     if job.is_main_process:
-        prepare_run_dir(job.plan, job.settings.recorded, job.data.local_files, job.settings.keep_checkpoints)
+        prepare_run_dir(job.plan, job.settings.recorded, job.input_files, job.settings.keep_checkpoints)
     found = job.out / "train_metrics.json"
     metrics = json.loads(found.read_text(encoding="utf-8")) if found.is_file() else {}
     job.say(f"{job.out} already holds a finished run with these settings (best ROUGE-L {metrics.get('best_rougeL')} "

@@ -26,7 +26,8 @@ from typing import Iterable, Mapping
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.io import atomic_write_json
 from finetuneflow.contract.record import RECORD_FILE, RunRecord, describe_inputs, read_record, write_record
-from finetuneflow.train.settings import ADDED_LATER, CHECKPOINT_NAME, FORMER_DEFAULTS, IDENTITY_IGNORED, RENAMED, STAGE
+from finetuneflow.train.settings import (ADDED_LATER, ADDED_WITH_DEFAULT, CHECKPOINT_NAME, FORMER_DEFAULTS,
+                                         IDENTITY_IGNORED, RENAMED, STAGE)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "ftf_complete.json"
@@ -98,10 +99,13 @@ def run_identity(config: Mapping, inputs: dict) -> dict:
 
 
 def _same_setting(name: str, old: dict, new: dict) -> bool:
-    """Equal values; or a setting the saved run predates; or an old default that is now None
-    (the family default that replaced it)."""
+    """Equal values; or a setting the saved run predates (one that changes what is trained only
+    when the new value is its default); or an old default that is now None (the family default
+    that replaced it)."""
     if name in ADDED_LATER and name not in old:
         return True
+    if name in ADDED_WITH_DEFAULT and name not in old:
+        return new.get(name) == ADDED_WITH_DEFAULT[name]
     before, now = old.get(name), new.get(name)
     return before == now or (now is None and name in FORMER_DEFAULTS and before == FORMER_DEFAULTS[name])
 

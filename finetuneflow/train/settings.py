@@ -26,9 +26,16 @@ IDENTITY_IGNORED = frozenset({"RESUME", "OVERWRITE", "KEEP_CHECKPOINTS", "LOGGIN
 # not part of that run's identity (first-wave folders stay recognized).
 ADDED_LATER = frozenset({"PRECISION", "EVAL_GENERATE_SAMPLES", "EVAL_BUDGET_SECONDS", "SELECT_ON",
                          "FAITHFULNESS_MARGIN", "REPORT_TO", "TRACKING_DIR"})
+# Settings added later whose value changes what is trained: a record without one matches only the
+# default it now has (an old run was an SFT run with the split seeded by SEED).
+ADDED_WITH_DEFAULT = {"OBJECTIVE": "sft", "START_ADAPTER": None, "PREFERENCE_BETA": None,
+                      "NEGATIVES": ["name", "number", "speaker", "sentence"], "PAIRS_PER_ROW": 1, "SPLIT_SEED": None,
+                      "EVAL_PRECISION": "fp32"}
 # Defaults that became None ("family default"): an old record holding the old default matches None.
 FORMER_DEFAULTS = {"NUM_BEAMS": 4, "MAX_NEW_TOKENS": 192}
 SELECT_ON = ("rougeL", "rougeL_faithful")
+SFT = "sft"
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -61,6 +68,11 @@ class TrainSettings(FromConfig):
     allow_cpu_fallback: bool
     gradient_checkpointing: bool
     instruction: str | None
+    objective: str
+    start_adapter: str | None
+    preference_beta: float | None
+    negatives: list
+    pairs_per_row: int
     num_beams: int | None
     max_new_tokens: int | None
     min_new_tokens: int | None
@@ -71,6 +83,7 @@ class TrainSettings(FromConfig):
     eval_batch_size: int
     eval_generate_samples: int | None
     eval_budget_seconds: float
+    eval_precision: str
     select_on: str
     faithfulness_margin: float
     early_stopping_patience: int
@@ -78,6 +91,7 @@ class TrainSettings(FromConfig):
     logging_steps: int
     save_total_limit: int
     seed: int
+    split_seed: int | None
     resume: str
     overwrite: bool
     keep_checkpoints: bool
@@ -98,9 +112,19 @@ class TrainSettings(FromConfig):
                                   self.length_penalty)
 
     @property
+    def data_seed(self) -> int:
+        """The seed of the data split and of the row subsets (SPLIT_SEED, else SEED): several training
+        seeds with one SPLIT_SEED keep the same train, validation and test rows."""
+        return self.seed if self.split_seed is None else int(self.split_seed)
+
+    @property
+    def preference(self) -> bool:
+        return self.objective in PREFERENCE_OBJECTIVES
+
+    @property
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, hub_config=self.hub_config, dialogue_column=self.dialogue_column,
-                        summary_column=self.summary_column, id_column=self.id_column, seed=self.seed,
+                        summary_column=self.summary_column, id_column=self.id_column, seed=self.data_seed,
                         val_fraction=self.val_fraction, test_fraction=self.test_fraction,
                         normalize=bool(self.normalize))
 
@@ -117,6 +141,22 @@ class TrainSettings(FromConfig):
                             f"would pick a best checkpoint; set --EVAL_STEPS to at most {self.max_steps} (or 0 = "
                             f"once per epoch)")
         self.generation   # MIN_NEW_TOKENS > MAX_NEW_TOKENS is an error there
+        self.check_objective()
+
+    def check_objective(self) -> None:
+        """OBJECTIVE and the settings that belong to it."""
+        objective = self.objective
+        if self.preference and not self.start_adapter:
+            raise UserError(f"OBJECTIVE={objective} tunes a trained adapter, and START_ADAPTER is not set; train one "
+                            f"with --objective=sft first, then pass its folder: --start_adapter=ft_outputs/<run>")
+        if not self.preference and self.start_adapter:
+            raise UserError(f"START_ADAPTER={self.start_adapter} is for OBJECTIVE=dpo or orpo (OBJECTIVE={objective} "
+                            f"starts a new adapter); pass --objective=dpo, or drop --start_adapter")
+        if not self.preference and self.preference_beta is not None:
+            raise UserError(f"PREFERENCE_BETA is for OBJECTIVE=dpo or orpo, not {objective}; drop --preference_beta")
+        if self.preference and not self.negatives:
+            raise UserError("NEGATIVES is empty: preference tuning needs at least one corruption kind to make the "
+                            "rejected summaries; pass e.g. --negatives=name,number,speaker,sentence")
 
 
 def check_lengths(model_config, family: str, model_name: str, max_input: int, max_target: int) -> int | None:

@@ -6,9 +6,11 @@
    `plan_evaluations` fixes the evaluation subset and the selection rule.
 2. `start`: the run folder is prepared (main process) - from here on a failure leaves an
    unfinished run that the next command resumes, or replaces when it is not worth keeping.
-3. `build_trainer`, `run_training` (a non-finite loss marks the run failed and stops with one
-   line; running out of memory stops with one line of fixes and leaves the run resumable),
-   `finish` (metrics, the adapter folder, run_config.json last).
+3. `make_model` (a new LoRA adapter, or dpo/orpo's START_ADAPTER), `build_trainer`,
+   `run_training` (a non-finite loss marks the run failed and stops with one line; running out of
+   memory stops with one line of fixes and leaves the run resumable), `finish` (metrics, the
+   adapter folder, run_config.json last).
+OBJECTIVE=dpo|orpo differs only in its data, model and trainer (train/preference.py).
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from finetuneflow.model.family import SEQ2SEQ
 from finetuneflow.model.loading import local_or_hub
 from finetuneflow.model.prompts import prompt_style, seq2seq_prefix
 from finetuneflow.quality import tracking
-from finetuneflow.train import encoding, evaluation, outputs, trackers
-from finetuneflow.train.lora import Base
+from finetuneflow.train import encoding, evaluation, outputs, preference, trackers
+from finetuneflow.train.lora import Base, add_lora, load_start_adapter, lora_facts
 from finetuneflow.model.precision import resolve_training_precision
 from finetuneflow.train.preflight import TrainJob
 from finetuneflow.train.run_dir import complete_checkpoints, mark_failed, prepare_run_dir
 from finetuneflow.train.settings import STAGE
+from finetuneflow.train.start_adapter import trained_fingerprints
 from finetuneflow.train.trainer import (GenerationEval, NonFiniteTraining, SummarizationTrainer, process_state,
                                         training_arguments, training_callbacks)
 
@@ -54,16 +57,29 @@ def encoding_spec(job: TrainJob, base: Base) -> encoding.EncodingSpec:
 
 
 def tokenize(job: TrainJob, base: Base) -> dict:
-    """Both splits as token ids (one process tokenizes, the others read its cache)."""
-    spec = encoding_spec(job, base)
+    """Both splits as token ids (one process tokenizes, the others read its cache): the rows, or
+    for dpo/orpo their preference pairs (train/preference.py)."""
+    spec, tokenizer = encoding_spec(job, base), base.loaded.tokenizer
     with job.state.main_process_first():
-        train_ds, train_stats = encoding.tokenize_split(job.train_rows, base.loaded.tokenizer, spec, job.cache, "train")
-        val_ds, val_stats = encoding.tokenize_split(job.val_rows, base.loaded.tokenizer, spec, job.cache, "validation")
-    for name, stats in (("train", train_stats), ("validation", val_stats)):
-        job.say(f"tokenized {name}: {stats['rows']} rows, mean {stats['mean_tokens']} / max {stats['max_tokens']} "
+        if job.settings.preference:
+            tokenized = preference.tokenize(job, tokenizer, spec)
+        else:
+            tokenized = {"stats": {}}
+            for name, rows in (("train", job.train_rows), ("validation", job.val_rows)):
+                tokenized[name], tokenized["stats"][name] = encoding.tokenize_split(rows, tokenizer, spec, job.cache,
+                                                                                    name)
+            tokenized["eval_lengths"] = [len(ids) for ids in tokenized["validation"]["input_ids"]]
+    what = "pairs" if job.settings.preference else "rows"
+    for name, stats in tokenized["stats"].items():
+        job.say(f"tokenized {name}: {stats['rows']} {what}, mean {stats['mean_tokens']} / max {stats['max_tokens']} "
                 f"tokens, {stats['truncated_dialogues']} dialogues and {stats['truncated_summaries']} summaries cut "
                 f"(cache {stats['cache']})")
-    return {"train": train_ds, "validation": val_ds, "stats": {"train": train_stats, "validation": val_stats}}
+    for name, counts in job.pairs.items():
+        kinds = ", ".join(f"{kind} {c['pairs']} (cannot apply to {c['skipped']})"
+                          for kind, c in counts["kinds"].items())
+        job.say(f"{name} pairs: {counts['pairs']} from {counts['rows']} rows ({counts['rows_without_pair']} "
+                f"with none): {kinds}")
+    return tokenized
 
 
 def evaluation_subset(job: TrainJob, base: Base, tokenized: dict) -> GenerationEval:
@@ -72,7 +88,7 @@ def evaluation_subset(job: TrainJob, base: Base, tokenized: dict) -> GenerationE
     wanted = s.eval_generate_samples
     if wanted is None:
         wanted = 0 if base.family == SEQ2SEQ else evaluation.CAUSAL_EVAL_SAMPLES
-    order = evaluation.stratified_order([len(ids) for ids in tokenized["validation"]["input_ids"]], wanted, s.seed)
+    order = evaluation.stratified_order(tokenized["eval_lengths"], wanted, s.data_seed)
     dialogues, references = list(job.val_rows["dialogue"]), list(job.val_rows["summary"])
     subset = [dialogues[i] for i in order]
     selectable, why = evaluation.rate_is_selectable(subset)
@@ -124,19 +140,27 @@ def plan_evaluations(job: TrainJob, base: Base, tokenized: dict) -> None:
 def start(job: TrainJob) -> None:
     """Only after every check passed is the run folder touched (main process)."""
     if job.state.is_main_process:
-        prepare_run_dir(job.plan, job.settings.recorded, job.data.local_files, job.settings.keep_checkpoints)
+        prepare_run_dir(job.plan, job.settings.recorded, job.input_files, job.settings.keep_checkpoints)
     job.state.wait_for_everyone()
 
 
-def run_record(job: TrainJob, base: Base) -> RunRecord:
+def trained_rows(job: TrainJob) -> list[str]:
+    """Fingerprints of every dialogue the adapter has learned from: this run's rows, and for dpo/orpo
+    those the start adapter was trained on (the evaluation stage refuses them all)."""
+    own = [fingerprint(d) for d in job.train_rows["dialogue"]]
+    known = set(own)
+    return own + [f for f in dict.fromkeys(trained_fingerprints(job.start)) if f not in known]
+
+
+def run_record(job: TrainJob, base: Base, lora: dict) -> RunRecord:
     """What later stages inherit from the adapter folder."""
     s, data, seq2seq = job.settings, job.data, base.family == SEQ2SEQ
     split = Split(source=portable(data.source), hub_config=s.hub_config, columns=data.columns,
-                  normalize=bool(s.normalize), seed=s.seed, val_fraction=s.val_fraction,
+                  normalize=bool(s.normalize), seed=s.data_seed, val_fraction=s.val_fraction,
                   test_fraction=s.test_fraction, made_from_single_file=data.made_splits,
                   train_samples=s.train_samples, val_samples=s.val_samples, train_rows=len(job.train_rows),
                   validation_rows=len(job.val_rows), dropped_empty_rows=data.dropped,
-                  train_fingerprints=[fingerprint(d) for d in job.train_rows["dialogue"]],
+                  train_fingerprints=trained_rows(job),
                   validation_ids=ids_digest(job.val_rows["id"]))
     return RunRecord(
         STAGE, family=base.family, instruction=job.instruction,
@@ -145,22 +169,42 @@ def run_record(job: TrainJob, base: Base) -> RunRecord:
         max_input_length=s.max_input_length, max_target_length=s.max_target_length, load_in_4bit=base.in_4bit,
         backend="transformers", generation=job.generation,
         lineage=Lineage(base_model=portable(local_or_hub(s.model)), adapter=portable(job.out)),
-        split=split, extra={"lora": {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
-                                     "target_modules": base.targets},
-                            "precision": job.precision.as_record(), "generation_sources": job.generation_sources})
+        split=split, extra={"lora": lora, "objective": s.objective, "precision": job.precision.as_record(),
+                            "generation_sources": job.generation_sources})
+
+
+def make_model(job: TrainJob, base: Base):
+    """The model that trains: a new LoRA adapter on the base (sft), or START_ADAPTER (dpo/orpo)."""
+    s = job.settings
+    if job.start is not None:
+        model = load_start_adapter(base.loaded, job.start.path, base.in_4bit, s.gradient_checkpointing)
+        what = f"{s.objective} of the adapter {job.start.path.name} (LoRA r={lora_facts(model)['r']})"
+    else:
+        model = add_lora(base.loaded, base.targets, s.lora_r, s.lora_alpha, s.lora_dropout, base.in_4bit,
+                         s.gradient_checkpointing)
+        what = f"LoRA r={s.lora_r} on {base.targets}"
+    trainable, total = model.get_nb_trainable_parameters()
+    job.say(f"model {s.model} ({base.family}{', 4-bit' if base.in_4bit else ''}) on {job.state.device} "
+            f"x{job.state.num_processes}: {what}: {trainable:,} trainable of {total:,} parameters "
+            f"({trainable / total:.3%})")
+    if job.inherited:
+        job.say(f"from {job.start.path.name}'s record: {', '.join(job.inherited)}")
+    return model
 
 
 def build_trainer(job: TrainJob, base: Base, model, tokenized: dict, active: list[str]) -> SummarizationTrainer:
     """The Trainer with its evaluation (generated ROUGE on the subset), collator and callbacks."""
     s, tokenizer = job.settings, base.loaded.tokenizer
+    callbacks = training_callbacks(s.save_total_limit, s.early_stopping_patience, job.select_on, s.faithfulness_margin)
+    if s.preference:
+        return preference.build_trainer(job, model, tokenizer, tokenized, active or "none", callbacks)
     args = training_arguments(s, job.plan, job.state.device, active or "none", job.precision)
     args.run_name = job.out.name
     return SummarizationTrainer(
         model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         processing_class=tokenizer, data_collator=encoding.make_collator(tokenizer, job.state.device),
-        callbacks=training_callbacks(s.save_total_limit, s.early_stopping_patience, job.select_on,
-                                     s.faithfulness_margin),
-        generation_eval=job.eval_spec, select_on=job.select_on, faithfulness_margin=s.faithfulness_margin)
+        callbacks=callbacks, generation_eval=job.eval_spec, select_on=job.select_on,
+        faithfulness_margin=s.faithfulness_margin, eval_precision=s.eval_precision)
 
 
 def start_tracking(job: TrainJob) -> tuple[object, list[str]]:
@@ -224,26 +268,34 @@ def out_of_memory(exc: BaseException, s, checkpoints: Path, device) -> UserError
 
 def finish(job: TrainJob, base: Base, trainer: SummarizationTrainer, tokenized: dict, run) -> dict:
     """Metrics, then the adapter folder with run_config.json last (main process)."""
-    device = job.state.device
+    s, device = job.settings, job.state.device
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    objective = {"objective": s.objective}
+    if s.preference:
+        objective["preference"] = preference.record_facts(job, float(trainer.args.beta))
     metrics = outputs.train_metrics(trainer, {
-        "model": job.settings.model, "family": base.family, "device": str(device),
-        "processes": job.state.num_processes,
+        "model": s.model, "family": base.family, "device": str(device), "processes": job.state.num_processes,
         "precision": ("4-bit + " if base.in_4bit else "") + job.precision.mode,
         "precision_detail": job.precision.as_record(),
         "generation": {**job.generation.as_dict(), "sources": job.generation_sources},
-        "parameters": {"trainable": trainable, "total": total}, "data": tokenized["stats"]})
+        "eval_precision": s.eval_precision,
+        "parameters": {"trainable": trainable, "total": total}, "data": tokenized["stats"], **objective})
     if job.state.is_main_process:
-        record = run_record(job, base)
+        if s.preference:   # the start adapter's own LoRA (its record keeps the targets' order)
+            lora = job.start.record.extra.get("lora") or lora_facts(trainer.model)
+        else:
+            lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout, "target_modules": base.targets}
+        record = run_record(job, base, lora)
         record.extra.update(best_step=metrics["best_step"], best_rougeL=metrics["best_rougeL"],
-                            evaluation=metrics["evaluation"], selection=metrics["selection"])
+                            evaluation=metrics["evaluation"], selection=metrics["selection"], **objective)
         outputs.save_outputs(job.plan, trainer.model, base.loaded.tokenizer, metrics, job.settings.recorded,
-                             job.data.local_files, record, job.settings.keep_checkpoints)
+                             job.input_files, record, job.settings.keep_checkpoints)
         tracking.log(run, {"best/rougeL": metrics["best_rougeL"], "best/step": metrics["best_step"]})
     job.state.wait_for_everyone()
     speed = metrics["throughput"]
-    job.say(f"best validation ROUGE-L {metrics['best_rougeL']} at step {metrics['best_step']} (zero-shot "
-            f"{metrics['zero_shot_rougeL']}); {speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s, "
+    job.say(f"best validation ROUGE-L {metrics['best_rougeL']} at step {metrics['best_step']} "
+            f"({'the start adapter' if s.preference else 'zero-shot'}: {metrics['zero_shot_rougeL']}); "
+            f"{speed['samples_per_s']} samples/s, {speed['tokens_per_s']} tokens/s, "
             f"peak RSS {metrics['memory']['peak_rss_mb']} MB")
     share = speed.get("generation_share")
     job.say(f"in-training generation: {speed['generation_seconds']} s"
