@@ -54,9 +54,11 @@ class Predictions:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with every name in COLUMNS) as this project's predictions CSV."""
+    """Write rows (dicts with every name in COLUMNS, and the same optional columns each: more
+    references, ROUGE means over them, mbr_choice) as this project's predictions CSV."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n")
+    extra = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *extra], extrasaction="raise", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

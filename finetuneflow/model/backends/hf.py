@@ -10,6 +10,8 @@ they are and were measured faster): a causal batch reuses the KV cache of the pr
 rows share (the chat template, system prompt and instruction: computed once, kept per model), and
 a single greedy causal row uses prompt-lookup decoding (draft tokens copied from the dialogue,
 verified in one forward pass; transformers' `prompt_lookup_num_tokens`).
+
+DECODING=mbr's candidates (the greedy summary, then samples from its cache): hf_candidates.py.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import read_record
-from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback, finish
+from finetuneflow.model.backends import Backend, CandidateBatch, Capabilities, Generated, StepCallback, finish
 from finetuneflow.model.device import default_dtype, parse_device
 from finetuneflow.model.family import CAUSAL, family_of
 from finetuneflow.model.loaded import LoadedModel
@@ -292,7 +294,7 @@ def _prefix_cache(loaded: LoadedModel, prefix: list[int], rows: int):
             with torch.inference_mode():
                 output = loaded.model(input_ids=torch.tensor([prefix], device=loaded.device), use_cache=True,
                                       logits_to_keep=1)
-            cache = output.get(_cache_argument(loaded))
+            cache = output.get(cache_argument(loaded))
             if not all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None])):
                 store.supported = False   # sliding windows, linear attention, ...: not reusable this way
                 return None
@@ -306,7 +308,7 @@ def _prefix_cache(loaded: LoadedModel, prefix: list[int], rows: int):
     return copied
 
 
-def _cache_argument(loaded: LoadedModel) -> str:
+def cache_argument(loaded: LoadedModel) -> str:
     """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x): the name generate() and
     the model's outputs use for the KV cache."""
     import inspect
@@ -323,6 +325,50 @@ def _pad_after_prefix(batch: list[list[int]], prefix: int, pad_id: int) -> dict:
         ids.append(row[:prefix] + [pad_id] * gap + row[prefix:])
         mask.append([1] * prefix + [0] * gap + [1] * (len(row) - prefix))
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def prepare_batch(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple[dict, dict, int]:
+    """One batch's padded inputs and generate() arguments (its exact speed-ups, the causal n-gram
+    rule), and the padded prompt width."""
+    tokenizer = loaded.tokenizer
+    speedups, extra = speedups_for(loaded, batch, decoding), {}
+    cache = None
+    if "prefix_cache" in speedups:
+        prefix = _store(loaded).find(batch)
+        cache = _prefix_cache(loaded, batch[0][:prefix], len(batch))
+    if cache is not None:
+        padded = _pad_after_prefix(batch, prefix, tokenizer.pad_token_id)
+        extra[cache_argument(loaded)] = cache
+    else:
+        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
+    padded = {k: v.to(loaded.device) for k, v in padded.items()}
+    width = padded["input_ids"].shape[1]
+    if "prompt_lookup" in speedups:
+        extra["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+    if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
+        extra["logits_processor"] = LogitsProcessorList([GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width)])
+    return padded, extra, width
+
+
+def run_generate(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration, **more):
+    """generate() on one batch with the resolved decoding: (its output, the padded inputs it ran on).
+    `more`: further generate() arguments (return_dict_in_generate, encoder_outputs, ...)."""
+    padded, extra, width = prepare_batch(loaded, batch, decoding)
+    if decoding.sampling is not None and decoding.sampling.seed is not None:
+        torch.manual_seed(int(decoding.sampling.seed))   # seeded sampling repeats
+    with generation_config_for(loaded, decoding), torch.inference_mode():
+        out = loaded.model.generate(**padded, **extra, **more)
+    if loaded.family == CAUSAL:
+        _store(loaded).last_row = list(batch[-1])
+    return out, padded
+
+
+def new_rows(loaded: LoadedModel, sequences, width: int, decoding: ResolvedGeneration) -> list[Generated]:
+    """generate()'s output rows as Generated (cut at the first stop token)."""
+    tokenizer = loaded.tokenizer
+    new = loaded.family.new_tokens(sequences, width)
+    stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
+    return finish(new.tolist(), stops, decoding.max_new_tokens)
 
 
 class TransformersBackend(Backend):
@@ -348,33 +394,13 @@ class TransformersBackend(Backend):
 
     def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
                        on_step: StepCallback | None = None) -> list[Generated]:
-        tokenizer = loaded.tokenizer
-        speedups, extra = speedups_for(loaded, batch, decoding), {}
-        cache = None
-        if "prefix_cache" in speedups:
-            prefix = _store(loaded).find(batch)
-            cache = _prefix_cache(loaded, batch[0][:prefix], len(batch))
-        if cache is not None:
-            padded = _pad_after_prefix(batch, prefix, tokenizer.pad_token_id)
-            extra[_cache_argument(loaded)] = cache
-        else:
-            padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
-        padded = {k: v.to(loaded.device) for k, v in padded.items()}
-        width = padded["input_ids"].shape[1]
-        if "prompt_lookup" in speedups:
-            extra["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
-        if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
-            extra["logits_processor"] = LogitsProcessorList(
-                [GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width)])
-        if decoding.sampling is not None and decoding.sampling.seed is not None:
-            torch.manual_seed(int(decoding.sampling.seed))   # seeded sampling repeats
-        with generation_config_for(loaded, decoding), torch.inference_mode():
-            out = loaded.model.generate(**padded, **extra)
-        if loaded.family == CAUSAL:
-            _store(loaded).last_row = list(batch[-1])
-        new = loaded.family.new_tokens(out, width)
-        stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
-        return finish(new.tolist(), stops, decoding.max_new_tokens)
+        out, padded = run_generate(loaded, batch, decoding)
+        return new_rows(loaded, out, padded["input_ids"].shape[1], decoding)
+
+    def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                            seeds: list[int]) -> CandidateBatch:
+        from finetuneflow.model.backends.hf_candidates import generate_candidates
+        return generate_candidates(loaded, batch, decoding, seeds)
 
     def logits(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]):
         """Causal: logits at every position of prompt + target; seq2seq: decoder logits per target."""
