@@ -131,6 +131,19 @@ def coupled_skips(cfg: dict) -> set[str]:
     return skip
 
 
+def override(base: GenerationSettings, overrides: dict, mbr_knobs: dict | None = None) -> GenerationSettings:
+    """`overrides` (a request's lower-case fields) over `base` (a server's defaults), DECODING and
+    NUM_BEAMS as one choice (`coupled_skips`); a request that asks for MBR gets `mbr_knobs` where
+    neither it nor `base` sets them."""
+    values = asdict(base)
+    for name in coupled_skips({k.upper(): v for k, v in overrides.items()}):
+        values[name.lower()] = None
+    values.update(overrides)
+    if values["decoding"] == "mbr":
+        values.update({k: v for k, v in (mbr_knobs or {}).items() if values.get(k) is None})
+    return GenerationSettings(**values)
+
+
 def _generation(self) -> GenerationSettings:
     """The decoding settings this settings object carries."""
     return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
