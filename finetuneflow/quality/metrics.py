@@ -86,8 +86,8 @@ def rouge_per_sample(predictions: list[str], references: list[str]) -> list[dict
     return rouge_f1(rouge_scores(predictions, references))
 
 
-MULTI_REFERENCE_RULE = ("several references: rouge1..rougeLsum are the maximum F1 over the references (as "
-                        "DialogSum reports), rouge1_mean..rougeLsum_mean the mean over them; BLEU and chrF use "
+MULTI_REFERENCE_RULE = ("several references: rouge1..rougeLsum are the maximum F1 over the references, "
+                        "rouge1_mean..rougeLsum_mean the mean over them; BLEU and chrF use "
                         "sacreBLEU's multi-reference scoring")
 
 
