@@ -157,7 +157,7 @@ def version_summary(preds: Predictions, per_sample: pd.DataFrame, raw, bert, set
                     truncation_source: str) -> dict:
     predictions, references = per_sample["prediction"].tolist(), per_sample["reference"].tolist()
     boot = M.rouge_bootstrap(raw, settings.bootstrap_samples, settings.confidence, settings.bootstrap_seed)
-    corpus = M.corpus_bleu_chrf(predictions, references)
+    corpus = M.corpus_bleu_chrf(predictions, preds.references or references)
     lengths = M.length_summary(per_sample.to_dict("records"))
     summary = {"model": preds.name, "file": str(preds.path), "format": preds.format, "samples": len(per_sample)}
     summary.update({key: float(per_sample[key].mean()) for key in M.ROUGE_KEYS})
