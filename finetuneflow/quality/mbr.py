@@ -34,10 +34,24 @@ TIE = 1e-9          # agreements this close are a tie
 CHECK = "unsupported_mentions"
 
 
-@functools.lru_cache(maxsize=1)
+class _TokenizeOnce:
+    """rouge-score's own tokenizer (lower case, Porter stems), each candidate of a row tokenized once
+    instead of once per pair."""
+
+    def __init__(self):
+        from rouge_score.tokenizers import DefaultTokenizer
+        self.inner, self.seen = DefaultTokenizer(use_stemmer=True), {}
+
+    def tokenize(self, text: str) -> list[str]:
+        if text not in self.seen:
+            self.seen[text] = self.inner.tokenize(text)
+        return self.seen[text]
+
+
 def _rouge():
+    """A ROUGE-L scorer for one row's candidates."""
     from rouge_score import rouge_scorer
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_TokenizeOnce())
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,6 +79,7 @@ def agreement(candidates: list[str], utility: str) -> np.ndarray:
         vectors = sentence_encoder().encode(candidates).astype(np.float64)
         matrix = vectors @ vectors.T
         return (matrix + matrix.T) / 2        # exactly symmetric (the product's two halves may differ in the last bit)
+    rouge = _rouge() if utility == "rougeL" else None
     for i in range(n):
         for j in range(n):
             if i == j:
@@ -73,7 +88,7 @@ def agreement(candidates: list[str], utility: str) -> np.ndarray:
                 if j < i:
                     matrix[i, j] = matrix[j, i]  # F1 is symmetric
                     continue
-                matrix[i, j] = _rouge().score(candidates[j], candidates[i])["rougeL"].fmeasure
+                matrix[i, j] = rouge.score(candidates[j], candidates[i])["rougeL"].fmeasure
             elif utility == "chrf":
                 matrix[i, j] = _chrf().sentence_score(candidates[i], [candidates[j]]).score / 100
             else:
