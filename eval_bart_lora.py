@@ -3,7 +3,8 @@
 Reads:  MODEL (a base model id/folder, an adapter folder from train_bart_lora.py, or a merged
         folder from merge_bart_lora.py / post_merge_cleanup.py; the kind is detected) and DATASET
 Writes: metrics/<TAG>_predictions.csv   id, dialogue, reference, prediction, rouge1, rouge2, rougeL,
-                                        rougeLsum, pred_words, ref_words (ROUGE F1 x 100)
+                                        rougeLsum, pred_words, ref_words (ROUGE F1 x 100), the truncation
+                                        ledger; mbr_choice (DECODING=mbr); reference2.., *_mean (REFERENCE_COLUMNS)
         metrics/<TAG>_eval.json         averages, counts, generation settings, timing, device
         metrics/<TAG>_run_config.json
 
@@ -12,6 +13,7 @@ Run as:
     python eval_bart_lora.py --model=facebook/bart-large-cnn --tag=baseline
     python eval_bart_lora.py --model=ft_outputs/bart_merged_clean --tag=merged
     python eval_bart_lora.py --model=ft_outputs/gguf/<name>-q4_k_m.gguf --tag=q4   # an exported model
+    python eval_bart_lora.py --model=<adapter> --decoding=mbr --mbr_samples=8 --tag=mbr   # consensus decoding
     accelerate launch --multi_gpu --num_processes 2 eval_bart_lora.py --model=...   # sharded (see below)
 Settings left at None come from the model's run record (run_config.json): the generation settings,
 instruction and input length training used, and the split (SEED, VAL_FRACTION, TEST_FRACTION,
@@ -24,6 +26,18 @@ Sharded: under `accelerate launch --num_processes N` (N GPUs, or N CPU processes
 predictions CSV, identical to a one-process run. PRECISION picks the weights' dtype (recorded in
 the eval json and the run record).
 
+Decoding (DECODING): greedy, beam (NUM_BEAMS > 1), or mbr: consensus decoding (minimum Bayes risk):
+the greedy summary plus MBR_SAMPLES seeded samples per row (MBR_TEMPERATURE, MBR_TOP_P; the prompt is
+encoded once per row), each scored against the others with MBR_UTILITY (rougeL, chrf, minilm cosine);
+the one with the highest mean agreement is the summary (ties: the greedy one). MBR_FAITHFUL first
+drops candidates with names/numbers/times the dialogue does not contain (all kept when every one
+has some). The eval json records the decoding, the candidates dropped, and the cost per row against
+the greedy part; the predictions CSV gets the chosen candidate (mbr_choice: 0 = greedy).
+
+Several references (REFERENCE_COLUMNS=summary1,summary2,summary3, as in DialogSum's test files): the
+predictions CSV holds them as reference, reference2, reference3; rouge1..rougeLsum are the maximum
+over the references and rouge1_mean..rougeLsum_mean the mean over them (named in the eval json too).
+
 Long inputs (LONG_INPUT): truncate cuts them at MAX_INPUT_LENGTH; chunk summarizes windows cut at turn
 boundaries, then summarizes the joined window summaries (map-reduce: one short summary); chunk_join
 keeps the window summaries, joined in order, as the summary (its length grows with the input, like
@@ -35,6 +49,7 @@ DATASET = "knkarthick/highlightsum"  # Hub id or local .jsonl/.json/.csv/.parque
 HUB_CONFIG = None              # [str | None] Hub dataset configuration name, if it has several
 DIALOGUE_COLUMN = None         # [str | None] None: auto-detect (dialogue, dialog, text, ...)
 SUMMARY_COLUMN = None          # [str | None] None: auto-detect (summary, highlights, human_summary, ...)
+REFERENCE_COLUMNS = []         # [list[str]] several references (e.g. summary1,summary2,summary3): ROUGE max + mean
 ID_COLUMN = None               # [str | None] None: auto-detect (id, sample_id, fname); row numbers when absent
 SPLIT = "validation"           # split to evaluate (one local file is split by SEED/fractions); all: every row
 N_SAMPLES = 200                # [int >= 0] rows evaluated (0 = all)
@@ -48,6 +63,13 @@ MAX_NEW_TOKENS = None          # [int >= 1 | None] summary token limit; None: in
 MIN_NEW_TOKENS = None          # [int >= 0 | None] minimum summary tokens; None: inherit, else the model's config
 NO_REPEAT_NGRAM_SIZE = None    # [int >= 0 | None] no repeated n-grams of this size; None: inherit, else the model's
 LENGTH_PENALTY = None          # [float | None] beam length penalty (>1 favours longer); None: inherit, else the model's
+DECODING = None                # [greedy | beam | mbr | None] None: inherit, else beam when NUM_BEAMS > 1, else greedy
+MBR_SAMPLES = None             # [int >= 1 | None] mbr: samples besides the greedy summary; None: inherit, else 8
+MBR_TEMPERATURE = None         # [float > 0 | None] mbr: sampling temperature; None: inherit, else 0.7
+MBR_TOP_P = None               # [0 < float <= 1 | None] mbr: nucleus sampling; None: inherit, else 0.95
+MBR_UTILITY = None             # [rougeL | chrf | minilm | None] mbr: candidates' agreement; None: inherit, else rougeL
+MBR_FAITHFUL = None            # [bool | None] mbr: drop unfaithful candidates first; None: inherit, else True
+MBR_SEED = None                # [int >= 0 | None] mbr: seeds the samples; None: inherit, else SEED
 MAX_INPUT_LENGTH = None        # [int >= 16 | None] input tokens per dialogue; None: inherit, else the model's limit
 INSTRUCTION = None             # [str | None] prompt for causal models; None: inherit, else the default instruction
 LONG_INPUT = "truncate"        # [truncate | chunk | chunk_join | error] inputs over MAX_INPUT_LENGTH (see --help)

@@ -12,6 +12,10 @@ Run as:
     python eval_metrics_bart_lora.py                     # metrics/{baseline,lora,merged}_predictions.csv that exist
     python eval_metrics_bart_lora.py --predictions=../shared/data/seed_outputs/baseline_predictions.csv
     python eval_metrics_bart_lora.py --predictions=a.csv,b.csv --names=zero-shot,lora
+Several references per row (REFERENCE_COLUMNS, or the columns eval_bart_lora.py --reference_columns
+wrote and names in its eval json): ROUGE is the maximum over the references (rouge1..rougeLsum) with
+the mean over them beside it (rouge1_mean..), BLEU and chrF use sacreBLEU's multi-reference scoring;
+the summary's "references" and "reference_rule" columns and the report say which was used.
 Versions must cover the same rows (same ids and references); differences between them get
 paired bootstrap confidence intervals. BERTScore needs roberta-large from the Hub, or a local
 model folder in BERTSCORE_MODEL; when neither is available the output says so and goes on.
@@ -19,6 +23,7 @@ model folder in BERTSCORE_MODEL; when neither is available the output says so an
 PREDICTIONS = ["metrics/baseline_predictions.csv", "metrics/lora_predictions.csv",
                "metrics/merged_predictions.csv"]  # CSV paths; the default list uses those that exist
 NAMES = []                             # one display name per CSV; empty: from the file names (lora_predictions -> lora)
+REFERENCE_COLUMNS = []                 # [list[str]] several references (summary1,summary2,...); []: the file's own
 BERTSCORE_MODEL = "roberta-large"      # bert-score model id (rescaled with its baseline) or local folder; "" = skip
 BERTSCORE_FALLBACK = "minilm"          # [str | None] BERTSCORE_MODEL unavailable offline: use minilm (labelled)
 BERTSCORE_BATCH_SIZE = 32              # [int >= 1] pairs per BERTScore forward pass
@@ -44,8 +49,9 @@ from finetuneflow.contract.settings import configure
 
 STAGE = "eval_metrics"
 DEFAULT_PREDICTIONS = list(PREDICTIONS)
-SUMMARY_COLUMNS = ("model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bleu", "chrf",
-                   "pred_words_mean", "ref_words_mean", "len_ratio_mean", "compression_mean")  # first; the rest follow
+SUMMARY_COLUMNS = ("model", "samples", "references", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1",
+                   "bleu", "chrf", "pred_words_mean", "ref_words_mean", "len_ratio_mean", "compression_mean",
+                   "reference_rule")  # first; the rest follow
 CHARTS = ("rouge1.png", "rouge2.png", "rougeL.png", "buckets.png", "score_distribution.png", "coverage.png")
 FIXED_OUTPUTS = ("summary_metrics.csv", "summary_metrics.json", "report.html", "bucket_metrics.csv", *CHARTS)
 SAFE_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
@@ -68,7 +74,8 @@ def read_versions(cfg, files: list) -> tuple[list, list[str]]:
     from finetuneflow.quality.predictions import check_same_samples, read_predictions
     if cfg.NAMES and len(cfg.NAMES) != len(files):
         raise UserError(f"--names has {len(cfg.NAMES)} names for {len(files)} prediction files; give one per file")
-    versions = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None) for i, f in enumerate(files)]
+    versions = [read_predictions(f, cfg.NAMES[i] if cfg.NAMES else None, list(cfg.REFERENCE_COLUMNS))
+                for i, f in enumerate(files)]
     names = [v.name for v in versions]
     bad = [n for n in names if not SAFE_NAME.fullmatch(n)]
     if bad:
@@ -147,7 +154,9 @@ def print_results(versions: list, pairs: list, buckets: list) -> None:
         print(f"{v.name:>12}: ROUGE-1 {s['rouge1']:.2f}  ROUGE-2 {s['rouge2']:.2f}  ROUGE-L {s['rougeL']:.2f}  "
               f"ROUGE-Lsum {s['rougeLsum']:.2f}  BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}  "
               f"BERTScore {'%.2f' % s['bertscore_f1'] if s['bertscore_f1'] is not None else 'n/a'}  "
-              f"({s['samples']} samples, {s['bucket_ok']} ok)")
+              f"({s['samples']} samples, {s['bucket_ok']} ok"
+              + (f"; max over {s['references']} references, ROUGE-L mean over them {s['rougeL_mean']:.2f})"
+                 if s["references"] > 1 else ")"))
         print(f"{'':>12}  faithfulness: unsupported mentions {_rate(s, 'unsupported_mentions')}, unsupported "
               f"sentence {_rate(s, 'unsupported_sentence')}, misattribution (experimental) "
               f"{_rate(s, 'misattribution')}")

@@ -17,6 +17,9 @@ Dialogues longer than MAX_INPUT_LENGTH tokens: LONG_INPUT=chunk summarizes them 
 turn boundaries and then summarizes the partial summaries; chunk_join joins the window summaries
 instead (the summary grows with the dialogue: meetings); truncate cuts them; error refuses them.
 Settings left at None come from the model folder's run_config.json (what was evaluated).
+DECODING=mbr (consensus decoding; see eval_bart_lora.py --help): each dialogue's greedy summary and
+MBR_SAMPLES seeded samples, the one that agrees most with the others is printed (the same seed gives
+the same summaries; long dialogues: per window).
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
 BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
@@ -33,6 +36,13 @@ MAX_NEW_TOKENS = None                  # [int >= 1 | None] tokens per summary; N
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: inherited
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: inherited
 LENGTH_PENALTY = None                  # [float | None] None: inherited (beam search only)
+DECODING = None                        # [greedy | beam | mbr | None] None: inherited, else greedy (beam: NUM_BEAMS > 1)
+MBR_SAMPLES = None                     # [int >= 1 | None] mbr: samples besides the greedy one; None: inherited, else 8
+MBR_TEMPERATURE = None                 # [float > 0 | None] mbr: sampling temperature; None: inherited, else 0.7
+MBR_TOP_P = None                       # [0 < float <= 1 | None] mbr: nucleus sampling; None: inherited, else 0.95
+MBR_UTILITY = None                     # [rougeL | chrf | minilm | None] mbr: agreement; None: inherited, else rougeL
+MBR_FAITHFUL = None                    # [bool | None] mbr: drop unfaithful candidates first; None: inherited, else True
+MBR_SEED = None                        # [int >= 0 | None] mbr: seeds the samples; None: inherited, else 42
 BATCH_SIZE = 8                         # [int >= 1] dialogues (or windows) generated together
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
 LOAD_IN_4BIT = None                    # [bool | None] adapter folders: None = as the adapter was trained
@@ -49,6 +59,7 @@ from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.contract.settings import configure
 from finetuneflow.engine.sharding import current_shard, summarize_sharded
 from finetuneflow.model.precision import precision_for
+from finetuneflow.quality.mbr import check_utility, choose_rows
 from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, loads_in_4bit,
                                              model_info, read_inputs, write_outputs)
 
@@ -99,15 +110,19 @@ def main(argv=None) -> dict:
     if inputs.skipped and shard.main:
         print(f"skipped {len(inputs.skipped)} of {inputs.rows} rows with an empty dialogue (ids: "
               f"{', '.join(inputs.skipped[:10])}{', ...' if len(inputs.skipped) > 10 else ''})", file=sys.stderr)
+    check_utility(cfg.MBR_UTILITY if cfg.DECODING == "mbr" else None)
     device = cfg.DEVICE if cfg.DEVICE or not shard.device else shard.device
     load_in_4bit = loads_in_4bit(cfg.MODEL, cfg.LOAD_IN_4BIT)
     precision = precision_for(cfg.MODEL, cfg.PRECISION, device, load_in_4bit)
     loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, device, load_in_4bit, precision)
     inherited = inherit_defaults(cfg, loaded)
     settings = GenerationSettings.from_config(cfg)
+    loaded.backend.refuse_unsupported(settings)
+    if settings.decoding == "mbr":
+        check_utility(settings.mbr_utility)
     result = summarize_sharded(loaded, inputs.dialogues, settings, cfg.BATCH_SIZE, cfg.MAX_INPUT_LENGTH,
                                cfg.INSTRUCTION, cfg.LONG_INPUT, inputs.ids, progress=len(inputs.dialogues) > 1,
-                               shard=shard)
+                               shard=shard, chooser=choose_rows)
     if result is None:   # another process of a sharded run: the main process writes and reports
         return {}
     report(result, inputs, cfg, inherited, loaded, precision)
@@ -121,7 +136,8 @@ def main(argv=None) -> dict:
                            extra={"model": model_info(loaded), "decoding": result.settings, "chunked": result.chunked,
                                   "truncated": truncated, "rows": inputs.rows, "skipped": inputs.skipped,
                                   "timing": result.timing(), "precision": precision.as_dict(),
-                                  "processes": shard.world, "exact_speedups": result.speedups})
+                                  "processes": shard.world, "exact_speedups": result.speedups,
+                                  **({"mbr": result.mbr_totals} if result.mbr_totals else {})})
         write_record(output.parent, record, cfg, [cfg.INPUT_FILE] if cfg.INPUT_FILE else [],
                      name=f"{output.name}.run_config.json")
         write_outputs(output, rows)

@@ -19,6 +19,10 @@ its estimated work (input tokens + beams x new tokens over every window) is over
 REQUEST_TOKEN_BUDGET, stopped when it runs past REQUEST_TIMEOUT_S, and cancelled when its client
 hangs up. SIGTERM: no new connections, in-flight requests get SHUTDOWN_TIMEOUT_S to finish, then
 the rest is cancelled and the process exits. Every error is a 4xx/5xx JSON object.
+Decoding: the model's record (or DECODING) is the default; a request may ask for "decoding":
+"greedy" | "beam" | "mbr" ("generation" of /summarize, or the OpenAI body's ftf extension field),
+mbr only with MBR_REQUESTS=True (or when it is the default). MBR answers are not token-streamed:
+the summary is chosen once every candidate is done and is sent as one delta.
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
 BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
@@ -46,6 +50,14 @@ MAX_NEW_TOKENS = None                  # [int >= 1 | None] tokens; None: inherit
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] None: inherited
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: inherited
 LENGTH_PENALTY = None                  # [float | None] None: inherited
+DECODING = None                        # [greedy | beam | mbr | None] the default; None: inherited, else greedy/beam
+MBR_REQUESTS = False                   # a request may ask for "decoding": "mbr" (1 + MBR_SAMPLES generations each)
+MBR_SAMPLES = None                     # [int >= 1 | None] mbr: samples besides the greedy one; None: inherited, else 8
+MBR_TEMPERATURE = None                 # [float > 0 | None] mbr: sampling temperature; None: inherited, else 0.7
+MBR_TOP_P = None                       # [0 < float <= 1 | None] mbr: nucleus sampling; None: inherited, else 0.95
+MBR_UTILITY = None                     # [rougeL | chrf | minilm | None] mbr: agreement; None: inherited, else rougeL
+MBR_FAITHFUL = None                    # [bool | None] mbr: drop unfaithful candidates first; None: inherited, else True
+MBR_SEED = None                        # [int >= 0 | None] mbr: seeds the samples; None: inherited, else 42
 TOKEN_ENV = "FTF_API_TOKEN"            # environment variable holding the optional bearer token
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
 ACCESS_LOG = True                      # one JSON line per request on stderr
@@ -61,6 +73,7 @@ from finetuneflow.contract.errors import UserError, run_cli
 from finetuneflow.contract.settings import configure
 from finetuneflow.serve.http_api import create_app
 from finetuneflow.serve.inference_io import inherit_defaults, load_for_inference, model_info
+from finetuneflow.quality.mbr import check_utility
 from finetuneflow.serve.options import ServerOptions
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -89,6 +102,9 @@ def main(argv=None) -> dict:
     loaded = load_for_inference(cfg.MODEL, cfg.BASE_MODEL, cfg.DEVICE)
     inherit_defaults(cfg, loaded)
     options = ServerOptions.from_config(cfg)
+    loaded.backend.refuse_unsupported(options.defaults)     # the default decoding must run here
+    if options.mbr_allowed():
+        check_utility(options.mbr_utility)
     app = create_app(loaded, options)
     if options.access_log:
         handler = logging.StreamHandler(sys.stderr)

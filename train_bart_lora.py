@@ -8,6 +8,9 @@ summaries generated with NUM_BEAMS ... LENGTH_PENALTY below (recorded in run_con
 stages generate the same way) for a fixed, length-stratified subset of the validation rows
 (EVAL_GENERATE_SAMPLES), on a time budget (EVAL_BUDGET_SECONDS), and logs what each part cost.
 
+DECODING and the MBR_* settings are recorded for the later stages (evaluation, inference, the
+server, the deploy gate inherit them, so a recipe file can ship its decoding: recipes/*.yaml);
+in-training evaluations decode DECODING=mbr's greedy part (MBR costs 1 + MBR_SAMPLES generations).
 Family defaults (NUM_BEAMS, MAX_NEW_TOKENS, EVAL_GENERATE_SAMPLES left at None):
   seq2seq (BART, T5): the seed's 4 beams, 192 new tokens, every validation row;
   causal (Llama, SmolLM, ...): greedy, 1.25 x the 95th percentile of the training summaries' tokens
@@ -107,6 +110,13 @@ MAX_NEW_TOKENS = None                  # [int >= 1 | None] summary tokens; None:
 MIN_NEW_TOKENS = None                  # [int >= 0 | None] shortest generated summary, tokens (None: model default)
 NO_REPEAT_NGRAM_SIZE = None            # [int >= 0 | None] None: model default (bart-large-cnn: 3)
 LENGTH_PENALTY = 1.0                   # [float | None] beam-search length penalty (None: model default)
+DECODING = None                        # [greedy | beam | mbr | None] recorded for eval/serving; training evals: greedy
+MBR_SAMPLES = None                     # [int >= 1 | None] DECODING=mbr (recorded): samples besides the greedy one (8)
+MBR_TEMPERATURE = None                 # [float > 0 | None] DECODING=mbr (recorded): sampling temperature (0.7)
+MBR_TOP_P = None                       # [0 < float <= 1 | None] DECODING=mbr (recorded): nucleus sampling (0.95)
+MBR_UTILITY = None                     # [rougeL | chrf | minilm | None] DECODING=mbr (recorded): agreement (rougeL)
+MBR_FAITHFUL = None                    # [bool | None] DECODING=mbr (recorded): drop unfaithful candidates (True)
+MBR_SEED = None                        # [int >= 0 | None] DECODING=mbr (recorded): None = SEED
 EVAL_STEPS = 0                         # [int >= 0] evaluate and checkpoint every N optimizer steps; 0 = once per epoch
 EVAL_ON_START = True          # evaluate before training too: the zero-shot ROUGE baseline
 EVAL_BATCH_SIZE = 8                    # [int >= 1] batch size for validation loss and generation

@@ -26,11 +26,14 @@ $PY train_bart_lora.py --config=recipes/smollm2_dialogsum.yaml --model=$BASE $SP
 $PY eval_bart_lora.py --model=$BASE --tag=zeroshot $TEST --max_input_length=384 --max_new_tokens=64 \
   --num_beams=1 --no_repeat_ngram_size=3 --output_dir=$WORK
 $PY eval_bart_lora.py --model=$RUN --tag=lora $TEST --output_dir=$WORK
+# Consensus (MBR) decoding of the same adapter: greedy + 8 seeded samples per row, ROUGE-L agreement,
+# unfaithful candidates dropped first (the eval json records the cost per row against the greedy part)
+$PY eval_bart_lora.py --model=$RUN --tag=lora_mbr $TEST --decoding=mbr --mbr_samples=8 --output_dir=$WORK
 $PY merge_bart_lora.py --adapter=$RUN --output_dir=$MERGED --overwrite=True
 $PY post_merge_cleanup.py --model=$MERGED --output_dir=$CLEAN --overwrite=True
 $PY eval_bart_lora.py --model=$CLEAN --tag=merged $TEST --output_dir=$WORK
 # GGUF q8_0 and q4_k_m, audited, verified, and gated on the merged model's 100 test rows
 $PY export_gguf.py --model=$CLEAN --outtype=q8_0,q4_k_m --gate_eval=$WORK/merged_eval.json
-$PY eval_metrics_bart_lora.py --predictions=$WORK/zeroshot_predictions.csv,$WORK/lora_predictions.csv,$WORK/merged_predictions.csv \
+$PY eval_metrics_bart_lora.py --predictions=$WORK/zeroshot_predictions.csv,$WORK/lora_predictions.csv,$WORK/merged_predictions.csv,$WORK/lora_mbr_predictions.csv \
   --bertscore_model= --output_dir=$OUT
 cp $WORK/*_eval.json $WORK/*_run_config.json ft_outputs/gguf/smollm2_clean_dialogsum.deploy_report.* $OUT/

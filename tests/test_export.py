@@ -337,3 +337,32 @@ def test_a_failed_verification_writes_nothing_and_verify_false_says_unverified(t
               "--overwrite=true", "--n_probes=1"])
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]      # no temporary folder left behind
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_ct2_exports_run_mbr_through_the_eval_stage(tiny_models, tmp_path):
+    """DECODING=mbr on CTranslate2 (a Translator and a Generator): one sample without the filter
+    equals greedy, the same seed gives the same text in other batches, and the stage runs it."""
+    from export_gguf import main
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.quality.mbr import choose_rows
+    texts = [json.loads(line)["dialogue"] for line in (REPO / "data" / "samples" / "dialogues.jsonl").read_text()
+             .splitlines()[:5]]
+    mbr = GenerationSettings(max_new_tokens=8, decoding="mbr", mbr_samples=3)
+    for family in ("bart", "llama"):
+        out = tmp_path / f"ct2-{family}"
+        main([f"--model={tiny_models[family]}", "--format=ct2", "--quantization=float32", f"--output_dir={out}", *FAST])
+        loaded = load_model(str(out))
+        greedy = summarize(loaded, texts, GenerationSettings(max_new_tokens=8, decoding="greedy"), 2, progress=False)
+        one = summarize(loaded, texts, GenerationSettings(max_new_tokens=8, decoding="mbr", mbr_samples=1,
+                                                          mbr_faithful=False), 2, progress=False, chooser=choose_rows)
+        assert one.summaries == greedy.summaries and one.settings["backend"] == "ctranslate2"
+        first, again = (summarize(loaded, texts, mbr, 2, progress=False, chooser=choose_rows) for _ in range(2))
+        assert first.summaries == again.summaries and first.mbr_totals["candidates"] == 20
+        run_stage("eval_bart_lora.py", f"--model={out}", f"--dataset={REPO / 'data' / 'samples' / 'dialogues.jsonl'}",
+                  "--split=all", "--n_samples=3", "--max_new_tokens=8", "--decoding=mbr", "--mbr_samples=3",
+                  f"--tag={family}", root=tmp_path)
+        record = json.loads((tmp_path / "metrics" / f"{family}_eval.json").read_text())
+        assert record["generation"]["backend"] == "ctranslate2" and record["mbr"]["candidates_per_row"] == 4

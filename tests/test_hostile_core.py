@@ -222,3 +222,34 @@ def test_a_summary_holding_a_carriage_return_reads_back_exactly(tmp_path, tiny_m
               "--bootstrap_samples=50", root=project.root)
     scored = pd.read_csv(project.root / "metrics" / "cr_metrics.csv", dtype=str, keep_default_na=False)
     assert scored["prediction"].tolist() == [r["prediction"] for r in rows]
+# ----------------------------------------------------------------------------- decoding (eval)
+
+DECODING_CASES = {
+    "mbr with beams": (["--decoding=mbr", "--num_beams=4"], "DECODING=mbr decodes with one beam, but NUM_BEAMS=4"),
+    "no samples": (["--decoding=mbr", "--mbr_samples=0"], "--MBR_SAMPLES=0: out of range: must be int >= 1"),
+    "beam with one beam": (["--decoding=beam", "--num_beams=1"], "DECODING=beam needs NUM_BEAMS >= 2"),
+    "an mbr knob without mbr": (["--mbr_samples=3"], "MBR_SAMPLES=3 only applies to DECODING=mbr"),
+    "no such decoding": (["--decoding=sampling"], "--DECODING=sampling"),
+    "beam on llama.cpp": (["--decoding=beam", "--num_beams=4", "--model=GGUF"],
+                          "DECODING=beam: the llama.cpp backend has no beam search"),
+    "one reference column": (["--reference_columns=summary"], "REFERENCE_COLUMNS=summary names one column"),
+    "a missing reference column": (["--reference_columns=summary,summary9"], "no column 'summary9'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODING_CASES))
+def test_contradicting_decoding_is_refused_before_anything_is_written(case, tmp_path, tiny_models):
+    """`--decoding=mbr --num_beams=4`, `--mbr_samples=0`, beams on a backend without them, ...: one
+    line, exit 2, no file written (the llama.cpp case never loads the file: the plan asks the
+    backend that would run it)."""
+    project = user_project(tmp_path)
+    args, message = DECODING_CASES[case]
+    gguf = project.root / "models" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)      # detected as llama.cpp's; refused before it is read
+    model = f"--model={gguf}" if "--model=GGUF" in args else f"--model={tiny_models['llama']}"
+    before = snapshot(project.root)
+    result = run_stage("eval_bart_lora.py", model, *[a for a in args if a != "--model=GGUF"],
+                       f"--dataset={project.data}", "--split=all", "--n_samples=2", root=project.root, check=False)
+    assert_refused(result, message, before, project.root)
+    assert not (project.root / "metrics").exists()

@@ -304,6 +304,15 @@ def test_a_heavy_client_does_not_starve_light_ones(server):
     ("/v1/chat/completions", b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a: \\ud800"}]}', AUTH,
      422, "invalid_text"),
     ("/v1/completions", b'{"model": "tiny-llama", "prompt": "a: hi \\udbff"}', AUTH, 422, "invalid_text"),
+    # decoding: MBR only where the server allows it (MBR_REQUESTS); contradictions are 422s
+    ("/summarize", {"dialogue": "a: hi", "generation": {"decoding": "mbr"}}, AUTH, 422, "mbr_not_allowed"),
+    ("/summarize", {"dialogue": "a: hi", "generation": {"decoding": "sampling"}}, AUTH, 422, "invalid_request"),
+    ("/summarize", {"dialogue": "a: hi", "generation": {"decoding": "greedy", "num_beams": 3}}, AUTH, 422,
+     "invalid_decoding"),
+    ("/summarize", {"dialogue": "a: hi", "generation": {"decoding": "beam", "num_beams": 1}}, AUTH, 422,
+     "invalid_decoding"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "a: hi", "decoding": "mbr"}, AUTH, 422, "mbr_not_allowed"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "a: hi", "decoding": 7}, AUTH, 422, "invalid_request"),
 ])
 def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(server, path, body, headers, status, code):
     if isinstance(body, bytes):

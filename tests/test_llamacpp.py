@@ -354,3 +354,37 @@ def test_eval_refuses_a_bad_gguf_in_one_line(tiny_gguf, tmp_path, case):
     metrics = tmp_path / "metrics"
     written = sorted(p.name for p in metrics.iterdir()) if metrics.is_dir() else []
     assert "bad_predictions.csv" not in written and "bad_eval.json" not in written
+
+
+def test_mbr_candidates_decode_each_prompt_once_and_one_sample_equals_greedy(loaded):
+    """DECODING=mbr on llama.cpp: the greedy summary is the greedy decoding itself, the samples
+    start from a copy of the prompt's KV cells (prompt-eval tokens: exactly greedy's), and the same
+    seed gives the same samples in other batches."""
+    from finetuneflow.engine.generation import GenerationSettings, summarize
+    from finetuneflow.quality.mbr import choose_rows
+    texts, runtime = dialogues(5), loaded.model
+    common = {"batch_size": 2, "max_input_length": 400, "instruction": INSTRUCTION, "progress": False}
+    runtime.prompt_tokens, runtime._prefix = 0, []
+    greedy = summarize(loaded, texts, GenerationSettings(max_new_tokens=10), **common)
+    greedy_prompt = runtime.prompt_tokens
+    runtime.prompt_tokens, runtime._prefix = 0, []
+    mbr = GenerationSettings(max_new_tokens=10, decoding="mbr", mbr_samples=3)
+    three = summarize(loaded, texts, mbr, chooser=choose_rows, **common)
+    assert runtime.prompt_tokens == greedy_prompt > 0                     # not 4 x
+    assert three.mbr_totals["candidates"] == 20 and three.settings["backend"] == "llama.cpp"
+    again = summarize(loaded, texts, mbr, chooser=choose_rows, **{**common, "batch_size": 3})
+    assert again.summaries == three.summaries
+    one = summarize(loaded, texts, GenerationSettings(max_new_tokens=10, decoding="mbr", mbr_samples=1,
+                                                      mbr_faithful=False), chooser=choose_rows, **common)
+    assert one.summaries == greedy.summaries
+
+
+@pytest.mark.e2e
+def test_eval_runs_mbr_on_a_gguf(tiny_gguf, tmp_path):
+    import json as _json
+    from conftest import run_stage
+    run_stage("eval_bart_lora.py", f"--model={tiny_gguf['f32']}", "--tag=mbr", f"--dataset={SAMPLES}", "--split=all",
+              "--n_samples=3", "--max_new_tokens=8", "--decoding=mbr", "--mbr_samples=3", root=tmp_path,
+              env={"OMP_NUM_THREADS": "1", "FTF_LLAMA_THREADS": "1"})
+    record = _json.loads((tmp_path / "metrics" / "mbr_eval.json").read_text())
+    assert record["generation"]["backend"] == "llama.cpp" and record["mbr"]["candidates_per_row"] == 4

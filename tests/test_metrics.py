@@ -267,3 +267,75 @@ def test_versions_must_share_rows(tmp_path):
     d = read_predictions(write_predictions(tmp_path / "d_predictions.csv", rows))
     with pytest.raises(UserError, match="same id but a different reference"):
         check_same_samples([a, d])
+
+
+# --- several references ---------------------------------------------------------------------------
+MULTI = [("r1", "Tom and Anna meet for lunch at noon.", ["Anna and Tom will have lunch at noon.",
+                                                        "Tom asks Anna to lunch.", "They meet at noon for lunch."]),
+         ("r2", "Ben sells his old bike to Carl.", ["Carl buys Ben's bike.", "Ben sells the old bike to Carl.",
+                                                   "Ben and Carl agree on a price for a bike."])]
+
+
+def test_several_references_max_and_mean_as_computed_by_hand(project):
+    """eval_metrics_bart_lora.py --reference_columns=summary1,summary2,summary3 on a small CSV: ROUGE
+    is the maximum over the references with the mean beside it (rouge-score by hand), BLEU and chrF
+    sacreBLEU's multi-reference scores; the rule is named in every output."""
+    import csv
+    import json
+
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
+    from conftest import run_stage
+    path = project / "multi.csv"
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "prediction", "summary1", "summary2", "summary3"])
+        writer.writerows([[i, p, *refs] for i, p, refs in MULTI])
+    result = run_stage("eval_metrics_bart_lora.py", f"--predictions={path}", "--names=multi", "--bertscore_model=",
+                       "--faithfulness=false", "--reference_columns=summary1,summary2,summary3", "--output_dir=out",
+                       root=project)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    with open(project / "out" / "multi_metrics.csv", encoding="utf-8", newline="") as handle:
+        rows = {r["id"]: r for r in csv.DictReader(handle)}
+    for row_id, prediction, refs in MULTI:
+        for key in ("rouge1", "rouge2", "rougeL"):
+            by_hand = [scorer.score(ref, prediction)[key].fmeasure * 100 for ref in refs]
+            assert float(rows[row_id][key]) == pytest.approx(max(by_hand), abs=1e-3)
+            assert float(rows[row_id][f"{key}_mean"]) == pytest.approx(sum(by_hand) / 3, abs=1e-3)
+        assert float(rows[row_id]["chrf"]) == pytest.approx(CHRF().sentence_score(prediction, refs).score, abs=1e-3)
+    summary = json.loads((project / "out" / "summary_metrics.json").read_text())["versions"][0]
+    streams = [[refs[k] for _, _, refs in MULTI] for k in range(3)]
+    assert summary["bleu"] == pytest.approx(BLEU().corpus_score([p for _, p, _ in MULTI], streams).score)
+    assert summary["references"] == 3 and "maximum F1 over the references" in summary["reference_rule"]
+    assert "max over 3 references" in result.stdout
+    assert "maximum F1 over the references" in (project / "out" / "report.html").read_text()
+    one = run_stage("eval_metrics_bart_lora.py", f"--predictions={path}", "--names=single", "--bertscore_model=",
+                    "--faithfulness=false", "--output_dir=single", root=project, check=False)
+    assert one.returncode == 2 and "no reference column" in one.stderr   # single reference: its own column only
+
+
+@pytest.mark.e2e
+def test_eval_scores_several_references_and_eval_metrics_reads_them(tiny_models, project):
+    import csv
+    import json
+
+    from conftest import SAMPLES, run_stage
+    rows = [json.loads(line) for line in SAMPLES.read_text(encoding="utf-8").splitlines()[:3]]
+    data = project / "multi.jsonl"
+    data.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"], "summary1": r["summary"],
+                                        "summary2": r["summary"].split(".")[0] + ".", "summary3": "They talk."})
+                            + "\n" for r in rows))
+    run_stage("eval_bart_lora.py", f"--model={tiny_models['llama']}", f"--dataset={data}", "--split=all",
+              "--n_samples=0", "--max_new_tokens=8", "--reference_columns=summary1,summary2,summary3", "--tag=multi",
+              root=project)
+    record = json.loads((project / "metrics" / "multi_eval.json").read_text())
+    assert record["references"]["count"] == 3 and record["references"]["csv_columns"][1] == "reference2"
+    with open(project / "metrics" / "multi_predictions.csv", encoding="utf-8", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert [r["reference3"] for r in written] == ["They talk."] * 3
+    assert all(float(r["rougeL"]) >= float(r["rougeL_mean"]) for r in written)
+    run_stage("eval_metrics_bart_lora.py", "--predictions=metrics/multi_predictions.csv", "--bertscore_model=",
+              "--faithfulness=false", "--output_dir=scored", root=project)      # the record names the columns
+    summary = json.loads((project / "scored" / "summary_metrics.json").read_text())["versions"][0]
+    assert summary["references"] == 3 and summary["rougeL"] == pytest.approx(record["averages"]["rougeL"], abs=1e-3)

@@ -356,3 +356,30 @@ def test_the_server_runs_a_ctranslate2_export(tiny_models, tmp_path):
         assert sampled.status_code == 422 and sampled.json()["error"]["code"] == "sampling_unavailable"
         long = client.post("/summarize", json={"dialogue": LONG}).json()
         assert long["windows"][0] > 1 and long["summary"]
+
+
+def test_a_request_may_ask_for_mbr_where_the_server_allows_it(tiny_models, tmp_path):
+    """MBR_REQUESTS=True: "decoding": "mbr" in /summarize's generation or the OpenAI body (the ftf
+    extension field) gets consensus decoding, per window for a long dialogue; a stream sends it as
+    one delta; the same request gives the same summary; greedy stays the default."""
+    running = start_server(tiny_models["llama"], tmp_path, *LIMITS, "--mbr_requests=true", "--mbr_samples=2",
+                           env={"FTF_API_TOKEN": TOKEN}, name="mbr")
+    try:
+        info = httpx.get(f"{running.url}/info", headers=AUTH).json()
+        assert info["mbr"]["requests_allowed"] is True and "one delta" in info["mbr"]["streaming"]
+        assert info["effective_defaults"]["decoding"] == "greedy"
+        asked = {"dialogues": DIALOGUES[:2], "generation": {"decoding": "mbr"}}
+        first, again = post(running, asked).json(), post(running, asked).json()
+        assert first["generation"]["decoding"] == "mbr" and first["generation"]["mbr_samples"] == 2
+        assert first["summaries"] == again["summaries"]
+        assert post(running, {"dialogue": DIALOGUES[0]}).json()["generation"]["decoding"] == "greedy"
+        long = post(running, {"dialogue": LONG, "generation": {"decoding": "mbr"}}).json()
+        assert long["windows"][0] > 1 and long["generation"]["decoding"] == "mbr"
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", headers=AUTH, timeout=120, json={
+                "model": "tiny-llama", "stream": True, "decoding": "mbr",
+                "messages": [{"role": "user", "content": DIALOGUES[0]}]}) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: {")]
+        deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events]
+        assert len([d for d in deltas if d]) == 1
+    finally:
+        running.stop()

@@ -103,3 +103,19 @@ def test_sharded_inference_writes_every_row_in_input_order(tiny_models, tmp_path
     launch("inference_bart_lora.py", model, *settings, "--output_file=outputs/two.jsonl", root=tmp_path)
     one, two = ((tmp_path / "outputs" / f"{n}.jsonl").read_text() for n in ("one", "two"))
     assert one == two and one.count("\n") == len(SAMPLES.read_text().strip().splitlines())
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sharded_mbr_eval_equals_one_process(tiny_models, tmp_path):
+    """DECODING=mbr: a row's samples are seeded from (MBR_SEED, its prompt), so two gloo processes
+    write the CSV one process writes, byte for byte."""
+    settings = [f"--model={tiny_models['llama']}", *DATA, "--batch_size=2", "--max_new_tokens=8",
+                "--max_input_length=256", "--decoding=mbr", "--mbr_samples=2"]
+    run_stage("eval_bart_lora.py", *settings, "--tag=one", root=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    launch("eval_bart_lora.py", *settings, "--tag=two", root=tmp_path)
+    metrics = tmp_path / "metrics"
+    assert (metrics / "two_predictions.csv").read_bytes() == (metrics / "one_predictions.csv").read_bytes()
+    import json
+    one, two = (json.loads((metrics / f"{tag}_eval.json").read_text())["mbr"] for tag in ("one", "two"))
+    assert (one["dropped_unfaithful"], one["selections"]) == (two["dropped_unfaithful"], two["selections"])

@@ -1,7 +1,9 @@
 """Dialogue data: Hub ids or local files, column mapping, splits, subsets and validation.
 
 Every split comes back as a `datasets.Dataset` with exactly three columns, `id`, `dialogue`
-and `summary` (strings), whatever the source called them. Rows with an empty or
+and `summary` (strings), whatever the source called them; with `reference_columns` (several
+references per row, e.g. DialogSum test's summary1..3) a fourth, `references` (every reference,
+the first is `summary`), and a row needs all of them. Rows with an empty or
 whitespace-only dialogue or summary are dropped and counted in `LoadedData.dropped`; a
 non-text value is an error that names the row.
 """
@@ -42,6 +44,7 @@ class DataSpec(FromConfig):
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     normalize: bool = False
+    reference_columns: tuple = ()      # several references per row (the first is the summary)
 
 
 @dataclass
@@ -243,34 +246,59 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple, role:
 
 def _standardize(ds: datasets.Dataset, split: str, cols: dict, normalize: bool) -> tuple[datasets.Dataset, int]:
     ids = ds[cols["id"]] if cols["id"] else [f"{split}-{i}" for i in range(len(ds))]
-    rows = {"id": [], "dialogue": [], "summary": []}
+    several = cols.get("references") or []
+    rows = {"id": [], "dialogue": [], "summary": [], **({"references": []} if several else {})}
+    references = list(zip(*(ds[c] for c in several))) if several else [(s,) for s in ds[cols["summary"]]]
     dropped = 0
-    for i, (row_id, dialogue, summary) in enumerate(zip(ids, ds[cols["dialogue"]], ds[cols["summary"]])):
-        for role, value in (("dialogue", dialogue), ("summary", summary)):
+    for i, (row_id, dialogue, refs) in enumerate(zip(ids, ds[cols["dialogue"]], references)):
+        for role, value in (("dialogue", dialogue), *(("summary", r) for r in refs)):
             if value is not None and not isinstance(value, str):
                 raise UserError(f"{split} row {i} (id {row_id!r}): {role} is {type(value).__name__}, "
                                 f"not text; fix that row or choose another --{role.upper()}_COLUMN")
-        if not (dialogue or "").strip() or not (summary or "").strip():
+        if not (dialogue or "").strip() or not all((r or "").strip() for r in refs):
             dropped += 1
             continue
         rows["id"].append(str(row_id))
         rows["dialogue"].append(normalize_dialogue(dialogue, normalize) if normalize else dialogue.strip())
-        rows["summary"].append(summary.strip())
+        rows["summary"].append(refs[0].strip())
+        if several:
+            rows["references"].append([r.strip() for r in refs])
     return datasets.Dataset.from_dict(rows), dropped
+
+
+def reference_columns_of(columns: list[str], wanted, summary_column: str | None) -> list[str]:
+    """REFERENCE_COLUMNS checked against the file's columns ([] for one reference)."""
+    wanted = [c.strip() for c in (wanted or []) if c.strip()]
+    if len(wanted) == 1:
+        raise UserError(f"REFERENCE_COLUMNS={wanted[0]} names one column; use SUMMARY_COLUMN for one reference, or "
+                        f"name every reference column (e.g. summary1,summary2,summary3)")
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise UserError(f"REFERENCE_COLUMNS: no column {missing[0]!r}; columns found: {', '.join(columns)}")
+    if len(set(wanted)) != len(wanted):
+        raise UserError(f"REFERENCE_COLUMNS names a column twice ({', '.join(wanted)})")
+    if wanted and summary_column and summary_column != wanted[0]:
+        raise UserError(f"SUMMARY_COLUMN={summary_column} and REFERENCE_COLUMNS={','.join(wanted)}: the first "
+                        f"reference column is the summary; drop SUMMARY_COLUMN or put it first")
+    return wanted
 
 
 def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_column: str | None = None,
                    id_column: str | None = None, seed: int = 42, val_fraction: float = 0.1,
                    test_fraction: float = 0.1, normalize: bool = False,
-                   hub_config: str | None = None) -> LoadedData:
+                   hub_config: str | None = None, reference_columns=()) -> LoadedData:
     """Load a dataset into standard train/validation/test splits (those that exist)."""
     raw, single, files = _load_raw(dataset, hub_config)
     renamed = {SPLIT_ALIASES.get(name.lower(), name): raw[name] for name in raw}
     first = next(iter(renamed.values()))
     columns = list(first.column_names)
+    several = reference_columns_of(columns, reference_columns, summary_column)
     cols = {"dialogue": pick_column(columns, dialogue_column, DIALOGUE_CANDIDATES, "dialogue", True),
-            "summary": pick_column(columns, summary_column, SUMMARY_CANDIDATES, "summary", True),
+            "summary": several[0] if several else pick_column(columns, summary_column, SUMMARY_CANDIDATES,
+                                                              "summary", True),
             "id": pick_column(columns, id_column, ID_CANDIDATES, "id", False)}
+    if several:
+        cols["references"] = several
     splits, dropped = {}, {}
     for name, ds in renamed.items():
         splits[name], dropped[name] = _standardize(ds, name, cols, normalize)
@@ -286,7 +314,8 @@ def load_dialogues(dataset: str, dialogue_column: str | None = None, summary_col
 
 def load_data(spec: DataSpec) -> LoadedData:
     return load_dialogues(spec.dataset, spec.dialogue_column, spec.summary_column, spec.id_column, spec.seed,
-                          spec.val_fraction, spec.test_fraction, bool(spec.normalize), spec.hub_config)
+                          spec.val_fraction, spec.test_fraction, bool(spec.normalize), spec.hub_config,
+                          tuple(spec.reference_columns or ()))
 
 
 def load_as_recorded(split: Split, dataset: str | None = None) -> LoadedData:

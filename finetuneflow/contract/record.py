@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import GenerationSettings, coupled_skips
 from finetuneflow.contract.io import atomic_write_json, read_json_object
 from finetuneflow.contract.paths import CODE_ROOT, ROOT, resolve
 
@@ -216,11 +216,14 @@ class RunRecord:
         return values
 
     def inherit_into(self, cfg: dict, names: Iterable[str]) -> list[str]:
-        """Fill each of `names` still None in `cfg` from this record; returns what was filled."""
+        """Fill each of `names` still None in `cfg` from this record; returns what was filled.
+        DECODING and NUM_BEAMS are one choice: what the stage set of them decides what it
+        inherits (contract/decoding.py `coupled_skips`)."""
         values = self.inheritable()
+        skip = coupled_skips(cfg)
         filled = []
         for name in names:
-            if cfg.get(name) is None and values.get(name) is not None:
+            if name not in skip and cfg.get(name) is None and values.get(name) is not None:
                 cfg[name] = values[name]
                 filled.append(name)
         return filled

@@ -14,6 +14,12 @@ A caller that watches, queues or reports each batch (long inputs, the server) pa
 the batch (`call()` returns that batch's own GenerationResult), `done(rows, result)` hears which
 rows it finished. The batches are the same with or without a hook, so are the summaries.
 
+DECODING=mbr is a candidates mode of the same loop: each batch asks the backend for every row's
+candidates (`Backend.generate_candidates`: the greedy summary and the samples, the prompt encoded
+once per row) and the caller's `chooser` (quality/mbr.py `choose_rows`: the engine is below the
+quality layer) picks each row's summary. The result carries each row's choice (`mbr_rows`) and
+the cost over every batch (`mbr_totals`: candidates' tokens, greedy / samples / selection seconds).
+
 A backend may apply exact speed-ups per batch (the transformers backend: the shared-prefix KV
 cache and prompt-lookup decoding, model/backends/hf.py); the result counts the batches each one
 served (`speedups`). Sharded runs (several processes): engine/sharding.py.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -29,8 +36,24 @@ from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneratio
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
 
-__all__ = ["BatchHook", "GenerationResult", "GenerationSettings", "default_input_limit", "effective_settings",
-           "encode", "input_limit", "input_lengths", "summarize"]
+__all__ = ["BatchHook", "Choice", "Chooser", "GenerationResult", "GenerationSettings", "MBR_TOTALS",
+           "default_input_limit", "effective_settings", "encode", "input_limit", "input_lengths", "summarize"]
+# summed over batches (and engine calls, and the processes of a sharded run) under DECODING=mbr
+MBR_TOTALS = ("rows", "candidates", "dropped", "all_flagged", "unchecked", "candidate_tokens", "greedy_tokens",
+              "greedy_seconds", "sample_seconds", "selection_seconds")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The candidate MBR chose for one row, and what its faithfulness filter did."""
+    index: int                   # 0: the greedy summary; 1..N: the samples
+    dropped: int = 0             # candidates dropped as unfaithful
+    all_flagged: bool = False    # every candidate was flagged, so all were kept
+    checked: bool = True         # the faithfulness check ran (off, or not validated for this length: False)
+
+
+# (mbr, sources, candidates of each row) -> a Choice per row; sources: the texts the rows summarize
+Chooser = Callable[[object, list[str], list[list[str]]], list[Choice]]
 
 
 @dataclass
@@ -46,6 +69,8 @@ class GenerationResult:
     input_tokens: list[int] = field(default_factory=list)     # prompt tokens per summary (after any cut)
     generated: list[int] = field(default_factory=list)        # new tokens per summary
     speedups: dict = field(default_factory=dict)              # exact speed-up -> batches it served
+    mbr_rows: list = field(default_factory=list)              # DECODING=mbr: per row its choice and cost (a dict)
+    mbr_totals: dict = field(default_factory=dict)            # DECODING=mbr: MBR_TOTALS over every batch
 
     @property
     def samples_per_s(self) -> float:
@@ -124,13 +149,52 @@ def _one_batch(loaded: LoadedModel, encoded: list, rows: list[int], decoding: Re
                             [len(ids) for ids in batch], counts, dict.fromkeys(used, 1))
 
 
+def _candidate_batch(loaded: LoadedModel, encoded: list, rows: list[int], decoding: ResolvedGeneration, limit: int,
+                     record: dict, sources: list[str], chooser: Chooser) -> GenerationResult:
+    """DECODING=mbr: the backend's candidates of `rows` (one batch) and the chooser's summaries."""
+    batch = [encoded[i][0] for i in rows]
+    used = loaded.backend.speedups_for(loaded, batch, decoding.greedy_part())
+    start = time.perf_counter()
+    made = loaded.backend.generate_candidates(loaded, batch, decoding, [decoding.mbr.row_seed(ids) for ids in batch])
+    texts = [[t.strip() for t in loaded.tokenizer.batch_decode([g.ids for g in row], skip_special_tokens=True)]
+             for row in made.rows]
+    chosen_at = time.perf_counter()
+    choices = chooser(decoding.mbr, [sources[i] for i in rows], texts)
+    selection = time.perf_counter() - chosen_at
+    picked = [row[c.index] for row, c in zip(made.rows, choices)]
+    mbr_rows = [{"choice": c.index, "candidates": len(row), "dropped": c.dropped, "all_flagged": c.all_flagged,
+                 "checked": c.checked, "candidate_tokens": sum(g.counted for g in row), "greedy_tokens": row[0].counted}
+                for row, c in zip(made.rows, choices)]
+    totals = {"rows": len(rows), "candidates": sum(r["candidates"] for r in mbr_rows),
+              "dropped": sum(c.dropped for c in choices), "all_flagged": sum(c.all_flagged for c in choices),
+              "unchecked": sum(not c.checked for c in choices),
+              "candidate_tokens": sum(r["candidate_tokens"] for r in mbr_rows),
+              "greedy_tokens": sum(r["greedy_tokens"] for r in mbr_rows), "greedy_seconds": made.greedy_seconds,
+              "sample_seconds": made.sample_seconds, "selection_seconds": selection}
+    counts = [g.counted for g in picked]
+    return GenerationResult([t[c.index] for t, c in zip(texts, choices)], sum(counts), time.perf_counter() - start,
+                            [encoded[i][1] for i in rows], record, len(rows), limit, [g.finish_reason for g in picked],
+                            [len(ids) for ids in batch], counts, dict.fromkeys(used, 1), mbr_rows, totals)
+
+
+def add_totals(into: dict, totals: dict) -> dict:
+    """`totals` (MBR_TOTALS) added into `into`, key by key."""
+    for key, value in totals.items():
+        into[key] = into.get(key, 0) + value
+    return into
+
+
 def summarize(loaded: LoadedModel, dialogues: list[str],
               settings: GenerationSettings | ResolvedGeneration | None = None, batch_size: int = 8,
               max_input_length: int | None = None, instruction: str = DEFAULT_INSTRUCTION, progress: bool = True,
-              sampling: Sampling | dict | None = None, hook: BatchHook | None = None) -> GenerationResult:
+              sampling: Sampling | dict | None = None, hook: BatchHook | None = None,
+              chooser: Chooser | None = None) -> GenerationResult:
     """Summaries of `dialogues`, in order, with timing and the effective settings (`sampling`:
-    see effective_settings; `hook`: see the module doc)."""
+    see effective_settings; `hook`: see the module doc; `chooser`: picks a row's summary among
+    its candidates under DECODING=mbr, quality/mbr.py `choose_rows`)."""
     decoding = effective_settings(loaded, settings, sampling)
+    if decoding.mbr is not None and chooser is None:
+        raise ValueError("DECODING=mbr needs a chooser (quality/mbr.py choose_rows) to pick each row's summary")
     hook = hook or BatchHook()
     dialogues = list(dialogues)
     limit = input_limit(loaded, decoding, max_input_length)
@@ -145,8 +209,12 @@ def summarize(loaded: LoadedModel, dialogues: list[str],
     while position < len(order):
         hook.before()
         rows = order[position:position + batch_size]
+        if decoding.mbr is not None:
+            call = lambda: _candidate_batch(loaded, encoded, rows, decoding, limit, record, dialogues, chooser)  # noqa: E731
+        else:
+            call = lambda: _one_batch(loaded, encoded, rows, decoding, limit, record)  # noqa: E731
         try:
-            batch = hook.run(lambda: _one_batch(loaded, encoded, rows, decoding, limit, record))
+            batch = hook.run(call)
         except Exception as exc:
             if not loaded.backend.is_out_of_memory(exc) or batch_size == 1:
                 raise
@@ -157,8 +225,12 @@ def summarize(loaded: LoadedModel, dialogues: list[str],
         for k, i in enumerate(rows):
             out.summaries[i], out.finish_reasons[i], out.generated[i] = (batch.summaries[k], batch.finish_reasons[k],
                                                                          batch.generated[k])
-        for name, count in batch.speedups.items():
-            out.speedups[name] = out.speedups.get(name, 0) + count
+        add_totals(out.speedups, batch.speedups)
+        if batch.mbr_rows:
+            out.mbr_rows = out.mbr_rows or [None] * len(encoded)
+            for k, i in enumerate(rows):
+                out.mbr_rows[i] = batch.mbr_rows[k]
+            add_totals(out.mbr_totals, batch.mbr_totals)
         hook.done(rows, batch)
         position += len(rows)
         bar.update(len(rows))

@@ -24,6 +24,10 @@ out); `run(call)` runs each engine batch (the server queues it behind other clie
 `part(Part)` receives each window's summary as soon as its batch finishes ("part 2/5"), then the
 dialogue's final summary. The control reaches the engine's loop through its per-batch hook
 (generation.BatchHook), so the batches, and the summaries, are the same with or without it.
+
+DECODING=mbr runs per window through the same engine calls (`chooser`: see generation.summarize);
+the MBR cost adds up over every level, and a dialogue's `mbr_rows` entry is the choice that made
+its summary (None for chunk_join: its summary is several windows' choices).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from finetuneflow.contract.decoding import GenerationSettings, LongInput, ResolvedGeneration
 from finetuneflow.contract.errors import UserError
-from finetuneflow.engine.generation import BatchHook, GenerationResult, effective_settings, input_limit, summarize
+from finetuneflow.engine.generation import (BatchHook, Chooser, GenerationResult, add_totals, effective_settings,
+                                            input_limit, summarize)
 from finetuneflow.engine.windows import TokenCounter, input_tokens, split_into_windows
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
@@ -113,14 +118,16 @@ def summarize_long(loaded: LoadedModel, dialogues: list[str],
                    settings: GenerationSettings | ResolvedGeneration | None = None, batch_size: int = 8,
                    max_input_length: int | None = None, instruction: str = DEFAULT_INSTRUCTION,
                    mode: LongInput | str = "truncate", progress: bool = True, ids: list[str] | None = None,
-                   control: Control | None = None) -> LongGenerationResult:
+                   control: Control | None = None, chooser: Chooser | None = None) -> LongGenerationResult:
     """Summaries of `dialogues` in order; long ones handled by `mode` (see the module doc).
-    `ids` (optional) name dialogues in errors; `control` (optional) watches and stops the work."""
+    `ids` (optional) name dialogues in errors; `control` (optional) watches and stops the work;
+    `chooser`: DECODING=mbr's choice (generation.summarize)."""
     mode = LongInput.parse(mode)
     dialogues = list(dialogues)
     decoding = effective_settings(loaded, settings)
     limit = input_limit(loaded, decoding, max_input_length)
     run = _Run(loaded, decoding, batch_size, limit, instruction, progress, control, joins=mode.joins)
+    run.chooser = chooser
     if control is not None:
         control.check()
     sizes = TokenCounter(loaded, instruction).input_tokens(dialogues) if mode != "truncate" and dialogues else []
@@ -133,10 +140,11 @@ def summarize_long(loaded: LoadedModel, dialogues: list[str],
         result = run.engine(dialogues, run.finals(range(len(dialogues)), level=0))
         return _from_result(result, chunked=0, windows=[1] * len(dialogues))
     start = time.perf_counter()
-    summaries, truncated, windows = _map_reduce(run, dialogues, sizes, list(range(len(dialogues))), level=0)
+    summaries, truncated, windows, choices = _map_reduce(run, dialogues, sizes, list(range(len(dialogues))), level=0)
     return LongGenerationResult(summaries, run.generated, time.perf_counter() - start, truncated,
                                 run.settings_used, batch_size=run.batch_size, max_input_length=limit,
-                                speedups=run.speedups, chunked=sum(w > 1 for w in windows), windows=windows)
+                                speedups=run.speedups, mbr_rows=choices if decoding.mbr is not None else [],
+                                mbr_totals=run.mbr_totals, chunked=sum(w > 1 for w in windows), windows=windows)
 
 
 class _Run:
@@ -145,19 +153,20 @@ class _Run:
     def __init__(self, loaded, decoding, batch_size, limit, instruction, progress, control, joins: bool):
         self.loaded, self.decoding, self.batch_size, self.limit = loaded, decoding, batch_size, limit
         self.instruction, self.progress, self.control, self.joins = instruction, progress, control, joins
-        self.generated, self.settings_used, self.speedups = 0, {}, {}
+        self.generated, self.settings_used, self.speedups, self.mbr_totals = 0, {}, {}, {}
+        self.chooser: Chooser | None = None
 
     def engine(self, texts: list[str], parts: list[Part]) -> GenerationResult:
         """The engine's summaries of `texts` (one call); with a control, `parts[i]` is announced
         when text i is done."""
         hook = _ControlHook(self.control, parts) if self.control is not None else None
         result = summarize(self.loaded, texts, self.decoding, self.batch_size, self.limit, self.instruction,
-                           self.progress, hook=hook)
+                           self.progress, hook=hook, chooser=self.chooser)
         self.generated += result.generated_tokens
         self.settings_used = self.settings_used or result.settings
         self.batch_size = min(self.batch_size, result.batch_size or self.batch_size)
-        for name, count in result.speedups.items():
-            self.speedups[name] = self.speedups.get(name, 0) + count
+        add_totals(self.speedups, result.speedups)
+        add_totals(self.mbr_totals, result.mbr_totals)
         return result
 
     @staticmethod
@@ -172,7 +181,7 @@ def _map_reduce(run: _Run, texts: list[str], sizes: list[int], origins: list[int
     over = [i for i, size in enumerate(sizes) if size > run.limit]
     if not over or level >= MAX_LEVELS:
         result = run.engine(texts, run.finals(origins, level))
-        return result.summaries, result.truncated, [1] * len(texts)
+        return result.summaries, result.truncated, [1] * len(texts), result.mbr_rows or [None] * len(texts)
     split = {i: split_into_windows(run.loaded, texts[i], run.limit, run.instruction) for i in over}
     fitting = [i for i in range(len(texts)) if i not in split]
     batch = [texts[i] for i in fitting] + [w for i in over for w in split[i]]
@@ -183,18 +192,21 @@ def _map_reduce(run: _Run, texts: list[str], sizes: list[int], origins: list[int
     outputs = iter(result.summaries)
     summaries = {i: next(outputs) for i in fitting}
     truncated = dict(zip(fitting, result.truncated))
+    choices = dict(zip(fitting, result.mbr_rows or [None] * len(fitting)))
     separator = " " if run.joins else "\n"
     joined = [separator.join(s.strip() for s in (next(outputs) for _ in split[i]) if s.strip()) for i in over]
     if run.joins:
         reduced, reduced_truncated = joined, [False] * len(over)   # windows fit: nothing was cut
+        reduced_choices = [None] * len(over)                        # several windows' choices
         if run.control is not None:
             for i, text in zip(over, joined):
                 run.control.part(Part(dialogue=origins[i], level=level + 1, part=1, parts=1, summary=text,
                                       final=True))
     else:
-        reduced, reduced_truncated, _ = _map_reduce(
+        reduced, reduced_truncated, _, reduced_choices = _map_reduce(
             run, joined, input_tokens(run.loaded, joined, run.instruction), [origins[i] for i in over], level + 1)
-    for i, text, flag in zip(over, reduced, reduced_truncated):
-        summaries[i], truncated[i] = text, flag
+    for i, text, flag, choice in zip(over, reduced, reduced_truncated, reduced_choices):
+        summaries[i], truncated[i], choices[i] = text, flag, choice
     windows = [len(split[i]) if i in split else 1 for i in range(len(texts))]
-    return [summaries[i] for i in range(len(texts))], [truncated[i] for i in range(len(texts))], windows
+    order = range(len(texts))
+    return [summaries[i] for i in order], [truncated[i] for i in order], windows, [choices[i] for i in order]

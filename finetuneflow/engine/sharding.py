@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, fields, replace
 
 from finetuneflow.contract.decoding import GenerationSettings, LongInput
-from finetuneflow.engine.generation import GenerationResult, input_lengths
+from finetuneflow.engine.generation import Chooser, GenerationResult, input_lengths
 from finetuneflow.engine.long_input import LongGenerationResult, input_limit, summarize_long
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
@@ -99,7 +99,7 @@ def merge_results(parts: list[tuple[list[int], GenerationResult]], total: int,
             merged[f.name] = column
         elif f.name in ("generated_tokens", "chunked"):
             merged[f.name] = sum(values)
-        elif f.name == "speedups":
+        elif f.name in ("speedups", "mbr_totals"):
             merged[f.name] = {k: sum(v.get(k, 0) for v in values) for k in sorted(set().union(*values))}
         elif f.name == "seconds":
             merged[f.name] = seconds if seconds is not None else max(values)
@@ -113,9 +113,10 @@ def merge_results(parts: list[tuple[list[int], GenerationResult]], total: int,
 def summarize_sharded(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None,
                       batch_size: int, max_input_length: int | None, instruction: str | None,
                       long_input: LongInput | str, ids: list[str], progress: bool = True,
-                      shard: Shard | None = None) -> LongGenerationResult | None:
+                      shard: Shard | None = None, chooser: Chooser | None = None) -> LongGenerationResult | None:
     """engine.long_input.summarize_long over `dialogues`, in one process or sharded: each process
-    generates its whole batches and the main process gets every row in order (the others: None)."""
+    generates its whole batches and the main process gets every row in order (the others: None).
+    `chooser`: DECODING=mbr's choice (generation.summarize)."""
     shard = shard or Shard()
     instruction = instruction or DEFAULT_INSTRUCTION
     started = time.perf_counter()
@@ -125,5 +126,5 @@ def summarize_sharded(loaded: LoadedModel, dialogues: list[str], settings: Gener
         mine = shard_indices(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard)
     result = summarize_long(loaded, [dialogues[i] for i in mine], settings, batch_size, max_input_length,
                             instruction, mode=long_input, progress=progress and shard.main,
-                            ids=[ids[i] for i in mine])
+                            ids=[ids[i] for i in mine], chooser=chooser)
     return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)

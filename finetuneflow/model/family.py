@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finetuneflow.contract import architectures as arch
-from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneration, Sampling
+from finetuneflow.contract.decoding import MBR_FIELDS, GenerationSettings, Mbr, ResolvedGeneration, Sampling
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.prompts import (encode_causal_prompt, encode_seq2seq_input, prompt_pieces, seq2seq_ids,
                                         seq2seq_overhead, stop_token_ids, text_ids)
@@ -77,19 +77,30 @@ class Family(str):
                            sampling: Sampling | None = None) -> ResolvedGeneration:
         """The request over this family's defaults: what a generation call really uses. A
         `max_new_tokens` / `min_new_tokens` asked for replaces the model's own max_length /
-        min_length; sampling decodes with one beam."""
+        min_length; sampling, DECODING=greedy and DECODING=mbr decode with one beam (a model whose
+        config asks for beams too); DECODING=beam needs beams; MBR's knobs left at None take
+        contract/decoding.py MBR_DEFAULTS (they do not depend on the family)."""
+        requested = requested or GenerationSettings()
         values = self.generation_defaults(generation_config)
-        asked = requested.overrides() if requested is not None else {}
+        asked = {k: v for k, v in requested.overrides().items() if k != "decoding" and k not in MBR_FIELDS}
         values.update(asked)
         if "max_new_tokens" in asked:
             values["max_length"] = None
         if "min_new_tokens" in asked:
             values["min_length"] = None
-        if sampling is not None:
+        decoding = requested.decoding
+        if sampling is not None and decoding == "mbr":
+            raise UserError("sampling (temperature > 0) and DECODING=mbr are two different decodings; ask for one")
+        if sampling is not None or decoding in ("greedy", "mbr"):
             values["num_beams"] = 1
         values["num_beams"] = int(values.get("num_beams") or 1)
+        if decoding == "beam" and values["num_beams"] < 2:
+            raise UserError("DECODING=beam, but this model's own config decodes with one beam; set --num_beams=4 "
+                            "(or another number of beams), or use --decoding=greedy")
         max_new, min_new = self.new_token_limits(values)
-        return ResolvedGeneration(**values, max_new=max_new, min_new=min(min_new, max_new), sampling=sampling)
+        return ResolvedGeneration(**values, max_new=max_new, min_new=min(min_new, max_new), sampling=sampling,
+                                  decoding=decoding or ("beam" if values["num_beams"] > 1 else "greedy"),
+                                  mbr=Mbr.resolve(requested) if decoding == "mbr" else None)
 
     def new_token_limits(self, values: dict) -> tuple[int, int]:
         """(at most, at least) new tokens for resolved `values`."""

@@ -123,6 +123,18 @@ def output_paths(settings: EvalSettings, inputs: list[Path]) -> dict:
     return paths
 
 
+def check_decoding(settings: EvalSettings, model: str) -> None:
+    """Decoding that contradicts itself or that the model's runtime cannot run: one line, before
+    anything is written (DECODING=beam on llama.cpp, MBR_UTILITY=minilm without the encoder, ...)."""
+    from finetuneflow.model.backends import backend_for
+    from finetuneflow.quality.mbr import check_utility
+    generation = settings.generation()        # contradictions between the settings raise here
+    path = resolve(model)
+    backend_for(path if path.exists() else model).refuse_unsupported(generation)
+    if generation.decoding == "mbr":
+        check_utility(generation.mbr_utility)
+
+
 def plan_evaluation(cfg: Config) -> EvalPlan:
     """The model, its kind and tag, the inherited settings, the outputs, the rows: nothing written."""
     model = cfg.MODEL or default_model()
@@ -132,7 +144,10 @@ def plan_evaluation(cfg: Config) -> EvalPlan:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", tag):
         raise UserError(f"--tag={tag!r} must be a file-name-safe word (letters, digits, _ . -)")
     config, inherited = resolved_config(cfg, record, MODEL=model, TAG=tag)
+    if config["DECODING"] == "mbr" and config["MBR_SEED"] is None:
+        config["MBR_SEED"] = config["SEED"]         # MBR_SEED None: the run's SEED
     settings = EvalSettings.from_config(config)
+    check_decoding(settings, model)
     model_path = resolve(model)
     paths = output_paths(settings, [model_path, resolve(settings.dataset)])
     data = load_data(DataSpec.from_config(config))

@@ -133,8 +133,12 @@ def print_summary(run: EvalRun, loaded: LoadedModel, summary: dict) -> None:
         print(f"  WARNING: {len(plan.overlap)} of these rows were training rows (ALLOW_OVERLAP=True): the scores "
               f"are not held-out scores")
     print(f"  generation: {summary['generation']}")
+    multi = summary.get("references")
     print(f"  ROUGE-1 {avg['rouge1']:.2f}  ROUGE-2 {avg['rouge2']:.2f}  ROUGE-L {avg['rougeL']:.2f}  "
-          f"ROUGE-Lsum {avg['rougeLsum']:.2f}  (mean of per-sample F1 x 100)")
+          f"ROUGE-Lsum {avg['rougeLsum']:.2f}  (mean of per-sample F1 x 100"
+          + (f"; per sample the maximum over {multi['count']} references, mean over them: ROUGE-L "
+             f"{avg['rougeL_mean']:.2f})" if multi else ")"))
+    print_mbr(summary)
     print(f"  words: prediction {avg['pred_words']:.1f}, reference {avg['ref_words']:.1f}; "
           f"{counts['empty_predictions']} empty predictions; {counts['truncated_inputs']} inputs truncated, "
           f"{counts['chunked_inputs']} chunked (LONG_INPUT={plan.long_input})")
@@ -144,3 +148,19 @@ def print_summary(run: EvalRun, loaded: LoadedModel, summary: dict) -> None:
           + (f", {processes} processes" if processes > 1 else "") + f"); precision {loaded.dtype} "
           f"({summary['model']['precision']['reason']})")
     print(f"wrote {plan.paths['predictions.csv']} and {plan.paths['eval.json']}")
+
+
+def print_mbr(summary: dict) -> None:
+    """DECODING=mbr: what was dropped and what a row cost against its greedy part."""
+    mbr = summary.get("mbr")
+    if not mbr:
+        return
+    generation, cost = summary["generation"], mbr["cost"]
+    print(f"  MBR: {generation['mbr_samples']} samples + greedy per row (temperature {generation['mbr_temperature']}, "
+          f"top_p {generation['mbr_top_p']}, utility {generation['mbr_utility']}, seed {generation['mbr_seed']}); "
+          f"greedy summary kept on {mbr['chosen_greedy']} rows; faithful filter "
+          f"{'on' if generation['mbr_faithful'] else 'off'}: {mbr['dropped_unfaithful']} candidates dropped, "
+          f"{mbr['rows_all_flagged']} rows with every candidate flagged")
+    print(f"  MBR cost per row: {cost['seconds_per_row']:.2f} s ({cost['seconds_vs_greedy']}x the greedy part's "
+          f"{cost['greedy_seconds_per_row']:.2f} s), {cost['tokens_per_row']:.0f} tokens "
+          f"({cost['tokens_vs_greedy']}x greedy's)")

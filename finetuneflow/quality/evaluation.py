@@ -51,11 +51,28 @@ def evaluate_rows(loaded: LoadedModel, rows: list[dict], decoding: ResolvedGener
     ids = [str(r["id"]) for r in rows]
     # One explicit limit for every LONG_INPUT mode (a causal prompt leaves room for the new tokens).
     limit = input_limit(loaded, decoding, max_input_length)
+    from finetuneflow.quality.mbr import choose_rows
     result = summarize_sharded(loaded, [r["dialogue"] for r in rows], decoding, batch_size, limit, instruction,
-                               long_input, ids, progress, shard)
+                               long_input, ids, progress, shard, chooser=choose_rows)
     if result is None:
         return None
     return score_and_write(loaded, rows, result, batch_size, limit, instruction, long_input, predictions_path, tag)
+
+
+def reference_columns(rows: list[dict], out_rows: list[dict], predictions: list[str]) -> tuple[list[dict], dict]:
+    """Per-sample ROUGE against each row's references (REFERENCE_COLUMNS: rows carry `references`):
+    the maximum over them in rouge1..rougeLsum, the mean in rouge1_mean..; and the record naming
+    the convention. One reference: plain ROUGE F1 and no record."""
+    references = [r.get("references") or [r["summary"]] for r in rows]
+    count = max(len(refs) for refs in references)
+    if count == 1:
+        return M.rouge_per_sample(predictions, [refs[0] for refs in references]), {}
+    best, mean = M.rouge_multi(predictions, references)
+    for row, refs in zip(out_rows, references):
+        row.update({f"reference{k + 1}": text for k, text in enumerate(refs) if k})
+    scores = [{**b, **m} for b, m in zip(best, mean)]
+    return scores, {"count": count, "csv_columns": ["reference", *(f"reference{k + 1}" for k in range(1, count))],
+                    "rouge": M.MULTI_REFERENCE_RULE}
 
 
 def score_and_write(loaded: LoadedModel, rows: list[dict], result, batch_size: int, limit: int, instruction: str,
@@ -63,15 +80,21 @@ def score_and_write(loaded: LoadedModel, rows: list[dict], result, batch_size: i
     """Score the summaries of `rows`, write the predictions CSV and return the eval record."""
     ids = [str(r["id"]) for r in rows]
     dialogues, references = [r["dialogue"] for r in rows], [r["summary"] for r in rows]
-    scores = M.rouge_per_sample(result.summaries, references)
     needed = loaded.family.count_inputs(loaded.tokenizer, dialogues, loaded.prompt(instruction))
     ledger = [{"input_tokens": n, "cut_tokens": max(0, n - limit) if cut else 0, "windows": w}
               for n, cut, w in zip(needed, result.truncated, result.windows)]
-    out_rows = [{"id": i, "dialogue": d, "reference": r, "prediction": p, **s,
-                 "pred_words": M.words(p), "ref_words": M.words(r), **cut}
-                for i, d, r, p, s, cut in zip(ids, dialogues, references, result.summaries, scores, ledger)]
+    out_rows = [{"id": i, "dialogue": d, "reference": r, "prediction": p, "pred_words": M.words(p),
+                 "ref_words": M.words(r), **cut}
+                for i, d, r, p, cut in zip(ids, dialogues, references, result.summaries, ledger)]
+    scores, multi = reference_columns(rows, out_rows, result.summaries)
+    mbr = mbr_record(result, len(rows))
+    for row, score, choice in zip(out_rows, scores, result.mbr_rows or [None] * len(rows)):
+        row.update(score)
+        if mbr:
+            row["mbr_choice"] = "" if choice is None else choice["choice"]
     path = write_predictions(Path(predictions_path), out_rows)
-    averages = {**M.mean_scores(scores), **M.mean_scores(out_rows, ("pred_words", "ref_words"))}
+    averages = {**M.mean_scores(scores, [k for k in scores[0] if k.startswith("rouge")]),
+                **M.mean_scores(out_rows, ("pred_words", "ref_words"))}
     truncated_ids = [i for i, t in zip(ids, result.truncated) if t]
     chunked = result.chunked
     record = {
@@ -94,7 +117,35 @@ def score_and_write(loaded: LoadedModel, rows: list[dict], result, batch_size: i
                        "intact": len(rows) - len(truncated_ids) - chunked},
         "predictions_sha256": sha256_file(path),   # pairs this record with its predictions file
     }
+    if multi:
+        record["references"] = multi
+    if mbr:
+        record["mbr"] = mbr
     return EvalReport(out_rows, record, path)
+
+
+def mbr_record(result, rows: int) -> dict:
+    """DECODING=mbr's part of the eval json: what was dropped and what a row cost, against its greedy
+    part (the greedy summary is MBR's first candidate, so its cost is measured in the same run)."""
+    totals = result.mbr_totals
+    if not totals:
+        return {}
+    seconds = totals["greedy_seconds"] + totals["sample_seconds"] + totals["selection_seconds"]
+    per_row = {"seconds_per_row": seconds / rows, "greedy_seconds_per_row": totals["greedy_seconds"] / rows,
+               "sample_seconds_per_row": totals["sample_seconds"] / rows,
+               "selection_seconds_per_row": totals["selection_seconds"] / rows,
+               "tokens_per_row": totals["candidate_tokens"] / rows,
+               "greedy_tokens_per_row": totals["greedy_tokens"] / rows}
+    greedy = totals["greedy_seconds"]
+    return {"candidates_per_row": totals["candidates"] / max(1, totals["rows"]),
+            "chosen_greedy": sum(1 for r in result.mbr_rows if r and r["choice"] == 0),
+            "dropped_unfaithful": totals["dropped"], "rows_all_flagged": totals["all_flagged"],
+            "rows_unchecked": totals["unchecked"], "selections": totals["rows"],
+            "cost": {**{k: round(v, 4) for k, v in per_row.items()},
+                     "seconds_vs_greedy": round(seconds / greedy, 3) if greedy else None,
+                     "tokens_vs_greedy": round(totals["candidate_tokens"] / totals["greedy_tokens"], 3)
+                     if totals["greedy_tokens"] else None,
+                     "note": "per dataset row; a row summarized in windows counts every window's candidates"}}
 
 
 def device_name(loaded: LoadedModel) -> str:

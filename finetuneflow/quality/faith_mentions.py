@@ -7,6 +7,7 @@ dialogue that has it). Sentence-initial common words ("Finally", "Both") are not
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from finetuneflow.quality.faith_numbers import NumberIndex, number_mentions
@@ -139,10 +140,17 @@ class _WordIndex:
         return [f for k in (n - 1, n, n + 1) for f in self._lengths.get(k, ())]
 
 
+@functools.lru_cache(maxsize=32)
+def _dialogue_side(dialogue: str) -> tuple[_WordIndex, NumberIndex, frozenset]:
+    """A dialogue's word and number indexes and speaker tags, built once for the summaries checked
+    against it (MBR checks every candidate of a row against the same dialogue)."""
+    return _WordIndex(dialogue), NumberIndex(dialogue), frozenset(normalise_tag(m.group(0))
+                                                                   for m in TAG.finditer(dialogue))
+
+
 def unsupported_mentions(summary: str, dialogue: str) -> tuple[list[dict], int]:
     """(unsupported mentions as {start, end, text, kind}, number of mentions checked)."""
-    words, numbers = _WordIndex(dialogue), NumberIndex(dialogue)
-    dialogue_tags = {normalise_tag(m.group(0)) for m in TAG.finditer(dialogue)}
+    words, numbers, dialogue_tags = _dialogue_side(dialogue)
     bad: list[dict] = []
     checked = 0
     for m in TAG.finditer(summary):

@@ -10,6 +10,8 @@ Every score is on the 0-100 scale.
 * BERTScore F1: quality/bertscore.py (`bertscore`, `BertScoreResult` and `DEFAULT_BERTSCORE_MODEL`
   are importable from here too).
 * BLEU and chrF: sacreBLEU corpus scores with their signatures (per sample too, for the tables).
+* Several references per sample (`rouge_multi`, `MULTI_REFERENCE_RULE`): ROUGE's maximum over the
+  references with the mean beside it; BLEU/chrF with sacreBLEU's multi-reference support.
 * Length statistics, failure buckets (rules in `BUCKET_RULES`) and a paired bootstrap for the
   difference between two systems on the same samples.
 """
@@ -84,6 +86,31 @@ def rouge_per_sample(predictions: list[str], references: list[str]) -> list[dict
     return rouge_f1(rouge_scores(predictions, references))
 
 
+MULTI_REFERENCE_RULE = ("several references: rouge1..rougeLsum are the maximum F1 over the references, "
+                        "rouge1_mean..rougeLsum_mean the mean over them; BLEU and chrF use "
+                        "sacreBLEU's multi-reference scoring")
+
+
+def rouge_multi(predictions: list[str], references: list[list[str]]) -> tuple[list[dict], list[dict]]:
+    """Per sample against several references: ({key: max F1 x 100}, {key_mean: mean F1 x 100})."""
+    best, mean = [], []
+    for prediction, refs in zip(predictions, references):
+        scored = rouge_per_sample([prediction] * len(refs), list(refs))
+        best.append({key: max(s[key] for s in scored) for key in ROUGE_KEYS})
+        mean.append({f"{key}_mean": sum(s[key] for s in scored) / len(scored) for key in ROUGE_KEYS})
+    return best, mean
+
+
+def best_reference_scores(predictions: list[str], references: list[list[str]]) -> list[dict[str, scoring.Score]]:
+    """rouge-score's Score tuples against each sample's best reference per key (the max F1), for
+    the bootstrap aggregate."""
+    out = []
+    for prediction, refs in zip(predictions, references):
+        scored = rouge_scores([prediction] * len(refs), list(refs))
+        out.append({key: max((s[key] for s in scored), key=lambda score: score.fmeasure) for key in ROUGE_KEYS})
+    return out
+
+
 def mean_scores(rows: list[dict], keys=ROUGE_KEYS) -> dict:
     """Average of each key over the rows (0.0 for no rows)."""
     return {key: (sum(r[key] for r in rows) / len(rows) if rows else 0.0) for key in keys}
@@ -111,25 +138,39 @@ def rouge_bootstrap(scores: list[dict[str, scoring.Score]], n_samples: int = 100
 
 
 # --- sacreBLEU ------------------------------------------------------------------------------------
-def corpus_bleu_chrf(predictions: list[str], references: list[str]) -> dict:
-    """sacreBLEU corpus BLEU and chrF (0-100) with their signatures (default 13a tokenisation)."""
+def _streams(references: list) -> list[list[str]]:
+    """sacreBLEU's reference streams: one per reference (references[i]: a string, or a list of
+    one sample's references)."""
+    if not references or isinstance(references[0], str):
+        return [list(references)]
+    count = len(references[0])
+    if any(len(refs) != count for refs in references):
+        raise ValueError("every sample needs the same number of references")
+    return [[refs[k] for refs in references] for k in range(count)]
+
+
+def corpus_bleu_chrf(predictions: list[str], references: list) -> dict:
+    """sacreBLEU corpus BLEU and chrF (0-100) with their signatures (default 13a tokenisation);
+    `references[i]` a string, or a list of references (sacreBLEU's multi-reference scoring)."""
     from sacrebleu.metrics import BLEU, CHRF
     bleu, chrf = BLEU(), CHRF()
     if not predictions:
         return {"bleu": 0.0, "bleu_signature": str(bleu.get_signature()), "chrf": 0.0,
                 "chrf_signature": str(chrf.get_signature())}
-    bleu_score = bleu.corpus_score(predictions, [references])
-    chrf_score = chrf.corpus_score(predictions, [references])
+    bleu_score = bleu.corpus_score(predictions, _streams(references))
+    chrf_score = chrf.corpus_score(predictions, _streams(references))
     return {"bleu": float(bleu_score.score), "bleu_signature": str(bleu.get_signature()),
             "chrf": float(chrf_score.score), "chrf_signature": str(chrf.get_signature())}
 
 
-def sentence_bleu_chrf(predictions: list[str], references: list[str]) -> list[dict]:
-    """Per-sample sentence BLEU (effective order, as sacreBLEU recommends) and chrF."""
+def sentence_bleu_chrf(predictions: list[str], references: list) -> list[dict]:
+    """Per-sample sentence BLEU (effective order, as sacreBLEU recommends) and chrF; a sample's
+    reference may be a list of references."""
     from sacrebleu.metrics import BLEU, CHRF
     bleu, chrf = BLEU(effective_order=True), CHRF()
-    return [{"bleu": float(bleu.sentence_score(p, [r]).score), "chrf": float(chrf.sentence_score(p, [r]).score)}
-            for p, r in zip(predictions, references)]
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    return [{"bleu": float(bleu.sentence_score(p, r).score), "chrf": float(chrf.sentence_score(p, r).score)}
+            for p, r in zip(predictions, refs)]
 
 
 # --- lengths --------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ This project's format (written by eval_bart_lora.py) has exactly the columns in 
 The seed project's CSVs use `human_summary` / `model_summary` and an id column such as
 `sample_id`; any extra columns (its own ROUGE numbers) are ignored and recomputed. Every read
 gives a `Predictions` with the standard columns id, dialogue, reference, prediction (strings;
-dialogue may be absent), in file order.
+dialogue may be absent), in file order; with several references (REFERENCE_COLUMNS, or the columns
+eval_bart_lora.py's record names) `references` holds each row's references, the first in `reference`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class Predictions:
     notes: list[str] = field(default_factory=list)
     eval_record: dict | None = None      # <tag>_eval.json written next to it by eval_bart_lora.py
     extras: pd.DataFrame | None = None   # every other column of the file (strings), for --buckets
+    references: list[list[str]] | None = None   # several references per row (the first is `reference`)
+    reference_columns: list[str] = field(default_factory=list)   # where they came from (several only)
 
     @property
     def ids(self) -> list[str]:
@@ -54,10 +57,12 @@ class Predictions:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with every name in COLUMNS) as this project's predictions CSV. Every field is
+    """Write rows (dicts with every name in COLUMNS, and the same optional columns each: more
+    references, ROUGE means over them, mbr_choice) as this project's predictions CSV. Every field is
     quoted (contract/io.py CSV_QUOTING), so a summary holding "\r" or "\n" reads back exactly."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n",
+    extra = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *extra], extrasaction="raise", lineterminator="\n",
                             quoting=CSV_QUOTING)
     writer.writeheader()
     for row in rows:
@@ -96,8 +101,28 @@ def eval_record_for(path: Path) -> dict | None:
     return record
 
 
-def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
-    """Read one predictions CSV (this project's format or the seed's), with one-line errors."""
+def several_references(path: Path, frame: pd.DataFrame, wanted: list[str] | None, record: dict | None) -> list[str]:
+    """The columns holding several references: `wanted` (REFERENCE_COLUMNS), else those the eval
+    record names (eval_bart_lora.py --reference_columns); [] for one reference."""
+    columns = list(frame.columns)
+    wanted = [c.strip() for c in (wanted or []) if c.strip()]
+    if not wanted:
+        named = ((record or {}).get("references") or {}).get("csv_columns") or []
+        return named if len(named) > 1 and all(c in columns for c in named) else []
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise UserError(f"{path}: no reference column {missing[0]!r} (REFERENCE_COLUMNS); columns found: "
+                        f"{', '.join(columns)}")
+    if len(wanted) == 1:
+        raise UserError(f"REFERENCE_COLUMNS={wanted[0]} names one column; name every reference column, or leave it "
+                        f"empty for the file's own reference")
+    return wanted
+
+
+def read_predictions(path: str | Path, name: str | None = None, reference_columns: list[str] | None = None
+                     ) -> Predictions:
+    """Read one predictions CSV (this project's format or the seed's), with one-line errors;
+    `reference_columns`: several references (see several_references)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file not found: {path} (it is written by `python {PRODUCER} "
@@ -111,8 +136,11 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
     except pd.errors.ParserError as exc:
         raise UserError(f"{path} is not a readable CSV ({str(exc).strip().splitlines()[0][:160]})") from None
     columns = list(frame.columns)
-    found = {"reference": _pick(columns, REFERENCE_COLUMNS), "prediction": _pick(columns, PREDICTION_COLUMNS),
-             "id": _pick(columns, ID_COLUMNS), "dialogue": _pick(columns, DIALOGUE_COLUMNS)}
+    record = eval_record_for(path)
+    several = several_references(path, frame, reference_columns, record)
+    found = {"reference": several[0] if several else _pick(columns, REFERENCE_COLUMNS),
+             "prediction": _pick(columns, PREDICTION_COLUMNS), "id": _pick(columns, ID_COLUMNS),
+             "dialogue": _pick(columns, DIALOGUE_COLUMNS)}
     for role, candidates in (("reference", REFERENCE_COLUMNS), ("prediction", PREDICTION_COLUMNS)):
         if found[role] is None:
             raise UserError(f"{path} has no {role} column (expected one of {', '.join(candidates)}); "
@@ -130,10 +158,11 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
             raise UserError(f"{path}: {len(duplicated)} duplicate ids in column {found['id']!r} "
                             f"(first: {duplicated[0]!r}); each row needs its own id")
     references = frame[found["reference"]].tolist()
-    blank = [i for i, r in zip(ids, references) if not r.strip()]
-    if blank:
-        raise UserError(f"{path}: {len(blank)} rows have an empty reference (first id {blank[0]!r}); "
-                        f"they cannot be scored: fix or remove them")
+    for column in several or [found["reference"]]:
+        blank = [i for i, r in zip(ids, frame[column]) if not r.strip()]
+        if blank:
+            raise UserError(f"{path}: {len(blank)} rows have an empty reference in {column!r} (first id "
+                            f"{blank[0]!r}); they cannot be scored: fix or remove them")
     predictions = frame[found["prediction"]].tolist()
     empty_predictions = sum(not p.strip() for p in predictions)
     if empty_predictions:
@@ -145,10 +174,11 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
     if found["dialogue"] is None:
         notes.append("no dialogue column: compression and the copied/names/truncation buckets are skipped")
     fmt = "finetuneflow" if set(BASE_COLUMNS) <= set(columns) else "seed"
-    used = {c for c in found.values() if c}
+    used = {c for c in found.values() if c} | set(several)
     extras = frame[[c for c in columns if c not in used]].copy()
     extras.insert(0, "id", ids)
-    return Predictions(name or default_name(path), path, standard, fmt, found, notes, eval_record_for(path), extras)
+    refs = [list(row) for row in zip(*(frame[c].tolist() for c in several))] if several else None
+    return Predictions(name or default_name(path), path, standard, fmt, found, notes, record, extras, refs, several)
 
 
 def check_same_samples(versions: list[Predictions], allow_different: bool = False) -> list[str]:

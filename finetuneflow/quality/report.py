@@ -218,7 +218,10 @@ def versions_section(versions: list[VersionScores]) -> list[str]:
         parts.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v.summary[key], digits)}</td>" for v in versions)
                      + "</tr>")
     parts.append("<tr><td>BERTScore</td>" + "".join(f"<td class='small'>{esc(v.bertscore.note)}</td>" for v in versions)
-                 + "</tr></table>")
+                 + "</tr>")
+    parts.append("<tr><td>references per row</td>" + "".join(
+        f"<td class='small'>{v.summary.get('references', 1)}: {esc(v.summary.get('reference_rule', ''))}</td>"
+        for v in versions) + "</tr></table>")
     signatures = {v.summary["bleu_signature"] for v in versions} | {v.summary["chrf_signature"] for v in versions}
     return parts + ["<p class='small'>sacreBLEU signatures: " + "<br>".join(esc(s) for s in sorted(signatures))
                     + "</p>"]

@@ -6,7 +6,9 @@ mentions, speaker attribution, sentence support, coverage by position), plus the
 ledger from the eval record. `compare` gives a paired bootstrap interval for each metric's mean
 difference between versions evaluated on the same samples, in the metric's direction; `by_bucket`
 repeats every mean and every comparison within buckets of the rows (input length, truncated vs
-intact, or any column of the predictions files).
+intact, or any column of the predictions files). Several references per row (REFERENCE_COLUMNS):
+ROUGE is the maximum over them with the mean beside it (`<key>_mean`), BLEU/chrF are sacreBLEU's
+multi-reference scores (metrics.MULTI_REFERENCE_RULE, named in the summary and the notes).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
                  "support_min": "weakest sentence support", "support_mean": "mean sentence support",
                  "coverage_begin": "coverage: first third", "coverage_middle": "coverage: middle third",
                  "coverage_end": "coverage: last third", "middle_recall": "middle recall (inputs over the limit)",
+                 **{f"{k}_mean": f"{label} (mean over references)" for k, label in
+                    (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"))},
                  "coverage_beyond_limit": "coverage beyond the input limit",
                  **{f"check_{name}": f"flagged: {name.replace('_', ' ')}"
                     + ("" if F.is_shipped(name) else " (experimental)") for name in F.CHECKS}}
@@ -118,6 +122,8 @@ def sample_rows(preds: Predictions, rouge, bert, sentence, truncated, faithful) 
     for i, (p, r, d) in enumerate(zip(frame["prediction"], frame["reference"], frame["dialogue"])):
         flags = M.failure_flags(p, r, d, truncated[i])
         rows.append({"id": frame["id"].iat[i], **rouge[i], "bertscore_f1": bert.f1[i] if bert.computed else None,
+                     **({f"reference{k + 1}": r for k, r in enumerate(preds.references[i]) if k}
+                        if preds.references else {}),
                      **sentence[i], **M.length_row(p, r, d), "copy_share": flags["copy_share"],
                      "bucket": M.primary_bucket(flags), **{f"flag_{b}": bool(flags[b]) for b in M.BUCKETS},
                      "names_not_in_dialogue": ";".join(flags["names"]), "truncated": truncated[i],
@@ -152,7 +158,7 @@ def version_summary(preds: Predictions, per_sample: pd.DataFrame, raw, bert, set
                     truncation_source: str) -> dict:
     predictions, references = per_sample["prediction"].tolist(), per_sample["reference"].tolist()
     boot = M.rouge_bootstrap(raw, settings.bootstrap_samples, settings.confidence, settings.bootstrap_seed)
-    corpus = M.corpus_bleu_chrf(predictions, references)
+    corpus = M.corpus_bleu_chrf(predictions, preds.references or references)
     lengths = M.length_summary(per_sample.to_dict("records"))
     summary = {"model": preds.name, "file": project_relative(preds.path), "format": preds.format,
                "samples": len(per_sample)}
@@ -178,20 +184,36 @@ def version_summary(preds: Predictions, per_sample: pd.DataFrame, raw, bert, set
     return summary
 
 
+def reference_summary(preds: Predictions, per_sample: pd.DataFrame) -> dict:
+    """How many references each row was scored against, the rule, and the means over references."""
+    if not preds.references:
+        return {"references": 1, "reference_rule": "one reference per row"}
+    return {"references": len(preds.references[0]), "reference_rule": M.MULTI_REFERENCE_RULE,
+            **{f"{key}_mean": float(per_sample[f"{key}_mean"].mean()) for key in M.ROUGE_KEYS}}
+
+
 def score_version(preds: Predictions, settings: ScoringSettings, encoder=None, device: str | None = None
                   ) -> VersionScores:
     """Every metric for one predictions file (`encoder`: a loaded sentence encoder, shared across
     versions; None loads the default when faithfulness is on)."""
     frame = preds.frame
     predictions, references = frame["prediction"].tolist(), frame["reference"].tolist()
-    raw = M.rouge_scores(predictions, references)
+    several = preds.references                       # None: one reference per row
+    raw = M.best_reference_scores(predictions, several) if several else M.rouge_scores(predictions, references)
+    rouge = M.rouge_f1(raw)
+    if several:
+        rouge = [{**best, **mean} for best, mean in zip(rouge, M.rouge_multi(predictions, several)[1])]
     bert = M.bertscore(predictions, references, settings.bertscore_model, batch_size=settings.bertscore_batch_size,
                        device=device, fallback=settings.bertscore_fallback)
     truncated, truncation_source = _truncated(preds, settings.truncation_words)
     faithful, notes = faithfulness_rows(preds, settings, encoder)
-    per_sample = sample_rows(preds, M.rouge_f1(raw), bert, M.sentence_bleu_chrf(predictions, references),
+    per_sample = sample_rows(preds, rouge, bert, M.sentence_bleu_chrf(predictions, several or references),
                              truncated, faithful)
     summary = version_summary(preds, per_sample, raw, bert, settings, truncation_source)
+    summary.update(reference_summary(preds, per_sample))
+    if several:
+        notes = notes + [f"{len(several[0])} references per row ({', '.join(preds.reference_columns)}): "
+                         f"{M.MULTI_REFERENCE_RULE}; BERTScore against the first"]
     summary["faithfulness_notes"] = "; ".join(notes)
     return VersionScores(preds.name, preds, per_sample, summary, bert, truncation_source,
                          list(preds.notes) + notes, faithful)
@@ -201,6 +223,8 @@ def score_version(preds: Predictions, settings: ScoringSettings, encoder=None, d
 def comparable_metrics(a: VersionScores, b: VersionScores) -> dict[str, bool | None]:
     """Metric -> direction, for every per-sample metric both versions have."""
     keys = {k: v for k, v in SAMPLE_METRICS.items() if k != "bertscore_f1"}
+    keys.update({f"{k}_mean": True for k in M.ROUGE_KEYS
+                 if f"{k}_mean" in a.frame.columns and f"{k}_mean" in b.frame.columns})
     if (a.bertscore.computed and b.bertscore.computed and a.bertscore.used_model == b.bertscore.used_model
             and a.bertscore.rescaled == b.bertscore.rescaled):
         keys["bertscore_f1"] = True

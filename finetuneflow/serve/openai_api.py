@@ -7,6 +7,10 @@ through the same micro-batcher, limits and budgets as /summarize.
 
 * `temperature` 0 or absent: the decoding settings the model was evaluated with (greedy or beam
   search), the same summary /summarize gives; > 0: sampling (seeded with `seed`) with `top_p`.
+* `decoding` (an ftf extension): "greedy", "beam" or "mbr" (consensus decoding: the greedy summary
+  and MBR_SAMPLES samples, the one agreeing most with the others; only where the server allows it,
+  MBR_REQUESTS, or it is the default). An MBR summary is chosen once every candidate is done, so a
+  stream sends it as one content delta (no token streaming).
 * `max_tokens` (or `max_completion_tokens`) caps the new tokens (1..MAX_NEW_TOKENS_LIMIT).
 * `stop`: up to 4 strings; the text is cut before the first one (finish_reason "stop").
 * `usage` counts every model call (a long dialogue's windows too); `finish_reason` is "stop" or
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -72,6 +76,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="the end user; requests of different users take turns")
     raw_prompt: bool = Field(False, description="send the text without the trained summary instruction/prefix")
+    decoding: Literal["greedy", "beam", "mbr"] | None = Field(
+        None, description="ftf extension: greedy, beam or mbr (consensus decoding, where the server allows it; "
+                          "MBR answers are not token-streamed: one delta); absent: the server's default")
     metadata: dict | None = None
     store: bool | None = None
     n: int | None = None
@@ -162,7 +169,10 @@ class _Call:
         if body.temperature:
             sampling = {"temperature": float(body.temperature), "top_p": float(body.top_p or 1.0), "seed": body.seed}
         prompt = ("raw_chat" if self.chat else "raw_text") if body.raw_prompt else "summary"
-        return self.service.decoding({"max_new_tokens": new} if new else {}, sampling, prompt)
+        overrides = {"max_new_tokens": new} if new else {}
+        if body.decoding:
+            overrides["decoding"] = body.decoding
+        return self.service.decoding(overrides, sampling, prompt)
 
     async def admit(self):
         self.check_model()

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from finetuneflow.contract.decoding import DecodingFields, GenerationSettings
+from finetuneflow.contract.decoding import MBR_FIELDS, DecodingFields, GenerationSettings
 from finetuneflow.contract.settings import FromConfig
 
 
@@ -34,11 +34,24 @@ class ServerOptions(FromConfig, DecodingFields):
     token_env: str = "FTF_API_TOKEN"
     access_log: bool = True
     log_level: str = "warning"
+    mbr_requests: bool = False
 
     @property
     def defaults(self) -> GenerationSettings:
-        """The decoding settings a request gets unless it overrides them (the evaluated ones)."""
-        return self.generation()
+        """The decoding settings a request gets unless it overrides them (the evaluated ones); the
+        MBR knobs only when the default decoding is MBR (else they wait for a request asking it)."""
+        values = {f.name: getattr(self, f.name) for f in fields(GenerationSettings)}
+        if values["decoding"] != "mbr":
+            values.update(dict.fromkeys(MBR_FIELDS))
+        return GenerationSettings(**values)
+
+    def mbr_knobs(self) -> dict:
+        """The MBR knobs set for this server (what a request asking for "decoding": "mbr" gets)."""
+        return {name: getattr(self, name) for name in MBR_FIELDS if getattr(self, name) is not None}
+
+    def mbr_allowed(self) -> bool:
+        """Whether a request may ask for "decoding": "mbr" (MBR_REQUESTS, or MBR is the default)."""
+        return bool(self.mbr_requests) or self.decoding == "mbr"
 
     def token(self) -> str | None:
         """The bearer token from the environment variable TOKEN_ENV (None: no authentication)."""

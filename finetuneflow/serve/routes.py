@@ -15,6 +15,7 @@ GET /health, GET /info and GET /metrics.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +34,9 @@ class Generation(BaseModel):
     min_new_tokens: int | None = Field(None, ge=0)
     no_repeat_ngram_size: int | None = Field(None, ge=0)
     length_penalty: float | None = Field(None, ge=-10, le=10)
+    decoding: Literal["greedy", "beam", "mbr"] | None = Field(
+        None, description="greedy, beam (num_beams > 1) or mbr (consensus decoding, where the server allows it: "
+                          "MBR_REQUESTS; not token-streamed, one delta)")
 
 
 class SummarizeRequest(BaseModel):

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from finetuneflow.contract.data import check_unicode
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import GenerationSettings, override
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.engine.long_input import Cancelled
 from finetuneflow.model.loaded import LoadedModel
@@ -25,6 +24,10 @@ from finetuneflow.serve.work import Plan, Runner
 log = logging.getLogger("finetuneflow.serve")
 Disconnected = Callable[[], Awaitable[bool]]
 POLL_S = 0.2          # how often a waiting request checks whether its client is still there
+
+
+MBR_STREAMING = ("decoding \"mbr\" is not token-streamed: it picks a summary once every candidate is done, so "
+                 "a stream sends it as one delta")
 
 
 class ClientLeft(Exception):
@@ -64,15 +67,35 @@ class Service:
                                                        f" (MAX_BEAMS)")
         if overrides.get("min_new_tokens", 0) > (new or options.max_new_tokens_limit):
             raise Rejected(422, "min_over_max", "min_new_tokens is larger than max_new_tokens")
-        try:
-            settings = replace(self.defaults, **overrides)
-        except UserError as exc:
-            raise Rejected(422, "min_over_max", str(exc)) from None
+        settings = self.request_settings(overrides, sampling)
         if sampling and not self.runner.sampling_available():
             raise Rejected(422, "sampling_unavailable", f"temperature > 0 needs sampling, which the "
                                                         f"{self.loaded.backend.name} backend does not do here; "
                                                         f"use temperature 0 (the evaluated settings)")
         return Decoding(settings, tuple(sorted((sampling or {}).items())), prompt)
+
+    def request_settings(self, overrides: dict, sampling: dict | None) -> GenerationSettings:
+        """The request's decoding over the defaults (DECODING and num_beams as one choice); 422 for
+        what contradicts itself, what this server does not allow, or what its backend cannot run."""
+        asked = overrides.get("decoding")
+        if asked == "mbr" and not self.options.mbr_allowed():
+            raise Rejected(422, "mbr_not_allowed", "decoding \"mbr\" is not enabled on this server (it costs "
+                                                   "MBR_SAMPLES + 1 generations per dialogue); start it with "
+                                                   "--MBR_REQUESTS=True, or ask for greedy or beam", "decoding")
+        if sampling and asked == "mbr":
+            raise Rejected(422, "mbr_with_sampling", "temperature > 0 samples one summary; decoding \"mbr\" picks "
+                                                     "among its own samples: ask for one of them", "decoding")
+        if sampling and not asked:
+            overrides = {**overrides, "decoding": None}     # sampling replaces a default of MBR
+        try:
+            settings = override(self.defaults, overrides, self.options.mbr_knobs())
+            if sampling and settings.decoding == "mbr":
+                settings = override(settings, {"decoding": "greedy"})
+            self.loaded.backend.refuse_unsupported(settings)
+        except UserError as exc:
+            raise Rejected(422, "invalid_decoding" if "min_new" not in str(exc).lower() else "min_over_max",
+                           str(exc)) from None
+        return settings
 
     def check_dialogues(self, dialogues: list[str], what: str = "dialogue") -> None:
         options = self.options
@@ -189,7 +212,9 @@ class Service:
                 "effective_defaults": {k: v for k, v in self.runner_effective(decoding).items() if k != "backend"},
                 "instruction": options.instruction, "prompt": self.prompt_description(),
                 "max_input_length": self.runner.limit(decoding), "long_input": options.long_input,
-                "sampling": self.runner.sampling_available(), "limits": options.limits()}
+                "sampling": self.runner.sampling_available(), "limits": options.limits(),
+                "mbr": {"requests_allowed": options.mbr_allowed(), "knobs": options.mbr_knobs(),
+                        "streaming": MBR_STREAMING}}
 
     def runner_effective(self, decoding: Decoding) -> dict:
         """The request's deterministic decoding settings as responses show them."""

@@ -2,11 +2,11 @@
 the scheduler makes (a batch of dialogues that fit; a long dialogue's map-reduce).
 
 Cost is counted in *work tokens*: for every model call, the input tokens plus num_beams x the new
-tokens. A dialogue that fits costs its input tokens + beams x MAX_NEW_TOKENS; a long one (LONG_INPUT
-= chunk) costs that for each window, plus the calls that combine the partial summaries. The
-estimate is made before any work with an exact token count of every dialogue; a request over
-REQUEST_TOKEN_BUDGET is refused up front (413), and a long job is also stopped at run time when
-the tokens it really used pass the budget.
+tokens (DECODING=mbr: 1 + MBR_SAMPLES candidates x the new tokens). A dialogue that fits costs its
+input tokens + beams x MAX_NEW_TOKENS; a long one (LONG_INPUT = chunk) costs that for each window,
+plus the calls that combine the partial summaries. The estimate is made before any work with an
+exact token count of every dialogue; a request over REQUEST_TOKEN_BUDGET is refused up front (413),
+and a long job is also stopped at run time when the tokens it really used pass the budget.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from finetuneflow.engine.generation import effective_settings, input_limit, summ
 from finetuneflow.engine.long_input import MAX_LEVELS, input_tokens, summarize_long
 from finetuneflow.engine.windows import WINDOW_MARGIN
 from finetuneflow.model.loaded import LoadedModel
+from finetuneflow.quality.mbr import choose_rows
 from finetuneflow.serve.batching import Decoding, Job, Rejected
 from finetuneflow.serve.options import ServerOptions
 from finetuneflow.serve.prompting import prompted
@@ -73,9 +74,10 @@ class Runner:
         return effective_settings(self.loaded, decoding.settings, decoding.sampling_dict())
 
     def effective_new_tokens(self, decoding: Decoding) -> tuple[int, int]:
-        """(max new tokens, beams) a request will really use."""
+        """(max new tokens, beams) a request will really use; DECODING=mbr counts as 1 + MBR_SAMPLES
+        beams (its candidates share the prompt, each generates its own new tokens)."""
         resolved = self.resolved(decoding)
-        return resolved.max_new, resolved.num_beams
+        return resolved.max_new, (1 + resolved.mbr.samples) if resolved.mbr is not None else resolved.num_beams
 
     def limit(self, decoding: Decoding) -> int:
         return input_limit(self.loaded, decoding.settings, self.options.max_input_length)
@@ -120,14 +122,14 @@ class Runner:
         options = self.options
         extra = {"sampling": decoding.sampling_dict()} if decoding.sampling else {}
         return summarize(prompted(self.loaded, decoding.prompt), texts, decoding.settings, options.batch_size,
-                         self.limit(decoding), options.instruction, progress=False, **extra)
+                         self.limit(decoding), options.instruction, progress=False, chooser=choose_rows, **extra)
 
     def long(self, job: Job, texts: list[str], control):
         """The map-reduce of long dialogues, one engine batch per turn."""
         options = self.options
         return summarize_long(self.loaded, texts, job.decoding.settings, options.batch_size,
                               options.max_input_length, options.instruction, mode=self.long_input, progress=False,
-                              control=control)
+                              control=control, chooser=choose_rows)
 
     def sampling_available(self) -> bool:
         return self.loaded.backend.capabilities.sampling

@@ -10,7 +10,8 @@ and each is judged against that model:
   held-out rows of the data it was trained on. The evaluation's predictions are the transformers
   side when the artifact's runtime decodes with the same settings (llama.cpp has no beam search:
   an evaluation with beams is re-run greedily on both sides); otherwise the transformers model
-  runs too;
+  runs too. An evaluation with DECODING=mbr is gated with MBR on both sides (the same seed, the
+  same choice: quality/mbr.py), the decoding the server will use;
 * per artifact: file size, samples/s, and the verdict against the transformers model
   (ship/gate_verdict.py: ROUGE-L difference with a paired bootstrap interval, identical
   summaries, **ship** or **hold**);
@@ -76,10 +77,13 @@ def run_side(loaded, rows: list[dict], decoding: Decoding, batch_size: int, how:
     and a runtime's context creation are not throughput)."""
     from finetuneflow.engine.long_input import summarize_long
     dialogues, ids = [r["dialogue"] for r in rows], [r["id"] for r in rows]
+    from finetuneflow.quality.mbr import choose_rows
     summarize_long(loaded, dialogues[:batch_size], decoding.generation, batch_size, decoding.max_input_length,
-                   decoding.instruction or "", decoding.long_input, progress=False)   # warm-up: the first batch
+                   decoding.instruction or "", decoding.long_input, progress=False,
+                   chooser=choose_rows)   # warm-up: the first batch
     result = summarize_long(loaded, dialogues, decoding.generation, batch_size, decoding.max_input_length,
-                            decoding.instruction or "", decoding.long_input, progress=False, ids=ids)
+                            decoding.instruction or "", decoding.long_input, progress=False, ids=ids,
+                            chooser=choose_rows)
     return Side(result.summaries, result.timing(), how, {**decoding.as_dict(), "backend": loaded.backend.name})
 
 

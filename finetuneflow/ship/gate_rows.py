@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import GenerationSettings, override
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.paths import resolve
 from finetuneflow.contract.record import portable
@@ -42,7 +42,7 @@ class Decoding:
         """The same decoding as the artifact's runtime can run it, and why it changed (None: unchanged)."""
         beams = self.generation.num_beams or 1
         if runtime == "llama.cpp" and beams > 1:
-            return (replace(self, generation=replace(self.generation, num_beams=1)),
+            return (replace(self, generation=override(self.generation, {"num_beams": 1})),
                     f"evaluated with num_beams={beams}; llama.cpp (and Ollama) decode greedily, so both sides run "
                     f"greedily here")
         return self, None

@@ -29,6 +29,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 import random
 import statistics
@@ -76,6 +78,10 @@ def resolve_generation(family: str, settings: GenerationSettings, summary_tokens
     """The decoding settings evaluations use (None -> the family default) and, per resolved
     setting, where its value came from."""
     beams, new_tokens, sources = settings.num_beams, settings.max_new_tokens, {}
+    if beams is None and settings.decoding in ("greedy", "mbr"):
+        beams, sources["num_beams"] = 1, f"DECODING={settings.decoding}"
+    if beams is None and settings.decoding == "beam":
+        beams, sources["num_beams"] = SEQ2SEQ_GENERATION["num_beams"], "DECODING=beam"
     if family == SEQ2SEQ:
         if beams is None:
             beams, sources["num_beams"] = SEQ2SEQ_GENERATION["num_beams"], "seq2seq default (the seed's)"
@@ -87,8 +93,8 @@ def resolve_generation(family: str, settings: GenerationSettings, summary_tokens
             beams, sources["num_beams"] = 1, "causal default: greedy"
         if new_tokens is None:
             new_tokens, sources["max_new_tokens"] = causal_new_tokens(summary_tokens, max_target_length)
-    resolved = GenerationSettings(beams, new_tokens, settings.min_new_tokens, settings.no_repeat_ngram_size,
-                                  settings.length_penalty)   # MIN_NEW_TOKENS over the resolved maximum fails here
+    # MIN_NEW_TOKENS over the resolved maximum fails here; DECODING and the MBR knobs are kept as asked
+    resolved = replace(settings, num_beams=beams, max_new_tokens=new_tokens)
     return resolved, sources
 
 

@@ -13,19 +13,21 @@ from typing import Mapping
 
 from finetuneflow.contract import architectures as arch
 from finetuneflow.contract.data import DataSpec
-from finetuneflow.contract.decoding import GenerationSettings
+from finetuneflow.contract.decoding import MBR_FIELDS, GenerationSettings
 from finetuneflow.contract.errors import UserError
 from finetuneflow.contract.settings import FromConfig
 
 STAGE = "train_bart_lora"
-RENAMED = {"MODEL_NAME": "MODEL"}   # old setting names (first-wave run folders record them)
+RENAMED = {"MODEL_NAME": "MODEL"}
+MBR_SETTINGS = tuple(name.upper() for name in MBR_FIELDS)   # old setting names (first-wave run folders record them)
 # Settings that do not change what is trained, so a resumed run may differ in them.
 IDENTITY_IGNORED = frozenset({"RESUME", "OVERWRITE", "KEEP_CHECKPOINTS", "LOGGING_STEPS", "CACHE_DIR",
-                              "OUTPUT_DIR", "ALLOW_CPU_FALLBACK", "REPORT_TO", "TRACKING_DIR"})
+                              "OUTPUT_DIR", "ALLOW_CPU_FALLBACK", "REPORT_TO", "TRACKING_DIR",
+                              "DECODING", *MBR_SETTINGS})   # later stages' decoding: recorded, not trained
 # Settings added after runs were recorded: a record without one was made before it existed, so it is
 # not part of that run's identity (first-wave folders stay recognized).
 ADDED_LATER = frozenset({"PRECISION", "EVAL_GENERATE_SAMPLES", "EVAL_BUDGET_SECONDS", "SELECT_ON",
-                         "FAITHFULNESS_MARGIN", "REPORT_TO", "TRACKING_DIR"})
+                         "FAITHFULNESS_MARGIN", "REPORT_TO", "TRACKING_DIR", "DECODING", *MBR_SETTINGS})
 # Settings added later whose value changes what is trained: a record without one matches only the
 # default it now has (an old run was an SFT run with the split seeded by SEED).
 ADDED_WITH_DEFAULT = {"OBJECTIVE": "sft", "START_ADAPTER": None, "PREFERENCE_BETA": None,
@@ -78,6 +80,13 @@ class TrainSettings(FromConfig):
     min_new_tokens: int | None
     no_repeat_ngram_size: int | None
     length_penalty: float | None
+    decoding: str | None
+    mbr_samples: int | None
+    mbr_temperature: float | None
+    mbr_top_p: float | None
+    mbr_utility: str | None
+    mbr_faithful: bool | None
+    mbr_seed: int | None
     eval_steps: int
     eval_on_start: bool
     eval_batch_size: int
@@ -108,8 +117,12 @@ class TrainSettings(FromConfig):
 
     @property
     def generation(self) -> GenerationSettings:
+        """The decoding settings (DECODING=mbr: MBR_SEED None is the training SEED, so every later stage
+        inherits the same samples)."""
+        seed = self.mbr_seed if self.mbr_seed is not None or self.decoding != "mbr" else self.seed
         return GenerationSettings(self.num_beams, self.max_new_tokens, self.min_new_tokens, self.no_repeat_ngram_size,
-                                  self.length_penalty)
+                                  self.length_penalty, self.decoding, self.mbr_samples, self.mbr_temperature,
+                                  self.mbr_top_p, self.mbr_utility, self.mbr_faithful, seed)
 
     @property
     def data_seed(self) -> int:

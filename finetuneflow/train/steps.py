@@ -92,7 +92,8 @@ def evaluation_subset(job: TrainJob, base: Base, tokenized: dict) -> GenerationE
     dialogues, references = list(job.val_rows["dialogue"]), list(job.val_rows["summary"])
     subset = [dialogues[i] for i in order]
     selectable, why = evaluation.rate_is_selectable(subset)
-    return GenerationEval(subset, [references[i] for i in order], job.generation, s.eval_batch_size,
+    # DECODING=mbr is recorded for the later stages; in-training evaluations decode its greedy part
+    return GenerationEval(subset, [references[i] for i in order], job.generation.without_mbr(), s.eval_batch_size,
                           s.max_input_length, job.instruction, base.family, s.model, base.loaded.tokenizer,
                           float(s.eval_budget_seconds), selectable, why)
 
@@ -131,6 +132,8 @@ def plan_evaluations(job: TrainJob, base: Base, tokenized: dict) -> None:
     job.say(f"evaluations generate {len(spec.dialogues)} of {len(job.val_rows)} validation rows (length-stratified) "
             f"with num_beams={g.num_beams}, max_new_tokens={g.max_new_tokens}" + (f" ({sources})" if sources else "")
             + (f"; budget {spec.budget_seconds:g} s per evaluation" if spec.budget_seconds else "; no time budget")
+            + ("; DECODING=mbr is recorded for evaluation and serving (in-training evaluations decode greedily)"
+               if g.decoding == "mbr" else "")
             + f"; best checkpoint by {job.select_on}"
             + (f" (margin {s.faithfulness_margin:g})" if job.select_on == "rougeL_faithful" else ""))
     if job.select_note:

@@ -10,13 +10,18 @@ to the model's backend with the decoding already resolved (contract/decoding.py
 * `generate_batch(loaded, batch, decoding, on_step=None)`: the new tokens of each row
   (`Generated`); a backend with `capabilities.token_streaming` calls `on_step(row, token)` for
   every token as it is chosen (the others are never given one);
+* `generate_candidates(loaded, batch, decoding, seeds)`: DECODING=mbr's candidates of each row:
+  the greedy summary (exactly what `generate_batch` gives), then `decoding.mbr.samples` samples
+  seeded from the row's seed, with the prompt encoded once per row and its KV cache (or encoder
+  output) shared by the row's candidates (backends with `capabilities.sampling`);
 * `speedups_for(loaded, batch, decoding)`: the exact speed-ups the batch will get (names), if any;
 * `token_log_probs(loaded, prompt_ids, target_ids)`: teacher-forced log p of each target token;
 * `logits(...)`: full teacher-forced logits where the runtime exposes them (else None);
 * `close(loaded)`: free the runtime's memory now (not only when it is collected).
 
 Callers ask a backend's `capabilities` (beams, sampling, token streaming, training, ...) rather
-than its name. `backend_for(path)` asks each registered backend in order; transformers comes last
+than its name; `refuse_unsupported(settings)` says, before any work, what a request asks that the
+backend cannot do. `backend_for(path)` asks each registered backend in order; transformers comes last
 and takes anything else (a Hub id, a model folder, an adapter folder). A new runtime plugs in by
 adding its module to `REGISTRY` without touching the loop.
 """
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from finetuneflow.contract.decoding import ResolvedGeneration
+from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneration
+from finetuneflow.contract.errors import UserError
 from finetuneflow.model.loaded import LoadedModel
 
 StepCallback = Callable[[int, int], None]    # (row of the batch, token id just chosen)
@@ -38,6 +44,14 @@ class Generated:
     ids: list[int]          # new tokens, without the stop token
     counted: int            # tokens generated as transformers counts them (including the stop token)
     finish_reason: str      # "stop" or "length"
+
+
+@dataclass
+class CandidateBatch:
+    """DECODING=mbr's candidates of one batch (Backend.generate_candidates)."""
+    rows: list[list[Generated]]     # per row: the greedy summary, then the samples
+    greedy_seconds: float           # the greedy part (prompts encoded here)
+    sample_seconds: float           # the samples (from the prompts' shared cache)
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,23 @@ class Backend:
     def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
                        on_step: StepCallback | None = None) -> list[Generated]:
         raise NotImplementedError
+
+    def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                            seeds: list[int]) -> CandidateBatch:
+        """DECODING=mbr: each row's greedy summary and `decoding.mbr.samples` samples (see the module doc)."""
+        raise UserError(f"the {self.name} backend cannot sample, so it cannot decode with DECODING=mbr; use "
+                        f"--decoding=greedy")
+
+    def refuse_unsupported(self, settings: GenerationSettings) -> None:
+        """One line, before any work, for decoding this backend cannot run (asked for or inherited)."""
+        caps = self.capabilities
+        if not caps.beams and (settings.decoding == "beam" or (settings.num_beams or 1) > 1):
+            what = "DECODING=beam" if settings.decoding == "beam" else f"NUM_BEAMS={settings.num_beams}"
+            raise UserError(f"{what}: the {self.name} backend has no beam search; use --decoding=greedy (or mbr) "
+                            f"with NUM_BEAMS=1")
+        if not caps.sampling and settings.decoding == "mbr":
+            raise UserError(f"DECODING=mbr samples candidates, which the {self.name} backend cannot do; use "
+                            f"--decoding=greedy or beam")
 
     def speedups_for(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple:
         """The exact speed-ups `batch` will get (counted per batch in the engine's result)."""

@@ -5,18 +5,21 @@ int8 weights, which is the fast CPU path that exists for seq2seq models (llama.c
 Such a folder has CTranslate2's model.bin, the tokenizer, generation_config.json and the Hugging
 Face config as hf_config.json (ship/ct2_export.py writes it). The engine encodes prompts with the
 tokenizer as for any model; this backend turns ids into CTranslate2 tokens and back, and maps the
-engine's resolved decoding onto CTranslate2's options.
+engine's resolved decoding onto CTranslate2's options (seeded sampling too: the server's
+temperature > 0 and DECODING=mbr's samples, `num_hypotheses` per row).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.contract.record import read_record
-from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback
+from finetuneflow.model.backends import Backend, CandidateBatch, Capabilities, Generated, StepCallback
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ, family_of
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.loading import load_tokenizer
@@ -53,9 +56,20 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
+def seeded_runtime(loaded: LoadedModel, seed: int):
+    """A copy of the model whose sampler starts from `seed`. CTranslate2 seeds a worker thread's
+    random generator once, when the model is loaded (ctranslate2.set_random_seed before it), so a
+    seeded sampling call loads its own copy (freed after the call): the cost of repeatable samples."""
+    import ctranslate2
+    runtime = loaded.model
+    ctranslate2.set_random_seed(int(seed) % (1 << 31))
+    return type(runtime)(str(loaded.base), device=runtime.device, compute_type=runtime.compute_type,
+                         intra_threads=int(os.environ.get("FTF_CT2_THREADS", "0")))
+
+
 class CT2Backend(Backend):
     name = "ctranslate2"
-    capabilities = Capabilities(beams=True)   # sampling through CTranslate2 is not wired here
+    capabilities = Capabilities(beams=True, sampling=True)
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and is_ct2_dir(path)
@@ -91,10 +105,15 @@ class CT2Backend(Backend):
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, loaded: LoadedModel, decoding: ResolvedGeneration) -> dict:
-        """The engine's resolved decoding in CTranslate2's terms."""
+        """The engine's resolved decoding in CTranslate2's terms (sampling: the whole vocabulary,
+        top-p and temperature; seeded with ctranslate2.set_random_seed by the caller)."""
         penalty = decoding.length_penalty
         options = {"beam_size": decoding.num_beams, "no_repeat_ngram_size": int(decoding.no_repeat_ngram_size or 0),
                    "length_penalty": float(penalty if penalty is not None else 1.0), "sampling_topk": 1}
+        if decoding.sampling is not None:
+            sampling = decoding.sampling
+            options.update(beam_size=1, sampling_topk=0, sampling_topp=float(sampling.top_p or 1.0),
+                           sampling_temperature=float(sampling.temperature or 1.0))
         if loaded.family == CAUSAL:
             return {**options, "max_length": decoding.max_new, "min_length": decoding.min_new}
         # new tokens: transformers counts the decoder start token in max_length/min_length, CT2 does not
@@ -106,15 +125,39 @@ class CT2Backend(Backend):
                        on_step: StepCallback | None = None) -> list[Generated]:
         """Token ids without the end token; counted as the transformers engine counts them: up to and
         including the first stop token, which transformers also emits when it forces EOS."""
-        tokenizer, runtime = loaded.tokenizer, loaded.model
-        options = self.options(loaded, decoding)
+        runtime = None
+        if decoding.sampling is not None:
+            runtime = seeded_runtime(loaded, decoding.sampling.seed or 0)
+        return [row[0] for row in self._run(loaded, batch, decoding, runtime=runtime)]
+
+    def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                            seeds: list[int]) -> CandidateBatch:
+        """DECODING=mbr: the greedy rows (as generate_batch), then `samples` hypotheses per row in one
+        sampling call (CTranslate2 runs a Translator's encoder once for a row's hypotheses; a
+        Generator's prompt is its decoder's prefix). CTranslate2 has one random generator, so the
+        call is seeded from the batch's row seeds (`seeded_runtime`): a row's samples depend on its
+        batch, which is the same in every process of a sharded run."""
+        started = time.perf_counter()
+        greedy = self.generate_batch(loaded, batch, decoding.greedy_part())
+        greedy_seconds = time.perf_counter() - started
+        batch_seed = int.from_bytes(hashlib.sha256(",".join(map(str, seeds)).encode()).digest()[:4], "little") >> 1
+        samples = self._run(loaded, batch, decoding.samples_part(batch_seed), decoding.mbr.samples,
+                            runtime=seeded_runtime(loaded, batch_seed))
+        return CandidateBatch([[g] + rows for g, rows in zip(greedy, samples)], greedy_seconds,
+                              time.perf_counter() - started - greedy_seconds)
+
+    def _run(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+             hypotheses: int = 1, runtime=None) -> list[list[Generated]]:
+        """`hypotheses` results per row (generate_batch: one), on `runtime` (default: the model's)."""
+        tokenizer, runtime = loaded.tokenizer, runtime or loaded.model
+        options = {**self.options(loaded, decoding), "num_hypotheses": hypotheses}
         tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in batch]
         if loaded.family == CAUSAL:
             stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
             results = runtime.generate_batch(tokens, include_prompt_in_result=False, end_token=stops, **options)
             limit = options["max_length"]
-            return [Generated(list(r.sequences_ids[0]), len(r.sequences_ids[0]) + (len(r.sequences_ids[0]) < limit),
-                              "stop" if len(r.sequences_ids[0]) < limit else "length") for r in results]
+            return [[Generated(list(ids), len(ids) + (len(ids) < limit), "stop" if len(ids) < limit else "length")
+                     for ids in r.sequences_ids] for r in results]
         generation = loaded.generation_config
         forced_bos = _token(tokenizer, getattr(generation, "forced_bos_token_id", None))
         prefix = [[forced_bos] for _ in tokens] if forced_bos else None
@@ -130,9 +173,12 @@ class CT2Backend(Backend):
         limit = options["max_decoding_length"]
         out = []
         for result in results:
-            ids = tokenizer.convert_tokens_to_ids(result.hypotheses[0])
-            stopped = forced_eos or len(ids) < limit
-            out.append(Generated(ids, len(ids) + stopped, "stop" if len(ids) < limit else "length"))
+            row = []
+            for hypothesis in result.hypotheses:
+                ids = tokenizer.convert_tokens_to_ids(hypothesis)
+                stopped = forced_eos or len(ids) < limit
+                row.append(Generated(ids, len(ids) + stopped, "stop" if len(ids) < limit else "length"))
+            out.append(row)
         return out
 
     # -- scoring -------------------------------------------------------------------------------

@@ -10,10 +10,16 @@ they are and were measured faster): a causal batch reuses the KV cache of the pr
 rows share (the chat template, system prompt and instruction: computed once, kept per model), and
 a single greedy causal row uses prompt-lookup decoding (draft tokens copied from the dialogue,
 verified in one forward pass; transformers' `prompt_lookup_num_tokens`).
+
+DECODING=mbr's candidates (`generate_candidates`): the greedy summary exactly as generate_batch
+makes it, then the samples from its KV cache (or encoder output): the prompt is read once per row.
+Each sample draws from its own generator (`SampleCandidates`, model/backends/sampling.py), so a
+row's samples depend on its seed only. Loading: hf_loading.py.
 """
 from __future__ import annotations
 
 import copy
+import time
 import threading
 import weakref
 from collections import OrderedDict
@@ -21,126 +27,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+from transformers.modeling_outputs import BaseModelOutput
 
 from finetuneflow.contract.decoding import ResolvedGeneration
-from finetuneflow.contract.errors import UserError, first_line
-from finetuneflow.contract.paths import resolve
-from finetuneflow.contract.record import read_record
-from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback, finish
-from finetuneflow.model.device import default_dtype, parse_device
-from finetuneflow.model.family import CAUSAL, family_of
+from finetuneflow.model.backends import Backend, CandidateBatch, Capabilities, Generated, StepCallback, finish
+from finetuneflow.model.backends.hf_loading import disable_cpu_bf16_kernels as disable_cpu_bf16_kernels
+from finetuneflow.model.backends.hf_loading import load_transformers
+from finetuneflow.model.backends.hf_loading import parameter_count as parameter_count
+from finetuneflow.model.backends.hf_loading import quantization_config as quantization_config
+from finetuneflow.model.backends.hf_loading import unwrap
+from finetuneflow.model.backends.sampling import CandidateDraws
+from finetuneflow.model.family import CAUSAL
 from finetuneflow.model.loaded import LoadedModel
-from finetuneflow.model.loading import adapter_base, is_adapter_dir, load_config, load_tokenizer, local_or_hub
 from finetuneflow.model.prompts import stop_token_ids
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def quantization_config(device: torch.device):
-    import transformers
-    compute = default_dtype(device) if device.type == "cuda" else torch.float32
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-
-
-def disable_cpu_bf16_kernels(model: torch.nn.Module) -> int:
-    """bitsandbytes' CPU bf16 path stops 4-bit training silently after a no-grad forward."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
-
-
-def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
-
-
-def _is_quantized_checkpoint(config) -> bool:
-    return bool(getattr(config, "quantization_config", None))
-
-
-def load_transformers(name: str, *, adapter: str | None = None, load_in_4bit: bool = False, device=None, dtype=None,
-                      trust_remote_code: bool = False, allow_unsafe_weights: bool = False,
-                      for_training: bool = False, base_model: str | None = None) -> LoadedModel:
-    """Load `name` (Hub id, model folder, merged folder, or an adapter folder) for either family.
-    An adapter folder is recognised by its adapter_config.json; its base comes from its run record
-    (train_bart_lora.py), else adapter_config.json, unless `base_model` is given."""
-    device = parse_device(device)
-    requested = name
-    if adapter is None and is_adapter_dir(name):
-        adapter = str(resolve(name))
-        name = base_model or adapter_base(adapter)
-    base = local_or_hub(name)
-    if adapter and not Path(base).exists() and (base.startswith(("/", ".", "~")) or Path(base).suffix):
-        raise UserError(f"base model {base} of adapter {adapter} not found; restore it, or pass "
-                        f"--BASE_MODEL=<its id or folder>")
-    config = load_config(base, trust_remote_code)
-    family = family_of(config)
-    if adapter:
-        _check_adapter_fits(adapter, base, config)
-    if _is_quantized_checkpoint(config) and not load_in_4bit and (Path(base) / "config.json").is_file():
-        method = config.quantization_config.get("quant_method", "?")
-        raise UserError(f"{base} holds already-quantized weights ({method}); "
-                        f"load it with --LOAD_IN_4BIT=True, or use the full-precision model it was made from")
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    auto = AutoModelForSeq2SeqLM if family.auto_class == "AutoModelForSeq2SeqLM" else AutoModelForCausalLM
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_unsafe_weights else True}
-    if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(device)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    else:
-        kwargs["dtype"] = dtype or (torch.float32 if for_training and device.type == "cpu" else default_dtype(device))
-    try:
-        model = auto.from_pretrained(base, **kwargs)
-    except Exception as exc:   # OSError, ValueError, SafetensorError (truncated file), unpickling refused, ...
-        raise UserError(f"cannot load model {name!r}: {first_line(exc, 300)}; check the folder "
-                        f"(config.json + model.safetensors) or re-create it") from None
-    if load_in_4bit and device.type == "cpu":
-        disable_cpu_bf16_kernels(model)
-    elif not load_in_4bit:
-        model.to(device)
-    tokenizer_source = adapter if adapter and any(
-        (Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else base
-    tokenizer = load_tokenizer(tokenizer_source, family, config, trust_remote_code)
-    record_folder = Path(adapter or base)
-    record = read_record(record_folder) if record_folder.is_dir() else None
-    if adapter:
-        from peft import PeftModel
-        try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
-        except Exception as exc:   # shapes or module names that do not match the base
-            raise UserError(f"adapter {adapter} does not fit base {base}: {first_line(exc, 240)}; pass the base it "
-                            f"was trained on with --BASE_MODEL") from None
-    if not for_training:
-        model.eval()
-    dtype_name = "4-bit nf4" if load_in_4bit else str(next(model.parameters()).dtype).replace("torch.", "")
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, backend=BACKEND, name=str(requested),
-                       base=name, adapter=adapter, device=device, dtype=dtype_name, config=model.config,
-                       generation_config=unwrap(model).generation_config, record=record)
-
-
-def _check_adapter_fits(adapter: str, base: str, config) -> None:
-    """An adapter trained on another architecture merges into a no-op: refuse it up front."""
-    import json
-    try:
-        adapter_config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{adapter}/adapter_config.json is unreadable ({type(exc).__name__}); re-train or restore "
-                        f"the adapter") from None
-    task = adapter_config.get("task_type")
-    family = family_of(config)
-    if task and task != family.lora_task_type:
-        raise UserError(f"adapter {adapter} is a {task} adapter but base {base} is a {family} model; pass the base it "
-                        f"was trained on with --BASE_MODEL")
 
 
 def _config_values(decoding: ResolvedGeneration) -> dict:
@@ -292,7 +192,7 @@ def _prefix_cache(loaded: LoadedModel, prefix: list[int], rows: int):
             with torch.inference_mode():
                 output = loaded.model(input_ids=torch.tensor([prefix], device=loaded.device), use_cache=True,
                                       logits_to_keep=1)
-            cache = output.get(_cache_argument(loaded))
+            cache = output.get(cache_argument(loaded))
             if not all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None])):
                 store.supported = False   # sliding windows, linear attention, ...: not reusable this way
                 return None
@@ -306,7 +206,7 @@ def _prefix_cache(loaded: LoadedModel, prefix: list[int], rows: int):
     return copied
 
 
-def _cache_argument(loaded: LoadedModel) -> str:
+def cache_argument(loaded: LoadedModel) -> str:
     """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x): the name generate() and
     the model's outputs use for the KV cache."""
     import inspect
@@ -325,6 +225,119 @@ def _pad_after_prefix(batch: list[list[int]], prefix: int, pad_id: int) -> dict:
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
+def prepare_batch(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple[dict, dict, int]:
+    """One batch's padded inputs and generate() arguments (its exact speed-ups, the causal n-gram
+    rule), and the padded prompt width."""
+    tokenizer = loaded.tokenizer
+    speedups, extra = speedups_for(loaded, batch, decoding), {}
+    cache = None
+    if "prefix_cache" in speedups:
+        prefix = _store(loaded).find(batch)
+        cache = _prefix_cache(loaded, batch[0][:prefix], len(batch))
+    if cache is not None:
+        padded = _pad_after_prefix(batch, prefix, tokenizer.pad_token_id)
+        extra[cache_argument(loaded)] = cache
+    else:
+        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
+    padded = {k: v.to(loaded.device) for k, v in padded.items()}
+    width = padded["input_ids"].shape[1]
+    if "prompt_lookup" in speedups:
+        extra["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+    if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
+        extra["logits_processor"] = LogitsProcessorList([GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width)])
+    return padded, extra, width
+
+
+def run_generate(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration, **more):
+    """generate() on one batch with the resolved decoding: (its output, the padded inputs it ran on).
+    `more`: further generate() arguments (return_dict_in_generate, encoder_outputs, ...)."""
+    padded, extra, width = prepare_batch(loaded, batch, decoding)
+    if decoding.sampling is not None and decoding.sampling.seed is not None:
+        torch.manual_seed(int(decoding.sampling.seed))   # seeded sampling repeats
+    with generation_config_for(loaded, decoding), torch.inference_mode():
+        out = loaded.model.generate(**padded, **extra, **more)
+    if loaded.family == CAUSAL:
+        _store(loaded).last_row = list(batch[-1])
+    return out, padded
+
+
+def new_rows(loaded: LoadedModel, sequences, width: int, decoding: ResolvedGeneration) -> list[Generated]:
+    """generate()'s output rows as Generated (cut at the first stop token)."""
+    tokenizer = loaded.tokenizer
+    new = loaded.family.new_tokens(sequences, width)
+    stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
+    return finish(new.tolist(), stops, decoding.max_new_tokens)
+
+
+# --- DECODING=mbr's candidates --------------------------------------------------------------------
+class SampleCandidates(LogitsProcessor):
+    """Turn each row's scores into its sampled token (every other token -inf), drawn with the
+    row's own generator; generate() then decodes greedily, which keeps exactly that token."""
+
+    def __init__(self, draws: CandidateDraws):
+        self.draws = draws
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        picked = self.draws.draw(scores)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picked[:, None], 0.0)
+
+
+def encode_once(loaded: LoadedModel, batch: list[list[int]]) -> BaseModelOutput:
+    """A seq2seq batch's encoder output, computed as generate() computes it."""
+    padded = loaded.tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
+    padded = {k: v.to(loaded.device) for k, v in padded.items()}
+    with torch.inference_mode():
+        return unwrap(loaded.model).get_encoder()(**padded, return_dict=True)
+
+
+def generate_candidates(loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                        seeds: list[int]) -> CandidateBatch:
+    """DECODING=mbr: the greedy summary and `decoding.mbr.samples` seeded samples of each row.
+
+    1. The greedy summary: the batch runs exactly as `generate_batch` runs it (its padding, its
+       exact speed-ups), so the first candidate is the greedy summary itself. A seq2seq model's
+       encoder runs here once (generate() gets its output); a causal generate() returns its cache.
+    2. The samples: the prompt part of that KV cache (cut to the prompt less its last token, fed
+       again to give the first sampled token's logits) is repeated for each row's samples with
+       `batch_repeat_interleave`, or the encoder output is repeated; one generate() call then
+       decodes every row's samples from it (`SampleCandidates`). No prompt is read twice."""
+    greedy = decoding.greedy_part()
+    started = time.perf_counter()
+    shared = {} if loaded.family == CAUSAL else {"encoder_outputs": encode_once(loaded, batch)}
+    out, padded = run_generate(loaded, batch, greedy, return_dict_in_generate=True, **shared)
+    rows = new_rows(loaded, out.sequences, padded["input_ids"].shape[1], greedy)
+    greedy_seconds = time.perf_counter() - started
+    samples = _samples(loaded, decoding, seeds, out, padded, shared)
+    n = decoding.mbr.samples
+    return CandidateBatch([[row] + samples[k * n:(k + 1) * n] for k, row in enumerate(rows)], greedy_seconds,
+                          time.perf_counter() - started - greedy_seconds)
+
+
+def _samples(loaded: LoadedModel, decoding: ResolvedGeneration, seeds: list[int], out, padded: dict, shared: dict):
+    """Every row's samples, rows in order, from the greedy call's cache or encoder output
+    (`padded`: the inputs the greedy call ran on, its cached prefix's layout included)."""
+    mbr, greedy = decoding.mbr, decoding.greedy_part()
+    n, width = mbr.samples, padded["input_ids"].shape[1]
+    extra = {}
+    if loaded.family == CAUSAL:
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache.crop(-(cache.get_seq_length() - (width - 1)))      # the prompt less its last token
+        cache.batch_repeat_interleave(n)
+        extra[cache_argument(loaded)] = cache
+    else:
+        hidden = shared["encoder_outputs"].last_hidden_state
+        extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n, dim=0))
+    inputs = {k: v.repeat_interleave(n, dim=0) for k, v in padded.items()}
+    processors = []
+    if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
+        processors.append(GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width))
+    processors.append(SampleCandidates(CandidateDraws(seeds, n, mbr.temperature, mbr.top_p)))
+    with generation_config_for(loaded, greedy), torch.inference_mode():
+        sequences = loaded.model.generate(**inputs, **extra, logits_processor=LogitsProcessorList(processors))
+    return new_rows(loaded, sequences, width, greedy)
+
+
 class TransformersBackend(Backend):
     name = "transformers"
     capabilities = Capabilities(beams=True, sampling=True, exact_speedups=True, training=True, precision=True)
@@ -341,40 +354,19 @@ class TransformersBackend(Backend):
             torch.cuda.empty_cache()
 
     def load(self, source, *, device=None, dtype=None, **options) -> LoadedModel:
-        return load_transformers(source, device=device, dtype=dtype, **options)
+        return load_transformers(source, backend=self, device=device, dtype=dtype, **options)
 
     def speedups_for(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration) -> tuple:
         return speedups_for(loaded, batch, decoding)
 
     def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
                        on_step: StepCallback | None = None) -> list[Generated]:
-        tokenizer = loaded.tokenizer
-        speedups, extra = speedups_for(loaded, batch, decoding), {}
-        cache = None
-        if "prefix_cache" in speedups:
-            prefix = _store(loaded).find(batch)
-            cache = _prefix_cache(loaded, batch[0][:prefix], len(batch))
-        if cache is not None:
-            padded = _pad_after_prefix(batch, prefix, tokenizer.pad_token_id)
-            extra[_cache_argument(loaded)] = cache
-        else:
-            padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding_side=loaded.family.padding_side)
-        padded = {k: v.to(loaded.device) for k, v in padded.items()}
-        width = padded["input_ids"].shape[1]
-        if "prompt_lookup" in speedups:
-            extra["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
-        if loaded.family == CAUSAL and decoding.no_repeat_ngram_size:
-            extra["logits_processor"] = LogitsProcessorList(
-                [GeneratedNoRepeatNGram(decoding.no_repeat_ngram_size, width)])
-        if decoding.sampling is not None and decoding.sampling.seed is not None:
-            torch.manual_seed(int(decoding.sampling.seed))   # seeded sampling repeats
-        with generation_config_for(loaded, decoding), torch.inference_mode():
-            out = loaded.model.generate(**padded, **extra)
-        if loaded.family == CAUSAL:
-            _store(loaded).last_row = list(batch[-1])
-        new = loaded.family.new_tokens(out, width)
-        stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
-        return finish(new.tolist(), stops, decoding.max_new_tokens)
+        out, padded = run_generate(loaded, batch, decoding)
+        return new_rows(loaded, out, padded["input_ids"].shape[1], decoding)
+
+    def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
+                            seeds: list[int]) -> CandidateBatch:
+        return generate_candidates(loaded, batch, decoding, seeds)
 
     def logits(self, loaded: LoadedModel, prompt_ids: list[int], target_ids: list[int]):
         """Causal: logits at every position of prompt + target; seq2seq: decoder logits per target."""

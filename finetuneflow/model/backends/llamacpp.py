@@ -10,6 +10,8 @@ Decoding is the engine's resolved decoding: greedy (or seeded sampling), `max_ne
 (stop tokens masked until then), `no_repeat_ngram_size` over the generated tokens only
 (transformers' `NoRepeatNGramLogitsProcessor` on each row's new tokens), stop at EOS and
 end-of-turn tokens (`stop_token_ids`). Beam search is refused: llama.cpp has none.
+DECODING=mbr: each row's greedy summary, then its samples decoded from a copy of its prompt's KV
+cells (`CandidateChooser`: one generator per sample).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.errors import UserError
-from finetuneflow.model.backends import Backend, Capabilities, Generated, StepCallback
+from finetuneflow.model.backends import Backend, CandidateBatch, Capabilities, Generated, StepCallback
 from finetuneflow.model.backends.llamacpp_bindings import (BINDINGS, INSTALL_HINT, bindings, default_threads,
                                                            find_gguf, gguf_file, gguf_record)
 from finetuneflow.model.backends.llamacpp_runtime import LlamaCppModel
@@ -27,7 +29,7 @@ from finetuneflow.model.family import CAUSAL
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.loading import fix_tokenizer
 
-__all__ = ["BACKEND", "INSTALL_HINT", "LlamaCppBackend", "NAME", "TokenChooser"]
+__all__ = ["BACKEND", "CandidateChooser", "INSTALL_HINT", "LlamaCppBackend", "NAME", "TokenChooser"]
 NAME = "llama.cpp"
 
 
@@ -90,6 +92,27 @@ class TokenChooser:
             tensor = warper(ids, tensor)
         probs = torch.softmax(tensor[0].double(), -1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class CandidateChooser(TokenChooser):
+    """MBR's samples: the TokenChooser rules (min_new, no_repeat_ngram_size) with one generator per
+    candidate (model/backends/sampling.py), so a sample depends on its row's seed only."""
+
+    def __init__(self, decoding: ResolvedGeneration, stops: list[int], row_seeds: list[int]):
+        super().__init__(decoding.greedy_part(), stops)
+        from finetuneflow.model.backends.sampling import CandidateDraws
+        mbr = decoding.mbr
+        self.draws = CandidateDraws(row_seeds, mbr.samples, mbr.temperature, mbr.top_p)
+
+    def __call__(self, row: int, generated: list[int], logits: np.ndarray) -> int:
+        import torch
+        banned = self.banned(row, generated)
+        scores = np.array(logits, dtype=np.float32)
+        if len(generated) < self.min_new and len(self.stops) > 0:
+            scores[self.stops] = -np.inf
+        if banned:
+            scores[list(banned)] = -np.inf
+        return int(self.draws.draw(torch.from_numpy(scores)[None], [row])[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +203,29 @@ class LlamaCppBackend(Backend):
             out += runtime.generate([list(map(int, p)) for p in batch[start:start + limit]], chooser, decoding.max_new,
                                     set(stops))
         return out
+
+    def generate_candidates(self, loaded, batch: list[list[int]], decoding: ResolvedGeneration,
+                            seeds: list[int]) -> CandidateBatch:
+        """DECODING=mbr: the greedy rows, then each row's samples from a copy of its prompt's KV cells
+        (llamacpp_runtime.py `generate_candidates`), each sample with its own generator."""
+        from finetuneflow.model.prompts import stop_token_ids
+        stops = stop_token_ids(loaded.tokenizer)
+        n = decoding.mbr.samples
+        rows_per_call = (bindings().llama_max_parallel_sequences() - 1) // (1 + n)
+        if rows_per_call < 1:
+            raise UserError(f"MBR_SAMPLES={n}: llama.cpp decodes at most "
+                            f"{bindings().llama_max_parallel_sequences() - 1} sequences together; lower MBR_SAMPLES")
+        runtime: LlamaCppModel = loaded.model
+        out, greedy_seconds, sample_seconds = [], 0.0, 0.0
+        for start in range(0, len(batch), rows_per_call):
+            prompts = [list(map(int, p)) for p in batch[start:start + rows_per_call]]
+            chooser = TokenChooser(decoding.greedy_part(), stops)
+            sampler = CandidateChooser(decoding, stops, seeds[start:start + rows_per_call])
+            greedy, sampled, g, s = runtime.generate_candidates(prompts, chooser, sampler, n, decoding.max_new,
+                                                                set(stops))
+            out += [[row] + sampled[k * n:(k + 1) * n] for k, row in enumerate(greedy)]
+            greedy_seconds, sample_seconds = greedy_seconds + g, sample_seconds + s
+        return CandidateBatch(out, greedy_seconds, sample_seconds)
 
     def close(self, loaded) -> None:
         loaded.model.close()

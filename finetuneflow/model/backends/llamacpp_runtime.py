@@ -9,7 +9,10 @@ How a batch is decoded, and why it is fast on a CPU:
   decoded once into sequence 0 and copied into each row's sequence (a unified KV cache shares
   the cells); it stays cached between batches and only the part that changed is recomputed;
 - `n_batch` = the whole context so a batch of prompts goes in one call, logits only where a
-  token is chosen.
+  token is chosen;
+- DECODING=mbr (`generate_candidates`): after the greedy rows, each row's prompt cells are
+  copied to its samples' sequences, which start from the prompt's saved last logits: the prompt
+  is decoded once per row (`prompt_tokens` counts what was decoded).
 Rows decoded together can differ from the same rows decoded alone in the last bits of their
 logits (other matrix shapes), exactly like padded batches in transformers.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import re
+import time
 import weakref
 from pathlib import Path
 
@@ -83,6 +87,7 @@ class LlamaCppModel:
         self._score_ctx = None
         self._score_cells = 0
         self._score_batch = None
+        self.prompt_tokens = 0          # prompt tokens decoded for generation (the shared prefix counted once)
         _OPEN.add(self)
 
     # contexts ---------------------------------------------------------------------------------
@@ -166,18 +171,33 @@ class LlamaCppModel:
 
     def generate(self, prompts: list[list[int]], choose, max_new_tokens: int, stops: set[int]) -> list[Generated]:
         """Decode `prompts` as parallel sequences; `choose(row, generated, logits) -> token`."""
+        return self._retrying(prompts, lambda: self._run(prompts, choose, max_new_tokens, stops)[0])
+
+    def generate_candidates(self, prompts: list[list[int]], choose, sample_choose, samples: int,
+                            max_new_tokens: int, stops: set[int]):
+        """DECODING=mbr: the greedy rows exactly as `generate` decodes them, then `samples` more
+        sequences per row that start from a copy of the row's prompt cells (llama_memory_seq_cp: no
+        prompt token is decoded again) and from the prompt's last logits, choosing with
+        `sample_choose(candidate, generated, logits)` (candidate = row * samples + j). Returns
+        (greedy rows, sampled rows in that order, greedy seconds, sample seconds)."""
+        return self._retrying(prompts, lambda: self._run(prompts, choose, max_new_tokens, stops, samples,
+                                                         sample_choose))
+
+    def _retrying(self, prompts, call):
         try:
-            return self._generate(prompts, choose, max_new_tokens, stops)
+            return call()
         except _NoKVSlot:
             # the cache is sized for the batch, but freed cells can be scattered: start from an empty cache
             self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self._ctx.ctx), True)
             self._prefix = []
             try:
-                return self._generate(prompts, choose, max_new_tokens, stops)
+                return call()
             except _NoKVSlot:
                 raise RuntimeError(f"llama.cpp found no room in its KV cache for {len(prompts)} rows") from None
 
-    def _generate(self, prompts, choose, max_new_tokens: int, stops: set[int]) -> list[Generated]:
+    def _prompts(self, prompts, max_new_tokens: int, samples: int) -> list[int]:
+        """Decode the prompts into sequences 1..k (their shared prefix once, in sequence 0, copied to
+        each); the output index of each row's last prompt token."""
         llama_cpp = self._llama_cpp
         k = len(prompts)
         if any(not p for p in prompts):
@@ -188,9 +208,11 @@ class LlamaCppModel:
                             f"context of {self.n_ctx_train} tokens; lower MAX_INPUT_LENGTH or MAX_NEW_TOKENS")
         # the prefix every row shares (at least one token of each row stays to be decoded for its logits)
         shared = _common_prefix(prompts)[:min(len(p) for p in prompts) - 1]
-        # unified KV cache: the prefix's cells serve every row; each row adds its tail and new tokens
-        cells = len(shared) + sum(len(p) - len(shared) + max_new_tokens for p in prompts) + len(self._prefix)
-        self._ensure_generation_context(cells, k + 1)
+        # unified KV cache: the prefix's cells serve every row; each row adds its tail and new tokens, and
+        # each of its samples only new tokens (they share the row's prompt cells)
+        cells = len(shared) + sum(len(p) - len(shared) + max_new_tokens * (1 + samples) for p in prompts) \
+            + len(self._prefix)
+        self._ensure_generation_context(cells, k * (1 + samples) + 1)
         ctx, batch = self._ctx, self._batch
         memory = llama_cpp.llama_get_memory(ctx.ctx)
         for seq in range(1, self._ctx_seqs):      # the rows of the previous batch
@@ -200,6 +222,7 @@ class LlamaCppModel:
             llama_cpp.llama_memory_seq_rm(memory, 0, keep, -1)
         if keep < len(shared):
             self._decode(ctx, batch, [(t, keep + i, 0, False) for i, t in enumerate(shared[keep:])])
+            self.prompt_tokens += len(shared) - keep
         self._prefix = list(shared)
         items, last = [], []
         for row, prompt in enumerate(prompts):
@@ -209,26 +232,58 @@ class LlamaCppModel:
             items += [(t, len(shared) + i, row + 1, i == len(tail) - 1) for i, t in enumerate(tail)]
             last.append(len(items) - 1)
         self._decode(ctx, batch, items)
-        generated = [[] for _ in prompts]
-        finished: list[str | None] = [None] * k
-        position = [len(p) for p in prompts]
-        index = dict(enumerate(last))     # row -> output index of its logits in the last decode
-        while index:
-            items, next_index = [], {}
-            for row, i in index.items():
-                token = int(choose(row, generated[row], self._logits(ctx, i)))
+        self.prompt_tokens += len(items)
+        return last
+
+    def _run(self, prompts, choose, max_new_tokens: int, stops: set[int], samples: int = 0, sample_choose=None):
+        """(greedy rows, sampled rows, greedy seconds, sample seconds); see generate_candidates."""
+        started = time.perf_counter()
+        last = self._prompts(prompts, max_new_tokens, samples)
+        ctx, k = self._ctx, len(prompts)
+        first = {row: self._logits(ctx, i) for row, i in enumerate(last)}
+        saved = {row: logits.copy() for row, logits in first.items()} if samples else {}
+        greedy = self._decode_rows([row + 1 for row in range(k)], [len(p) for p in prompts], first, choose,
+                                   max_new_tokens, stops)
+        greedy_seconds = time.perf_counter() - started
+        if not samples:
+            return greedy, [], greedy_seconds, 0.0
+        memory = self._llama_cpp.llama_get_memory(ctx.ctx)
+        seqs, positions, firsts = [], [], {}
+        for row, prompt in enumerate(prompts):
+            for j in range(samples):
+                seq = k + 1 + row * samples + j
+                self._llama_cpp.llama_memory_seq_cp(memory, row + 1, seq, 0, len(prompt))
+                firsts[len(seqs)] = saved[row]
+                seqs.append(seq)
+                positions.append(len(prompt))
+        sampled = self._decode_rows(seqs, positions, firsts, sample_choose, max_new_tokens, stops)
+        return greedy, sampled, greedy_seconds, time.perf_counter() - started - greedy_seconds
+
+    def _decode_rows(self, seqs: list[int], positions: list[int], first: dict, choose, max_new_tokens: int,
+                     stops: set[int]) -> list[Generated]:
+        """Decode one token per unfinished row and step until every row stops (`first`: row -> the
+        logits its first token is chosen from; row r decodes in sequence seqs[r] from positions[r])."""
+        ctx, batch = self._ctx, self._batch
+        generated = [[] for _ in seqs]
+        finished: list[str | None] = [None] * len(seqs)
+        position = list(positions)
+        current = first
+        while current:
+            items, rows = [], []
+            for row, logits in current.items():
+                token = int(choose(row, generated[row], logits))
                 generated[row].append(token)
                 if token in stops:
                     finished[row] = "stop"
                 elif len(generated[row]) >= max_new_tokens:
                     finished[row] = "length"
                 else:
-                    next_index[row] = len(items)
-                    items.append((token, position[row], row + 1, True))
+                    rows.append(row)
+                    items.append((token, position[row], seqs[row], True))
                     position[row] += 1
             if items:
                 self._decode(ctx, batch, items)
-            index = next_index
+            current = {row: self._logits(ctx, j) for j, row in enumerate(rows)}
         return [Generated(ids=g[:-1] if reason == "stop" else list(g), counted=len(g), finish_reason=reason)
                 for g, reason in zip(generated, finished)]
 
