@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -360,3 +361,103 @@ def test_gate_settings_are_checked_before_anything_runs(gated, tmp_path):
                            root=root, check=False)
         assert result.returncode == 2 and message in error_line(result), (flag, result.stderr[-500:])
     assert {p: p.stat().st_mtime_ns for p in (root / "ft_outputs").rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- llama-server
+
+needs_server = pytest.mark.skipif(find_tool("llama-server") is None,
+                                  reason=f"{missing('llama-server')} (CI builds it: make install-llama-tools)")
+
+
+def fake_server(folder, script: str):
+    """FTF_LLAMA_TOOLS=<folder> with a `llama-server` that runs `script` (bash) instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / "llama-server"
+    program.write_text("#!/usr/bin/env bash\n" + script + "\n")
+    program.chmod(0o755)
+    return {"FTF_LLAMA_TOOLS": str(folder)}
+
+
+def alive(pid: int) -> bool:
+    """A running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_gate_killed_mid_server_leaves_no_server_running(gated, tmp_path, sig):
+    """The gate is stopped while its llama-server is up (a stand-in that never answers /health):
+    the export ends, writes nothing, and the server process is gone."""
+    root, _ = gated
+    pidfile = tmp_path / "server.pid"
+    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(root),
+           **fake_server(tmp_path / "tools", f'echo $$ > {pidfile}\nexec sleep 300')}
+    out = root / "ft_outputs" / "gguf_killed"
+    gate = subprocess.Popen([sys.executable, str(REPO / "export_gguf.py"), "--model=ft_outputs/clean",
+                             "--outtype=q8_0", "--verify=false", f"--output_dir={out}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not pidfile.exists() and time.time() < deadline and gate.poll() is None:
+        time.sleep(0.2)
+    assert pidfile.exists(), gate.communicate()[0][-3000:]
+    server = int(pidfile.read_text())
+    assert alive(server)
+    gate.send_signal(sig)
+    output, _ = gate.communicate(timeout=60)
+    assert gate.returncode != 0 and "Traceback" not in output, output[-3000:]
+    for _ in range(50):
+        if not alive(server):
+            break
+        time.sleep(0.1)
+    assert not alive(server), "llama-server outlived the gate"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_server_that_fails_holds_the_artifact_and_is_gone(gated, tmp_path):
+    """llama-server exits on the file (as a server of another llama.cpp version would on a new
+    architecture): the artifact is held with the server's own error line, nothing is left running."""
+    root, _ = gated
+    pidfile = tmp_path / "server.pid"
+    tools = fake_server(tmp_path / "tools", f"echo $$ > {pidfile}\necho 'error: unknown model architecture: x' >&2\n"
+                                            f"exit 1")
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--verify=false",
+                       "--output_dir=ft_outputs/gguf_failed", root=root, env=tools)
+    assert "q8_0: HOLD: llama-server exited with code 1 on " in result.stdout
+    assert "error: unknown model architecture: x" in result.stdout
+    report = json.loads((root / "ft_outputs" / "gguf_failed" / "clean.deploy_report.json").read_text())
+    row = report["artifacts"][0]
+    assert row["verdict"] == "hold" and "server" in row["failed"] and "failed" in row["server"]
+    assert not alive(int(pidfile.read_text()))
+
+
+@needs_server
+def test_a_chat_template_the_server_renders_otherwise_is_held(converter, tiny_models, tmp_path):
+    """The GGUF's template asks `enable_thinking`, which llama-server defines (and transformers, so the
+    evaluation and the audit, do not): the prompt audit passes, the server's summaries differ and the
+    gate holds the file with the first differing row printed."""
+    from finetuneflow.model.tiny import CHATML_TEMPLATE
+    root = tmp_path
+    folder = root / "ft_outputs" / "clean"
+    dress_as_cleaned(folder, tiny_models["llama"])
+    template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n' }}{% if "
+                                       "enable_thinking is defined and enable_thinking %}{{ 'Think first.\\n' }}"
+                                       "{% endif %}")
+    assert template != CHATML_TEMPLATE
+    (folder / "chat_template.jinja").write_text(template)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    run_stage("eval_bart_lora.py", "--model=ft_outputs/clean", "--tag=merged", *EVAL, root=root)
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1", root=root)
+    assert "prompt audit: " in result.stdout and "tokenize to the same ids" in result.stdout
+    lines = result.stdout.splitlines()
+    hold = next(i for i, line in enumerate(lines) if "q8_0: HOLD: llama-server differs beyond batch noise" in line)
+    assert lines[hold + 1].startswith("    in-process:   '") and lines[hold + 2].startswith("    llama-server: '")
+    report = json.loads((root / "ft_outputs" / "gguf" / "clean.deploy_report.json").read_text())
+    row = report["artifacts"][0]
+    assert row["verdict"] == "hold" and row["failed"] == ["server"] or "server" in row["failed"]
+    first = row["server"]["first_difference"]
+    assert first["id"] == row["server"]["beyond_noise"][0] and first["server"] != first["in_process"]

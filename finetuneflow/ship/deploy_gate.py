@@ -146,8 +146,16 @@ class DeployGate:
         else:
             plan, served, params = prepared
             rows = self.input.rows
-            texts, reasons, how = server_texts(artifact.path, rows, served.instruction or "", params, plan,
-                                               self.settings.server_port, plan.args, self.log)
+            try:
+                texts, reasons, how = server_texts(artifact.path, rows, served.instruction or "", params, plan,
+                                                   self.settings.server_port, plan.args, self.log)
+            except UserError as exc:   # the server users would run fails on this file: a finding, not a crash
+                if "SERVER_PORT" in str(exc):
+                    raise
+                result = {"failed": str(exc)}
+                for line in server_lines(artifact.label, result):
+                    self.log(line)
+                return result
             differing = [i for i in range(len(rows)) if i not in set(plan.excluded) and texts[i] != plan.texts[i]]
             alone = {}
             if differing:

@@ -33,6 +33,8 @@ def _rate_cell(criterion: dict) -> str:
 
 def _server_cell(row: dict) -> str:
     server = row.get("server") or {}
+    if "failed" in server:
+        return "failed"
     if "identical_share" not in server:
         return "skipped" if server.get("skipped") else "-"
     share = server["identical_share"]
@@ -139,6 +141,8 @@ def _criterion_numbers(c: dict) -> str:
     d = c.get("delta") or {}
     if c["name"] == "rougeL":
         return f"Δ {d['mean']:+.2f}, 95% CI [{d['low']:+.2f}, {d['high']:+.2f}]"
+    if c["name"] == "server" and "failed" in c:
+        return c["failed"]
     if c["name"] == "server":
         text = (f"{c['identical']}/{c['compared']} identical; {len(c['noise'])} batch-noise row(s); "
                 f"{len(c['beyond_noise'])} beyond noise; server ROUGE-L {c['rougeL']:.2f}, {c['runaway']} hit "

@@ -122,6 +122,8 @@ def server_lines(label: str, server: dict) -> list[str]:
     """What the console shows for one artifact's server step."""
     if "skipped" in server:
         return [f"  {label}: llama-server step skipped: {server['skipped']}"]
+    if "failed" in server:
+        return [f"  {label}: HOLD: {server['failed']}"]
     lines = [f"  {label}: llama-server identical to in-process on {server['identical']}/{server['compared']} rows "
              f"(ROUGE-L {server['rougeL']:.2f}; {len(server['noise'])} differing row(s) are batch noise)"]
     if server["beyond_noise"]:

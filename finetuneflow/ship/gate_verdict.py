@@ -106,6 +106,8 @@ def server_criterion(server: dict | None, skipped: str | None = None) -> dict:
     if server is None or "skipped" in server:
         return {"name": "server", "passed": None, "skipped": skipped or (server or {}).get("skipped", "not run"),
                 "rule": RULES["server"]}
+    if "failed" in server:
+        return {"name": "server", "passed": False, "rule": RULES["server"], **server}
     return {"name": "server", "passed": not server["beyond_noise"], "rule": RULES["server"], **server}
 
 
@@ -130,6 +132,8 @@ def _criterion_reason(criterion: dict) -> str:
     d = criterion.get("delta") or {}
     if criterion["name"] == "rougeL":
         return f"ROUGE-L {d['mean']:+.2f}, 95% CI [{d['low']:+.2f}, {d['high']:+.2f}]"
+    if criterion["name"] == "server" and "failed" in criterion:
+        return criterion["failed"]
     if criterion["name"] == "server":
         first = criterion.get("first_difference") or {}
         return (f"llama-server differs from the in-process backend beyond batch noise on "

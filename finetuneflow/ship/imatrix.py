@@ -83,8 +83,8 @@ def read_entries(path: Path) -> tuple[str, dict[str, int]]:
     return "dat", _legacy_entries(data)
 
 
-def check_file(path_text: str, config) -> ImatrixInfo:
-    """An importance matrix given with IMATRIX=<file>, checked against the model's shape."""
+def check_file(path_text: str, config: dict) -> ImatrixInfo:
+    """An importance matrix given with IMATRIX=<file>, checked against the model's shape (config.json)."""
     from finetuneflow.contract.paths import resolve
     from finetuneflow.contract.record import sha256_file
     path = resolve(path_text)
@@ -96,8 +96,7 @@ def check_file(path_text: str, config) -> ImatrixInfo:
     except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:
         raise UserError(f"IMATRIX={path_text} is not an importance matrix written by llama-imatrix ({exc}); pass one, "
                         f"or IMATRIX=auto") from None
-    hidden = getattr(config, "hidden_size", None)
-    layers = getattr(config, "num_hidden_layers", None)
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     wrong = [n for n, width in entries.items() if n.endswith("attn_q.weight") and hidden and width != hidden]
     deeper = [n for n in entries if layers and n.startswith("blk.") and int(n.split(".")[1]) >= layers]
     if wrong or deeper:
