@@ -138,7 +138,7 @@ class DeployGate:
     def server(self, artifact: Artifact, prepared) -> dict:
         """llama-server's summaries of the rows against the in-process ones (ship/gate_server.py)."""
         from finetuneflow.model.loading import load_model
-        from finetuneflow.ship.gate_server import compare, server_lines, server_texts
+        from finetuneflow.ship.gate_server import compare, differs, server_lines, server_texts
         if prepared is None:
             return {"skipped": "SERVER=off" if artifact.runtime == "llama.cpp" else "not a GGUF"}
         if isinstance(prepared, str):
@@ -148,7 +148,7 @@ class DeployGate:
             rows = self.input.rows
             try:
                 texts, reasons, how = server_texts(artifact.path, rows, served.instruction or "", params, plan,
-                                                   self.settings.server_port, plan.args, self.log)
+                                                   self.settings.server_port, plan.args, self.log, artifact.final.name)
             except UserError as exc:   # the server users would run fails on this file: a finding, not a crash
                 if "SERVER_PORT" in str(exc):
                     raise
@@ -156,7 +156,8 @@ class DeployGate:
                 for line in server_lines(artifact.label, result):
                     self.log(line)
                 return result
-            differing = [i for i in range(len(rows)) if i not in set(plan.excluded) and texts[i] != plan.texts[i]]
+            differing = [i for i in range(len(rows))
+                         if i not in set(plan.excluded) and differs(plan.texts[i], texts[i])]
             alone = {}
             if differing:
                 loaded = load_model(str(artifact.path))

@@ -172,7 +172,7 @@ class Exporter:
         """The artifacts in the order the gate runs them, and whether it stops at the first that ships."""
         return artifacts, False
 
-    def published(self, settings: ExportSettings, deploy: dict | None, kinds: list[str]) -> list[str]:
+    def published(self, settings: ExportSettings, deploy: dict | None, kinds: list[str], log=print) -> list[str]:
         """The kinds this run writes (all of them, unless the format chooses after the gate)."""
         return kinds
 
@@ -323,9 +323,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _keep(exporter: Exporter, settings: ExportSettings, deploy: dict | None, kinds: list[str],
-          staged: dict[str, Path]) -> list[str]:
+          staged: dict[str, Path], log) -> list[str]:
     """The kinds to publish; the staged copies of the others are dropped."""
-    published = exporter.published(settings, deploy, kinds)
+    published = exporter.published(settings, deploy, kinds, log)
     for kind in kinds:
         if kind not in published:
             exporter.drop(staged[kind])
@@ -356,7 +356,7 @@ def run_export(exporter: Exporter, source: ModelFolder, settings: ExportSettings
         conversions = exporter.convert(source, settings, staged, stack, log)
         verifications = _verify_all(exporter, source, settings, resolved, staged, probes, log)
         deploy = _gate(exporter, gate, source, settings, targets, staged, verifications)
-        kinds = _keep(exporter, settings, deploy, kinds, staged)
+        kinds = _keep(exporter, settings, deploy, kinds, staged, log)
         reports = {}
         for kind in kinds:
             report = {"format": exporter.format, "model": portable(source.path), "family": source.family,

@@ -94,6 +94,13 @@ def ladder_line(report: dict) -> str:
             else f"OUTTYPE=auto: no rung of {', '.join(ladder['rungs'])} passes the gate ({tried})")
 
 
+def imatrix_line(imatrix: dict) -> str:
+    rows = imatrix.get("rows") or {}
+    where = f" from {rows['count']} rows of {rows['file']} ({rows['split']} split)" if rows else ""
+    return (f"The low-bit types were quantized with llama.cpp's importance matrix {imatrix['file']} "
+            f"(sha256 {imatrix['sha256'][:16]}, {imatrix['source']}{where}).")
+
+
 def summary_line(report: dict) -> str:
     best = report.get("smallest_shipping")
     if best:
@@ -124,6 +131,8 @@ def deploy_section(report: dict) -> list[str]:
     out += ["</table>", f"<p><b>{e(summary_line(report))}</b></p>"]
     if report.get("ladder"):
         out.append(f"<p><b>{e(ladder_line(report))}</b></p>")
+    if report.get("imatrix"):
+        out.append(f"<p>{e(imatrix_line(report['imatrix']))}</p>")
     out += _criteria_html(report)
     decoding = ", ".join(f"{k} {v}" for k, v in report.get("decoding", {}).items()
                          if v is not None and k != "instruction")

@@ -15,9 +15,11 @@ a blank line, then the whole dialogue, to `/v1/chat/completions`. It reports
   depends on its batch, so the row is noise. Any other differing row is beyond noise, and the first
   one is shown (the criterion in ship/gate_verdict.py holds the artifact).
 
-Rows whose dialogue the in-process run had to cut (longer than MAX_INPUT_LENGTH) or split in
-windows are not compared: the server reads the whole dialogue. A missing `llama-server` skips the
-step with one line.
+Texts are compared as they are, except a trailing U+FFFD: a summary cut by the token limit inside
+a multi-byte character ends in one in-process (transformers decodes the partial bytes), while the
+server holds incomplete bytes back. Rows whose dialogue the in-process run had to cut (longer than
+MAX_INPUT_LENGTH) or split in windows are not compared: the server reads the whole dialogue. A
+missing `llama-server` skips the step with one line.
 """
 from __future__ import annotations
 
@@ -74,14 +76,15 @@ def context_size(loaded, rows: list[dict], instruction: str, num_predict: int) -
 
 
 def server_texts(gguf: Path, rows: list[dict], instruction: str, params: dict, plan: ServerPlan,
-                 port: int | None, extra_args: tuple[str, ...], log) -> tuple[list[str], list[str], str]:
+                 port: int | None, extra_args: tuple[str, ...], log, shown: str | None = None
+                 ) -> tuple[list[str], list[str], str]:
     """(texts, finish reasons, how) from llama-server, started and always stopped here."""
     from finetuneflow.ship.llama_server import LlamaServer, sigterm_as_interrupt
     program = find_tool("llama-server")
     texts, reasons = [], []
     with sigterm_as_interrupt(), LlamaServer(program, gguf, threads=plan.threads, ctx_size=plan.ctx_size,
                                              n_predict=params["num_predict"], port=port, args=extra_args) as server:
-        log(f"deploy gate: llama-server on {gguf.name} ({server.url}, {plan.threads} threads, context "
+        log(f"deploy gate: llama-server on {shown or gguf.name} ({server.url}, {plan.threads} threads, context "
             f"{plan.ctx_size}) summarizes {len(rows)} rows")
         for row in rows:
             text, reason = server.chat(user_message(instruction, row["dialogue"]), max_tokens=params["num_predict"],
@@ -93,6 +96,11 @@ def server_texts(gguf: Path, rows: list[dict], instruction: str, params: dict, p
     return texts, reasons, how
 
 
+def differs(in_process: str, served: str) -> bool:
+    """Whether two summaries differ (beyond a partial character at the token limit, see the docstring)."""
+    return in_process.rstrip("\ufffd").rstrip() != served.rstrip("\ufffd").rstrip()
+
+
 def _shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
@@ -102,14 +110,14 @@ def compare(rows: list[dict], in_process: list[str], served: list[str], excluded
     """Identical share over the compared rows; differing rows split into batch noise (the in-process
     text alone differs from the batched one) and the rest."""
     compared = [i for i in range(len(rows)) if i not in set(excluded)]
-    differing = [i for i in compared if served[i] != in_process[i]]
-    noise = [i for i in differing if i in alone and alone[i] != in_process[i]]
+    differing = [i for i in compared if differs(in_process[i], served[i])]
+    noise = [i for i in differing if i in alone and differs(in_process[i], alone[i])]
     beyond = [i for i in differing if i not in noise]
     out = {"compared": len(compared), "identical": len(compared) - len(differing),
            "identical_share": round(1 - len(differing) / len(compared), 4) if compared else None,
            "differing": [rows[i]["id"] for i in differing], "noise": [rows[i]["id"] for i in noise],
            "beyond_noise": [rows[i]["id"] for i in beyond],
-           "alone_equals_server": sum(alone.get(i) == served[i] for i in differing),
+           "alone_equals_server": sum(i in alone and not differs(alone[i], served[i]) for i in differing),
            "excluded": [rows[i]["id"] for i in excluded]}
     if differing:
         first = (beyond or differing)[0]

@@ -276,11 +276,11 @@ class GGUFExporter(Exporter):
         from finetuneflow.ship import quant_ladder
         return (quant_ladder.order(artifacts), True) if quant_ladder.is_auto(settings) else (artifacts, False)
 
-    def published(self, settings, deploy, kinds):
+    def published(self, settings, deploy, kinds, log=print):
         from finetuneflow.ship import quant_ladder
         if deploy is not None and self.imatrix.info is not None:
             deploy["imatrix"] = self.imatrix.record()
-        return quant_ladder.chosen(settings, deploy) if quant_ladder.is_auto(settings) else kinds
+        return quant_ladder.chosen(settings, deploy, log) if quant_ladder.is_auto(settings) else kinds
 
     def convert(self, source: ModelFolder, settings: ExportSettings, staged: dict[str, Path], stack, log) -> dict:
         """The converter writes f32/f16/bf16/q8_0 directly; the k-quants come from one 16/32-bit file

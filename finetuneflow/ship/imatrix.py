@@ -138,8 +138,10 @@ def calibration_rows(source, n: int, seed: int, probe_dataset: str) -> tuple[lis
     return rows, {"file": portable(where), "split": "train", "count": len(rows)}, notes
 
 
-def compute(base_gguf: Path, out: Path, text: str, *, threads: int, log=print) -> tuple[list[str], float]:
-    """Run llama-imatrix on `text` (a temporary file) and write `out`; (the command, seconds)."""
+def compute(base_gguf: Path, out: Path, text: str, *, threads: int, log=print,
+            shown: tuple[str, str] | None = None) -> tuple[list[str], float]:
+    """Run llama-imatrix on `text` (a temporary file) and write `out`; (the command as the record shows
+    it, with `shown` (model, output) names for the temporary files; seconds)."""
     import tempfile
 
     from finetuneflow.ship.llama_tools import find_tool
@@ -159,9 +161,9 @@ def compute(base_gguf: Path, out: Path, text: str, *, threads: int, log=print) -
         lines = (result.stdout + result.stderr).splitlines()
         reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "?")
         raise UserError(f"llama-imatrix failed on {base_gguf.name}: {reason.strip()[:300]}")
-    shown = [Path(program).name] + ["<training examples>" if c == str(corpus) else Path(c).name if c in (
-        str(base_gguf), str(out)) else c for c in command[1:]]
-    return shown, round(time.perf_counter() - start, 1)
+    names = {str(corpus): "<training examples>", str(base_gguf): (shown or (base_gguf.name, out.name))[0],
+             str(out): (shown or (base_gguf.name, out.name))[1]}
+    return [Path(program).name] + [names.get(c, c) for c in command[1:]], round(time.perf_counter() - start, 1)
 
 
 # ----------------------------------------------------------------------------- one export's matrix
@@ -225,7 +227,8 @@ class GGUFImatrix:
         os.close(handle)
         staged = Path(name)
         stack.callback(staged.unlink, missing_ok=True)
-        command, seconds = compute(base_gguf, staged, text, threads=default_threads(), log=log)
+        command, seconds = compute(base_gguf, staged, text, threads=default_threads(), log=log,
+                                   shown=("<the 16/32-bit GGUF of MODEL>", self.target_path.name))
         self.info = ImatrixInfo(staged, sha256_file(staged), "auto", rows=origin, entries=len(read_entries(staged)[1]),
                                 notes=notes, command=command, seconds=seconds)
         log(f"importance matrix: {origin['count']} training examples of {origin['file']} ({origin['split']}), "

@@ -46,8 +46,10 @@ def order(artifacts: list) -> list:
     return sorted(artifacts, key=lambda a: a.bytes)
 
 
-def chosen(settings, deploy: dict | None) -> list[str]:
-    """The one kind OUTTYPE=auto publishes (its report names the ladder), or one error line."""
+def chosen(settings, deploy: dict | None, log=print) -> list[str]:
+    """The one kind OUTTYPE=auto publishes (its report names the ladder, the console says it), or one
+    error line."""
+    from finetuneflow.ship.gate_report import ladder_line
     from finetuneflow.ship.gate_verdict import hold_reason
     if deploy is None:
         raise UserError("OUTTYPE=auto needs the deploy gate (GATE=on)")
@@ -55,6 +57,7 @@ def chosen(settings, deploy: dict | None) -> list[str]:
     deploy["ladder"] = {"rungs": list(settings.ladder), "chosen": best["label"] if best else None,
                         "order": "smallest file first; the gate stops at the first rung that ships",
                         "sizes": {r["label"]: r["bytes"] for r in deploy["artifacts"]}}
+    log("  " + ladder_line(deploy))
     if best is None:
         reasons = "; ".join(hold_reason(r) for r in deploy["artifacts"])
         raise UserError(f"OUTTYPE=auto: no rung of {','.join(settings.ladder)} passes the deploy gate ({reasons}); "
