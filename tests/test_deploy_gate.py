@@ -387,6 +387,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_gate_killed_mid_server_leaves_no_server_running(gated, tmp_path, sig):
     """The gate is stopped while its llama-server is up (a stand-in that never answers /health):
@@ -416,6 +417,7 @@ def test_a_gate_killed_mid_server_leaves_no_server_running(gated, tmp_path, sig)
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_a_server_that_fails_holds_the_artifact_and_is_gone(gated, tmp_path):
     """llama-server exits on the file (as a server of another llama.cpp version would on a new
     architecture): the artifact is held with the server's own error line, nothing is left running."""
@@ -433,17 +435,19 @@ def test_a_server_that_fails_holds_the_artifact_and_is_gone(gated, tmp_path):
     assert not alive(int(pidfile.read_text()))
 
 
+@pytest.mark.slow
 @needs_server
 def test_a_chat_template_the_server_renders_otherwise_is_held(converter, tiny_models, tmp_path):
-    """The GGUF's template asks `enable_thinking`, which llama-server defines (and transformers, so the
-    evaluation and the audit, do not): the prompt audit passes, the server's summaries differ and the
-    gate holds the file with the first differing row printed."""
+    """The GGUF's template asks `enable_thinking` (as Qwen3's does), which llama-server defines (false for
+    a template without reasoning tags) and transformers, so the evaluation and the audit, leave undefined:
+    the prompt audit passes, the server's prompts and summaries differ and the gate holds the file with
+    the first differing row printed."""
     from finetuneflow.model.tiny import CHATML_TEMPLATE
     root = tmp_path
     folder = root / "ft_outputs" / "clean"
     dress_as_cleaned(folder, tiny_models["llama"])
-    template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n' }}{% if "
-                                       "enable_thinking is defined and enable_thinking %}{{ 'Think first.\\n' }}"
+    template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant\n' }}{% if "
+                                       "enable_thinking is defined and not enable_thinking %}{{ 'In short:' }}"
                                        "{% endif %}")
     assert template != CHATML_TEMPLATE
     (folder / "chat_template.jinja").write_text(template)
