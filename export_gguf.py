@@ -16,10 +16,21 @@ Run as:
     python export_gguf.py --model=ft_outputs/smollm2_merged_clean                         # q8_0 GGUF + Modelfile
     python export_gguf.py --model=ft_outputs/smollm2_merged_clean --outtype=q8_0,q4_k_m   # several types, one run
     python export_gguf.py --model=ft_outputs/bart_merged_clean --format=ct2               # BART: CTranslate2 int8
+    python export_gguf.py --model=ft_outputs/smollm2_merged_clean --outtype=auto --imatrix=auto
+        # the smallest of LADDER whose deploy gate passes, low-bit types from an importance matrix
 
-GGUF types: f32 | f16 | bf16 | q8_0 come from llama.cpp's converter; q6_k | q5_k_m | q4_k_m from
-llama.cpp's quantizer (llama-cpp-python), made from one 16/32-bit file (f32 or f16 when the run
-writes one, else a temporary f16). CT2 quantizations: int8 | int8_float32 | float32 on CPU;
+GGUF types: f32 | f16 | bf16 | q8_0 come from llama.cpp's converter; q6_k | q5_k_m | q4_k_m | iq4_xs |
+q3_k_m from llama.cpp's quantizer (llama-cpp-python; with IMATRIX, llama.cpp's own llama-quantize),
+made from one 16/32-bit file (f32 or f16 when the run writes one, else a temporary f16).
+IMATRIX=auto computes llama.cpp's importance matrix with llama-imatrix from MODEL's training
+dialogues as the model saw them (chat template, instruction, dialogue, summary: the record's data and
+split; else PROBE_DATASET's train split, with a note), records its sha256 and source rows and writes
+<name>.imatrix.gguf; IMATRIX=<file> uses one made before (finetuneflow/ship/imatrix.py).
+OUTTYPE=auto makes every LADDER type, gates them smallest first and writes only the smallest that
+ships, with its Modelfile; the deploy report shows every rung (finetuneflow/ship/quant_ladder.py).
+llama-server, llama-quantize and llama-imatrix are llama.cpp's own programs, built once by
+`make install-llama-tools` from the bindings' llama.cpp source (or FTF_LLAMA_TOOLS=<dir>); without
+one, its step is skipped with one printed line. CT2 quantizations: int8 | int8_float32 | float32 on CPU;
 float16, int8_float16, bfloat16, int8_bfloat16 on GPUs. PRE_TOKENIZER: the llama.cpp pre-tokenizer
 name for a tokenizer the converter does not know (None: "gpt-2", llama.cpp's name for GPT-2's, when
 it splits text like GPT-2).
@@ -34,18 +45,27 @@ Before anything is written, every output type is
 2. verified: reloaded (transformers gguf_file=, llama.cpp, or ctranslate2) and its logits
    (log-probabilities for CT2) and summaries compared with the Hugging Face model's on probe
    dialogues, within finetuneflow/ship/parity.py's thresholds per type;
-3. gated (GATE=on): it summarizes the held-out rows MODEL was evaluated on; per type the table gives
-   size, samples/s, ROUGE-1/2/L, the ROUGE-L difference to MODEL with a paired-bootstrap 95% CI,
-   identical summaries and a verdict, ship (not significantly worse) or hold, and names the
-   smallest type that ships (finetuneflow/ship/deploy_gate.py). A hold is reported, not an error,
-   unless REQUIRE_SHIP=True (then nothing is written).
+3. gated (GATE=on): it summarizes the held-out rows MODEL was evaluated on, in-process (llama.cpp's
+   bindings) and (SERVER=on) through llama.cpp's own llama-server started on the file with the GGUF's
+   chat template and the Modelfile's parameters; per type the table gives size, samples/s,
+   ROUGE-1/2/L, the ROUGE-L difference to MODEL with a paired-bootstrap 95% CI, the unsupported-
+   mention and runaway rates (summaries that hit the token limit) against MODEL's, identical
+   summaries, llama-server's agreement with the in-process run and its ROUGE-L, and a verdict: ship
+   only when ΔROUGE-L is not significantly below 0, neither rate is worse by more than its margin
+   (UNSUPPORTED_MARGIN, RUNAWAY_MARGIN: the paired CI's upper bound), and llama-server's summaries
+   equal the in-process ones beyond batch-order noise (finetuneflow/ship/deploy_gate.py); else hold
+   (the first differing server row is printed). A hold is reported, not an error, unless
+   REQUIRE_SHIP=True (then nothing is written).
 A failed, or impossible, verification writes nothing. GGUF files in the shared folder are
 replaced only when their sidecar run record says this stage wrote them; a CT2 folder only with
 OVERWRITE=True, and never the source model.
 """
 MODEL = "ft_outputs/bart_merged_clean"  # merged model folder (post_merge_cleanup.py) or a Hub id
 FORMAT = "gguf"                        # [gguf | ct2] gguf (llama.cpp/Ollama/LM Studio) | ct2 (CTranslate2)
-OUTTYPE = ["q8_0"]  # [list[f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m]] GGUF types, one or several (q8_0,q4_k_m)
+OUTTYPE = ["q8_0"]  # [list[f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | iq4_xs | q3_k_m | auto]] types or auto
+LADDER = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m"]  # [list[str]] OUTTYPE=auto: the types it tries
+IMATRIX = None                         # [str | None] None | auto (llama-imatrix on the training dialogues) | a file
+IMATRIX_ROWS = 200                     # [int >= 1] IMATRIX=auto: training examples it is computed on
 QUANTIZATION = "int8"  # [int8 | int8_float32 | float32 | int8_float16 | int8_bfloat16 | float16 | bfloat16] CT2 weights
 NAME = None                            # [str | None] output file name stem (not a path); None = the model folder's name
 OUTPUT_DIR = None                      # [str | None] None: ft_outputs/gguf, or ft_outputs/ct2/<name>-<quantization>
@@ -64,6 +84,10 @@ GATE = "on"                            # [on | off] deploy gate: every type summ
 GATE_SAMPLES = None                    # [int >= 1 | None] gate rows; None: the evaluation's (else 32 held-out rows)
 GATE_EVAL = None                       # [str | None] evaluation to gate on (<tag>_eval.json); None: MODEL's in metrics/
 REQUIRE_SHIP = False                   # True: an artifact that does not ship is an error and nothing is written
+SERVER = "on"                          # [on | off] the gate also runs each GGUF in llama-server (needs the tool)
+SERVER_PORT = None                     # [int >= 1 | None] llama-server's port on 127.0.0.1; None: a free one
+UNSUPPORTED_MARGIN = 5.0               # [float >= 0] points: unsupported-mention rate may exceed MODEL's by at most
+RUNAWAY_MARGIN = 3.0                   # [float >= 0] points: share of summaries hitting the token limit, vs MODEL's
 
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.settings import configure

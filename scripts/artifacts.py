@@ -53,6 +53,9 @@ def main() -> None:
         agreement = ((checks.get("transformers") or {}).get("measured") or {}).get("argmax_agreement")
         print(f"  export     {report.name.replace('.export_report.json', ''):<40} passed {verification.get('passed')}"
               + (f", argmax agreement {agreement:.1%}" if agreement is not None else ""))
+    from finetuneflow.ship.gate_report import console_lines
+    for report in sorted((ROOT / "ft_outputs").glob("**/*.deploy_report.json")):
+        print("\n" + "\n".join(console_lines(load(report))))    # with OUTTYPE=auto's choice
 
 
 if __name__ == "__main__":

@@ -61,8 +61,11 @@ printf 'Anna: Are we still on for lunch tomorrow?\nTom: Yes, 12:30 at the usual 
   | $PY inference_bart_lora.py --model=$CLEAN
 $PY inference_bart_lora.py --model=$CLEAN --input_file=$DATA --output_file=metrics/demo_inference.jsonl --long_input=chunk
 
-step "10. export GGUF q8_0 and q4_k_m + Ollama Modelfiles; the deploy gate scores both on the merged model's rows"
-$PY export_gguf.py --model=$CLEAN --outtype=q8_0,q4_k_m
+step "10. export GGUF: the smallest of q8_0 ... q3_k_m (importance matrix from the training dialogues) whose deploy gate passes, in-process and in llama-server, + its Ollama Modelfile"
+if ! $PY export_gguf.py --model=$CLEAN --outtype=auto --imatrix=auto; then
+  echo "note: no GGUF type passed the deploy gate on these 4 test rows (see the table above); writing q8_0 with its verdict"
+  $PY export_gguf.py --model=$CLEAN --outtype=q8_0
+fi
 
 step "artifacts"
 $PY scripts/artifacts.py

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import pytest
 
 from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
 from finetuneflow.contract.errors import UserError
+from finetuneflow.ship.llama_tools import find_tool, missing
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
 sys.path.insert(0, str(REPO))
@@ -87,7 +89,24 @@ def test_export_gates_every_type_on_the_evaluated_rows(gated):
         assert row["bytes"] == path.stat().st_size and row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         d = row["delta_rougeL"]
         assert d["low"] <= d["mean"] <= d["high"] and d["confidence"] == 0.95
-        assert row["verdict"] == ("ship" if d["high"] >= 0 else "hold")
+        criteria = {c["name"]: c for c in row["criteria"]}
+        assert list(criteria) == ["rougeL", "unsupported_mentions", "runaway", "server"]
+        assert criteria["rougeL"]["passed"] == (d["high"] >= 0) and criteria["rougeL"]["delta"] == d
+        for name in ("unsupported_mentions", "runaway"):
+            c = criteria[name]
+            assert c["margin"] == {"unsupported_mentions": 5.0, "runaway": 3.0}[name] and c["rows"] <= 4
+            assert c["passed"] == (c["delta"]["high"] <= c["margin"])
+        assert criteria["runaway"]["reference_how"].startswith("estimated: the evaluation's CSV records no finish")
+        assert row["failed"] == [n for n, c in criteria.items() if c["passed"] is False]
+        assert row["verdict"] == ("hold" if row["failed"] else "ship")
+        assert {s["finish_reason"] for s in row["summaries"]} <= {"stop", "length"}
+        server = row["server"]
+        if find_tool("llama-server") is None:
+            assert criteria["server"]["passed"] is None and server == {"skipped": missing("llama-server")}
+        else:
+            assert server["compared"] == 4 - len(server["excluded"]) and len(server["summaries"]) == 4
+            assert criteria["server"]["passed"] == (not server["beyond_noise"])
+            assert server["how"].startswith("0.3.36 llama-server, --jinja")
         assert 0 <= row["identical_share"] <= 1 and row["identical"] == round(row["identical_share"] * 4)
         assert row["samples_per_s"] > 0 and len(row["summaries"]) == 4
         assert d["mean"] == pytest.approx(row["rougeL"] - reference["rougeL"], abs=1e-3)
@@ -104,7 +123,9 @@ def test_export_gates_every_type_on_the_evaluated_rows(gated):
     # the table is printed
     table = result.stdout[result.stdout.index("deploy gate on 4 rows"):]
     assert re.search(r"artifact +runtime +size MB +samples/s +ROUGE-1 +ROUGE-2 +ROUGE-L +ΔROUGE-L \[95% CI\] +"
-                     r"identical +verdict", table)
+                     r"unsupported % +runaway % +identical +llama-server +verdict", table)
+    if find_tool("llama-server") is None:   # the skipped step: one line for the run, not one per artifact
+        assert result.stdout.count(f"deploy gate: llama-server step skipped: {missing('llama-server')}") == 1
     assert "clean-q8_0.gguf" in table and "clean-q4_k_m.gguf" in table
     page = (out / "clean.deploy_report.html").read_text()
     assert "<h2>Deploy gate" in page and "clean-q4_k_m.gguf" in page and "ΔROUGE-L" in page
@@ -193,6 +214,58 @@ def test_verdicts_on_known_numbers():
     assert smallest_shipping(rows)["file"] == "c" and smallest_shipping(rows[1:2]) is None
 
 
+def test_the_rate_criteria_are_non_inferiority_within_a_margin():
+    """Unsupported mentions and runaways on constructed per-summary flags: the paired 95% interval's
+    upper bound against the margin (points); rows without an answer on either side are left out."""
+    from finetuneflow.ship.gate_verdict import Margins, hold_reason, judge, rate_criterion, rule_text
+    ref = [False] * 90 + [True] * 10                       # 10% of 100 summaries
+    same = rate_criterion("unsupported_mentions", ref, list(ref), 5.0)
+    assert same["passed"] is True and same["rate"] == same["reference_rate"] == 10.0 and same["delta"]["high"] == 0
+    twice = rate_criterion("unsupported_mentions", ref, [False] * 80 + [True] * 20, 5.0)   # the same 10, 10 more
+    assert twice["passed"] is False and twice["delta"]["mean"] == 10.0 and twice["delta"]["low"] > 0
+    assert (twice["count"], twice["reference_count"], twice["rows"]) == (20, 10, 100)
+    one_more = rate_criterion("runaway", ref, [False] * 89 + [True] * 11, 3.0)
+    assert one_more["passed"] is True and 1 <= one_more["delta"]["high"] <= 3.0      # one more in 100 passes
+    swapped = rate_criterion("runaway", ref, [True] * 10 + [False] * 90, 3.0)   # same rate, other rows: noisy
+    assert swapped["delta"]["mean"] == 0 and swapped["delta"]["high"] > 3.0 and swapped["passed"] is False
+    unknown = rate_criterion("unsupported_mentions", [None, True], [False, None], 5.0)
+    assert unknown["passed"] is None and unknown["skipped"] == "no summary could be checked on both sides"
+    assert rule_text(Margins(5.0, 3.0))["runaway"].endswith("is <= +3 points")
+    scores = [{"rougeL": 30.0}] * 100
+    server = {"name": "server", "passed": False, "beyond_noise": ["7"], "first_difference": {"id": "7"}}
+    verdict = judge(scores, scores, ["a"] * 100, ["a"] * 100, (twice, one_more, server))
+    assert verdict["failed"] == ["unsupported_mentions", "server"] and verdict["verdict"] == "hold"
+    assert [c["name"] for c in verdict["criteria"]] == ["rougeL", "unsupported_mentions", "runaway", "server"]
+    assert hold_reason({"label": "q3_k_m", **verdict}) == (
+        f"q3_k_m holds (unsupported mentions 20% vs 10%, Δ CI upper bound {twice['delta']['high']:+.1f} > +5 points; "
+        f"llama-server differs from the in-process backend beyond batch noise on 1 row(s), first 7)")
+    skipped = judge(scores, scores, ["a"] * 100, ["a"] * 100, (one_more, {"name": "server", "passed": None}))
+    assert skipped["verdict"] == "ship" and skipped["failed"] == []    # a criterion not measured does not hold
+
+
+def test_server_parity_counts_batch_noise_from_the_in_process_run_alone():
+    """A row may differ from the server only where the in-process text alone (batch size 1) differs
+    from the batched one; any other differing row is beyond noise, and the first is shown."""
+    from finetuneflow.ship.gate_server import compare, server_lines
+    from finetuneflow.ship.gate_verdict import server_criterion
+    rows = [{"id": str(i)} for i in range(6)]
+    batched = ["a", "b", "c", "d", "e", "f"]
+    served = ["a", "B", "c", "D", "e", "F"]
+    alone = {1: "b2", 3: "d", 5: "F"}           # rows 1 and 5 change alone: noise; row 3 does not
+    out = compare(rows, batched, served, excluded=[4], alone=alone)
+    assert (out["compared"], out["identical"], out["identical_share"]) == (5, 2, 0.4)
+    assert out["differing"] == ["1", "3", "5"] and out["noise"] == ["1", "5"] and out["beyond_noise"] == ["3"]
+    assert out["excluded"] == ["4"] and out["alone_equals_server"] == 1
+    assert out["first_difference"] == {"id": "3", "in_process": "d", "in_process_alone": "d", "server": "D"}
+    criterion = server_criterion({**out, "rougeL": 12.5, "runaway": 0})
+    assert criterion["passed"] is False
+    lines = server_lines("q8_0", {**out, "rougeL": 12.5})
+    assert lines[1] == "  q8_0: HOLD: llama-server differs beyond batch noise on 1 row(s); first, row 3:"
+    assert lines[2:] == ["    in-process:   'd'", "    llama-server: 'D'"]
+    assert server_criterion({"skipped": "llama-server not found"})["passed"] is None
+    assert server_criterion({**compare(rows, batched, batched, [], {}), "rougeL": 1.0})["passed"] is True
+
+
 def test_llama_cpp_reruns_a_beam_evaluation_greedily():
     from finetuneflow.contract.decoding import GenerationSettings
     from finetuneflow.ship.deploy_gate import Decoding
@@ -231,7 +304,8 @@ def test_require_ship_with_a_hold_writes_nothing(gated, monkeypatch, capsys):
     real = deploy_gate.judge
 
     def hold(*args):   # the real numbers, then a verdict as if the interval were below 0
-        return {**real(*args), "verdict": "hold", "delta_rougeL": {"mean": -3.0, "low": -5.5, "high": -0.5}}
+        return {**real(*args), "verdict": "hold", "criteria": [], "failed": ["rougeL"],
+                "delta_rougeL": {"mean": -3.0, "low": -5.5, "high": -0.5}}
     monkeypatch.setattr(deploy_gate, "judge", hold)
     before = snapshot(root)
     with pytest.raises(UserError) as error:
@@ -273,7 +347,8 @@ def test_gate_settings_are_checked_before_anything_runs(gated, tmp_path):
         "--gate_eval=metrics/absent_eval.json": "GATE_EVAL=metrics/absent_eval.json: ",
         "--gate_samples=0": "--GATE_SAMPLES=0: out of range",
         "--gate=maybe": "--GATE=maybe: must be one of on, off",
-        "--outtype=q8_0,q3_k_s": "--OUTTYPE=q3_k_s: must be one of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m",
+        "--outtype=q8_0,q3_k_s": "--OUTTYPE=q3_k_s: must be one of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, "
+                                 "iq4_xs, q3_k_m, auto",
     }
     (root / "metrics" / "stale_predictions.csv").write_text((root / "metrics" / "merged_predictions.csv").read_text()
                                                             + "extra,row,,,,,,,,\n")
@@ -286,3 +361,107 @@ def test_gate_settings_are_checked_before_anything_runs(gated, tmp_path):
                            root=root, check=False)
         assert result.returncode == 2 and message in error_line(result), (flag, result.stderr[-500:])
     assert {p: p.stat().st_mtime_ns for p in (root / "ft_outputs").rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- llama-server
+
+needs_server = pytest.mark.skipif(find_tool("llama-server") is None,
+                                  reason=f"{missing('llama-server')} (CI builds it: make install-llama-tools)")
+
+
+def fake_server(folder, script: str):
+    """FTF_LLAMA_TOOLS=<folder> with a `llama-server` that runs `script` (bash) instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / "llama-server"
+    program.write_text("#!/usr/bin/env bash\n" + script + "\n")
+    program.chmod(0o755)
+    return {"FTF_LLAMA_TOOLS": str(folder)}
+
+
+def alive(pid: int) -> bool:
+    """A running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_gate_killed_mid_server_leaves_no_server_running(gated, tmp_path, sig):
+    """The gate is stopped while its llama-server is up (a stand-in that never answers /health):
+    the export ends, writes nothing, and the server process is gone."""
+    root, _ = gated
+    pidfile = tmp_path / "server.pid"
+    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(root),
+           **fake_server(tmp_path / "tools", f'echo $$ > {pidfile}\nexec sleep 300')}
+    out = root / "ft_outputs" / "gguf_killed"
+    gate = subprocess.Popen([sys.executable, str(REPO / "export_gguf.py"), "--model=ft_outputs/clean",
+                             "--outtype=q8_0", "--verify=false", f"--output_dir={out}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not pidfile.exists() and time.time() < deadline and gate.poll() is None:
+        time.sleep(0.2)
+    assert pidfile.exists(), gate.communicate()[0][-3000:]
+    server = int(pidfile.read_text())
+    assert alive(server)
+    gate.send_signal(sig)
+    output, _ = gate.communicate(timeout=60)
+    assert gate.returncode != 0 and "Traceback" not in output, output[-3000:]
+    for _ in range(50):
+        if not alive(server):
+            break
+        time.sleep(0.1)
+    assert not alive(server), "llama-server outlived the gate"
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_holds_the_artifact_and_is_gone(gated, tmp_path):
+    """llama-server exits on the file (as a server of another llama.cpp version would on a new
+    architecture): the artifact is held with the server's own error line, nothing is left running."""
+    root, _ = gated
+    pidfile = tmp_path / "server.pid"
+    tools = fake_server(tmp_path / "tools", f"echo $$ > {pidfile}\necho 'error: unknown model architecture: x' >&2\n"
+                                            f"exit 1")
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--verify=false",
+                       "--output_dir=ft_outputs/gguf_failed", root=root, env=tools)
+    assert "q8_0: HOLD: llama-server exited with code 1 on " in result.stdout
+    assert "error: unknown model architecture: x" in result.stdout
+    report = json.loads((root / "ft_outputs" / "gguf_failed" / "clean.deploy_report.json").read_text())
+    row = report["artifacts"][0]
+    assert row["verdict"] == "hold" and "server" in row["failed"] and "failed" in row["server"]
+    assert not alive(int(pidfile.read_text()))
+
+
+@pytest.mark.slow
+@needs_server
+def test_a_chat_template_the_server_renders_otherwise_is_held(converter, tiny_models, tmp_path):
+    """The GGUF's template asks `enable_thinking` (as Qwen3's does), which llama-server defines (false for
+    a template without reasoning tags) and transformers, so the evaluation and the audit, leave undefined:
+    the prompt audit passes, the server's prompts and summaries differ and the gate holds the file with
+    the first differing row printed."""
+    from finetuneflow.model.tiny import CHATML_TEMPLATE
+    root = tmp_path
+    folder = root / "ft_outputs" / "clean"
+    dress_as_cleaned(folder, tiny_models["llama"])
+    template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant\n' }}{% if "
+                                       "enable_thinking is defined and not enable_thinking %}{{ 'In short:' }}"
+                                       "{% endif %}")
+    assert template != CHATML_TEMPLATE
+    (folder / "chat_template.jinja").write_text(template)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    run_stage("eval_bart_lora.py", "--model=ft_outputs/clean", "--tag=merged", *EVAL, root=root)
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1", root=root)
+    assert "prompt audit: " in result.stdout and "tokenize to the same ids" in result.stdout
+    lines = result.stdout.splitlines()
+    hold = next(i for i, line in enumerate(lines) if "q8_0: HOLD: llama-server differs beyond batch noise" in line)
+    assert lines[hold + 1].startswith("    in-process:   '") and lines[hold + 2].startswith("    llama-server: '")
+    report = json.loads((root / "ft_outputs" / "gguf" / "clean.deploy_report.json").read_text())
+    row = report["artifacts"][0]
+    assert row["verdict"] == "hold" and row["failed"] == ["server"] or "server" in row["failed"]
+    first = row["server"]["first_difference"]
+    assert first["id"] == row["server"]["beyond_noise"][0] and first["server"] != first["in_process"]

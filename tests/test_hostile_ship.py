@@ -282,3 +282,51 @@ def test_settings_out_of_range(project, stage, setting):
     """VERIFY must verify: zero probes is not a verification."""
     script, args, _ = STAGES[stage]
     refused(project, script, *args(project), setting, message="out of range")
+
+
+# ----------------------------------------------------------------------------- the deploy gate's settings
+
+def legacy_imatrix(path: Path, width: int) -> Path:
+    """An importance matrix in llama-imatrix's legacy .dat format with one entry of `width` inputs."""
+    import struct
+    name = b"blk.0.attn_q.weight"
+    path.write_bytes(struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 1, width)
+                     + struct.pack(f"<{width}f", *([1.0] * width)))
+    return path
+
+
+GATE_CASES = {
+    "a text file as --imatrix": (lambda p: [f"--imatrix={(p.notes / 'todo.txt')}"],
+                                 "is not an importance matrix written by llama-imatrix"),
+    "a GGUF model as --imatrix": (lambda p: [f"--imatrix={p.gguf}"],
+                                  "is not an importance matrix written by llama-imatrix (a GGUF file without"),
+    "an --imatrix of another model": (lambda p: [f"--imatrix={legacy_imatrix(p.notes / 'other.dat', 999)}"],
+                                      "was made for another model (blk.0.attn_q.weight has 999 inputs, the model 32)"),
+    "a missing --imatrix file": (lambda p: ["--imatrix=notes/absent.imatrix"], "does not exist; pass a file written"),
+    "an unknown type in the ladder": (lambda p: ["--outtype=auto", "--ladder=q8_0,q2_q"],
+                                      "LADDER has 'q2_q', not a GGUF type this stage writes"),
+    "auto with other types": (lambda p: ["--outtype=auto,q8_0"],
+                              "OUTTYPE=auto chooses one type from LADDER; drop q8_0"),
+    "auto without the gate": (lambda p: ["--outtype=auto", "--gate=off"], "OUTTYPE=auto picks the smallest type whose"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_gate_and_ladder_settings_end_in_one_line(project, case):
+    """Checked before anything is converted: one error line, exit 2, nothing written."""
+    args, message = GATE_CASES[case]
+    quantized = [] if any(a.startswith("--outtype") for a in args(project)) else ["--outtype=q4_k_m"]
+    refused(project, "export_gguf.py", f"--model={project.merged}", "--output_dir=ft_outputs/gguf", *quantized,
+            *args(project), message=message)
+
+
+def test_a_port_already_taken_ends_in_one_line(project):
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = refused(project, "export_gguf.py", f"--model={project.merged}", "--output_dir=ft_outputs/gguf",
+                       f"--server_port={port}", message=f"SERVER_PORT={port}: that port is already in use")
+    assert line == (f"error: SERVER_PORT={port}: that port is already in use on 127.0.0.1; pick a free port or leave "
+                    f"SERVER_PORT unset (the gate then takes a free one)")

@@ -63,13 +63,27 @@ class ExportSettings(FromConfig):
     gate_samples: int | None = None
     gate_eval: str | None = None
     require_ship: bool = False
+    ladder: tuple[str, ...] = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")   # OUTTYPE=auto's rungs
+    imatrix: str | None = None                 # None | auto | a file written by llama-imatrix
+    imatrix_rows: int = 200
+    server: str = "on"                         # llama-server parity in the gate
+    server_port: int | None = None
+    unsupported_margin: float = 5.0            # points (non-inferiority margins of the gate's verdict)
+    runaway_margin: float = 3.0
 
     def __post_init__(self):
-        types = [self.outtype] if isinstance(self.outtype, str) else list(self.outtype or [])
-        names = tuple(dict.fromkeys(str(t).strip().lower().replace("-", "_") for t in types if str(t).strip()))
-        if not names:
-            raise UserError("OUTTYPE is empty; pick one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m")
-        object.__setattr__(self, "outtype", names)
+        object.__setattr__(self, "outtype", _type_names(self.outtype, "OUTTYPE"))
+        object.__setattr__(self, "ladder", _type_names(self.ladder, "LADDER"))
+
+
+def _type_names(value, setting: str) -> tuple[str, ...]:
+    """A list of GGUF type names as typed (q8_0,Q4_K_M), lower case, each once, in order."""
+    types = [value] if isinstance(value, str) else list(value or [])
+    names = tuple(dict.fromkeys(str(t).strip().lower().replace("-", "_") for t in types if str(t).strip()))
+    if not names:
+        raise UserError(f"{setting} is empty; pick one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, "
+                        f"q3_k_m" + (", or auto" if setting == "OUTTYPE" else ""))
+    return names
 
 
 @dataclass
@@ -149,6 +163,23 @@ class Exporter:
     def forget_deploy_report(self, report_paths: dict[str, Path], kinds: list[str], log) -> None:
         """GATE=off: an earlier deploy report that judged a file this run replaces no longer holds."""
 
+    def tolerant(self, settings: ExportSettings) -> bool:
+        """Whether a type whose verification fails is reported (and not gated) instead of stopping the
+        run (GGUF OUTTYPE=auto: a rung of the ladder)."""
+        return False
+
+    def gate_order(self, settings: ExportSettings, artifacts: list) -> tuple[list, bool]:
+        """The artifacts in the order the gate runs them, and whether it stops at the first that ships."""
+        return artifacts, False
+
+    def published(self, settings: ExportSettings, deploy: dict | None, kinds: list[str], log=print) -> list[str]:
+        """The kinds this run writes (all of them, unless the format chooses after the gate)."""
+        return kinds
+
+    def drop(self, staged: Path) -> None:
+        """A staged output that is not published (its temporary copy is removed, nothing replaced)."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- validate, settings
 
@@ -213,7 +244,10 @@ def _verify_all(exporter: Exporter, source: ModelFolder, settings: ExportSetting
         if settings.verify:
             verification = exporter.verify(source, settings, resolved, kind, path, probes, log)
             if failure := verification_failure(verification, kind):
-                raise UserError(failure if len(staged) == 1 else f"{kind}: {failure}")
+                if not exporter.tolerant(settings):
+                    raise UserError(failure if len(staged) == 1 else f"{kind}: {failure}")
+                verification["failure"] = failure.removesuffix("; nothing was written")
+                log(f"{kind}: verification failed, so it is not gated: {verification['failure']}")
         else:
             verification = {"passed": None, "skipped": "VERIFY=False: the export was not compared with the model"}
             audit = exporter.audit(source, settings, resolved, kind, path, log) if settings.gate == "on" else None
@@ -223,12 +257,18 @@ def _verify_all(exporter: Exporter, source: ModelFolder, settings: ExportSetting
     return out
 
 
-def _gate(exporter: Exporter, gate, source: ModelFolder, settings: ExportSettings, targets, staged) -> dict | None:
+def _gate(exporter: Exporter, gate, source: ModelFolder, settings: ExportSettings, targets, staged,
+          verifications: dict[str, dict]) -> dict | None:
     if gate is None:
         return None
     from finetuneflow.ship.deploy_gate import artifact_hashes
     artifacts = [exporter.artifact(source, kind, targets[kind], path) for kind, path in staged.items()]
-    report = gate.run(artifacts)
+    for artifact in artifacts:
+        failure = verifications[artifact.label].get("failure")
+        if failure and not artifact.skipped:
+            artifact.skipped = f"its verification failed ({failure})"
+    ordered, first_ship = exporter.gate_order(settings, artifacts)
+    report = gate.run(ordered, first_ship)
     if settings.require_ship:
         gate.require_ship(report)
     artifact_hashes(report, artifacts)
@@ -282,6 +322,16 @@ def _remove_empty(folders: list[Path]) -> None:
             pass
 
 
+def _keep(exporter: Exporter, settings: ExportSettings, deploy: dict | None, kinds: list[str],
+          staged: dict[str, Path], log) -> list[str]:
+    """The kinds to publish; the staged copies of the others are dropped."""
+    published = exporter.published(settings, deploy, kinds, log)
+    for kind in kinds:
+        if kind not in published:
+            exporter.drop(staged[kind])
+    return published
+
+
 def run_export(exporter: Exporter, source: ModelFolder, settings: ExportSettings, provenance: dict | None = None,
                log=print) -> dict:
     """validate -> settings -> convert -> verify -> gate -> report (see the module docstring).
@@ -305,7 +355,8 @@ def run_export(exporter: Exporter, source: ModelFolder, settings: ExportSettings
             log(f"converting {source.path} -> {targets[kind]['main']} ({exporter.format}, {kind})")
         conversions = exporter.convert(source, settings, staged, stack, log)
         verifications = _verify_all(exporter, source, settings, resolved, staged, probes, log)
-        deploy = _gate(exporter, gate, source, settings, targets, staged)
+        deploy = _gate(exporter, gate, source, settings, targets, staged, verifications)
+        kinds = _keep(exporter, settings, deploy, kinds, staged, log)
         reports = {}
         for kind in kinds:
             report = {"format": exporter.format, "model": portable(source.path), "family": source.family,

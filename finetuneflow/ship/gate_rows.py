@@ -47,6 +47,23 @@ class Decoding:
                     f"greedily here")
         return self, None
 
+    def served(self) -> tuple["Decoding", str | None]:
+        """The decoding a chat server runs from the generated Modelfile (greedy, num_predict, stop):
+        no MBR, beams, `no_repeat_ngram_size` or `min_new_tokens` (llama-server and Ollama have none), and
+        why it differs from this one (None: the same)."""
+        g = self.generation
+        dropped = {k: v for k, v in (("decoding", "mbr" if g.decoding == "mbr" else None),
+                                     ("num_beams", g.num_beams if (g.num_beams or 1) > 1 else None),
+                                     ("no_repeat_ngram_size", g.no_repeat_ngram_size or None),
+                                     ("min_new_tokens", g.min_new_tokens or None)) if v is not None}
+        if not dropped:
+            return self, None
+        served = replace(self, generation=replace(g.without_mbr(), num_beams=1, no_repeat_ngram_size=None,
+                                                  min_new_tokens=None))
+        what = ", ".join(f"{k}={v}" for k, v in dropped.items())
+        return served, (f"decoded with {what}, which llama-server and Ollama cannot apply: the server's summaries are "
+                        f"compared with the in-process backend's decoded as the Modelfile says (greedy, without them)")
+
     def as_dict(self) -> dict:
         return {"instruction": self.instruction, "max_input_length": self.max_input_length,
                 "long_input": self.long_input, **self.generation.as_dict()}
@@ -185,16 +202,18 @@ def _dataset_path(source: str) -> str | None:
     return source if is_hub_id(source) else None
 
 
-def _split_rows(split, dataset: str, n: int, seed: int) -> tuple[list[dict], str]:
-    """`n` rows of the test (else validation) split of the model's training data, as it was split."""
+def _split_rows(split, dataset: str, n: int, seed: int, names: tuple[str, ...] = ("test", "validation")
+                ) -> tuple[list[dict], str]:
+    """`n` rows of the first non-empty split of `names` (default: test, else validation) of the
+    model's training data, as it was split."""
     from finetuneflow.contract.data import load_dialogues, subset
     columns = split.columns or {}
     data = load_dialogues(dataset, columns.get("dialogue"), columns.get("summary"), columns.get("id"),
                           split.seed if split.seed is not None else 42, split.val_fraction or 0.1,
                           split.test_fraction or 0.1, bool(split.normalize), split.hub_config)
-    name = next((s for s in ("test", "validation") if len(data.splits.get(s, ())) > 0), None)
+    name = next((s for s in names if len(data.splits.get(s, ())) > 0), None)
     if name is None:
-        raise UserError(f"{split.source} has no test or validation rows")
+        raise UserError(f"{split.source} has no {' or '.join(names)} rows")
     rows = [{"id": str(r["id"]), "dialogue": r["dialogue"], "summary": r["summary"]}
             for r in subset(data.splits[name], n, seed)]
     return rows, f"the {name} split of {portable(split.source)}"
@@ -230,6 +249,22 @@ def held_out_rows(source, n: int, probe_dataset: str, probe_split: str, seed: in
     return rows, f"{len(rows)} held-out rows of {where}", notes
 
 
+def training_rows(source, n: int, seed: int) -> tuple[list[dict] | None, dict, list[str]]:
+    """`n` rows of the training split of the data the model's record names (its lineage), where
+    they came from ({file, split, count}), and notes; (None, {}, notes) when that data is not here."""
+    split = source.record.split
+    if split is None or not split.source:
+        return None, {}, ["the model's record names no training data"]
+    dataset = _dataset_path(split.source)
+    if dataset is None:
+        return None, {}, [f"the model's training data {split.source} is not here"]
+    try:
+        rows, where = _split_rows(split, dataset, n, seed, names=("train",))
+    except UserError as exc:
+        return None, {}, [f"the model's training data could not be read ({exc})"]
+    return rows, {"file": portable(split.source), "split": "train", "count": len(rows)}, []
+
+
 def gate_input(source, settings, resolved) -> GateInput:
     """The rows, how both sides decode, and the evaluation to reuse (before anything slow runs)."""
     evaluation, notes = find_evaluation(source, settings.gate_eval)
@@ -250,5 +285,7 @@ def gate_input(source, settings, resolved) -> GateInput:
         decoding = Decoding(resolved.instruction, resolved.max_input_length, "truncate",
                             GenerationSettings.from_record(resolved.generation))
     if len(rows) < FEW_ROWS:
-        notes.append(f"only {len(rows)} rows: the intervals are wide, so only a large loss can hold an artifact")
+        notes.append(f"only {len(rows)} rows: the intervals are wide, so only a large ROUGE-L loss can hold an "
+                     f"artifact, and the rate criteria (non-inferiority within a margin) pass only where the rates "
+                     f"hardly change")
     return GateInput(rows, what, decoding, evaluation, notes)

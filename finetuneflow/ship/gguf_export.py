@@ -29,12 +29,13 @@ from pathlib import Path
 
 from finetuneflow.contract.architectures import T5_TYPES
 from finetuneflow.contract.errors import UserError
-from finetuneflow.contract.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from finetuneflow.contract.io import atomic_dir, atomic_write_json, atomic_write_text, public_mode
 from finetuneflow.contract.paths import CODE_ROOT, FT_OUTPUTS, resolve
 from finetuneflow.contract.record import write_record
 from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ
 from finetuneflow.ship.exporter import STAGE, Exporter, ExportSettings, Resolved, exported_record, output_name
+from finetuneflow.ship.imatrix import GGUFImatrix
 from finetuneflow.ship.source import ModelFolder
 
 # names people type for a pre-tokenizer -> the name llama.cpp's vocabulary loader accepts
@@ -171,23 +172,31 @@ class GGUFExporter(Exporter):
     def __init__(self):
         self._verification = None     # shared by every type: the reference model's probe numbers
         self._modelfiles: dict[str, str] = {}
+        self._dropped: set[Path] = set()
+        self.imatrix = GGUFImatrix()
 
     def kinds(self, settings: ExportSettings) -> list[str]:
-        return list(settings.outtype)
+        from finetuneflow.ship import quant_ladder
+        return quant_ladder.kinds(settings)
 
     def validate(self, source: ModelFolder, settings: ExportSettings) -> None:
+        from finetuneflow.ship import quant_ladder
         from finetuneflow.ship.quantize import CONVERTER_TYPES, OUTTYPES
-        unknown = [kind for kind in settings.outtype if kind not in OUTTYPES]
+        quant_ladder.check(settings)
+        unknown = [kind for kind in self.kinds(settings) if kind not in OUTTYPES]
         if unknown:
             raise UserError(f"OUTTYPE {unknown[0]!r} is not a GGUF type this stage writes; pick from "
-                            f"{', '.join(OUTTYPES)}")
+                            f"{', '.join(OUTTYPES)}, or auto")
+        if settings.gate == "on" and settings.server == "on":
+            from finetuneflow.ship.llama_server import check_port
+            check_port(settings.server_port)
         if source.family == SEQ2SEQ and source.model_type not in T5_TYPES:
             raise UserError(bart_refusal(source))
         if source.model_type in T5_TYPES and not any((source.path / f).is_file()
                                                      for f in ("spiece.model", "tokenizer.model")):
             raise UserError(f"GGUF export of T5 needs its SentencePiece model (spiece.model) in {source.path}; copy "
                             f"it from the base model's folder, or use --FORMAT=ct2")
-        quantized = [kind for kind in settings.outtype if kind not in CONVERTER_TYPES]
+        quantized = [kind for kind in self.kinds(settings) if kind not in CONVERTER_TYPES]
         if quantized:
             try:
                 import llama_cpp  # noqa: F401
@@ -195,6 +204,7 @@ class GGUFExporter(Exporter):
                 from finetuneflow.model.backends.llamacpp import INSTALL_HINT
                 raise UserError(f"OUTTYPE {quantized[0]} is written by llama.cpp's quantizer, which needs "
                                 f"llama-cpp-python: {INSTALL_HINT}; or pick f32, f16, bf16 or q8_0") from None
+        self.imatrix.check(source, settings, quantized)
 
     def targets(self, source: ModelFolder, settings: ExportSettings, name: str, kind: str) -> dict[str, Path]:
         """<name>-<outtype>.gguf and its sidecars in the shared GGUF folder; each is replaced only
@@ -219,9 +229,11 @@ class GGUFExporter(Exporter):
         "stage" field names this stage)."""
         folder = self.folder(settings)
         json_path = folder / f"{name}.deploy_report.json"
-        return {key: check_output_file(folder / f"{name}.deploy_report.{ext}", stage=STAGE, setting="OUTPUT_DIR",
-                                       inputs=[source.path], marker=json_path)
-                for key, ext in (("json", "json"), ("html", "html"))}
+        out = {key: check_output_file(folder / f"{name}.deploy_report.{ext}", stage=STAGE, setting="OUTPUT_DIR",
+                                      inputs=[source.path], marker=json_path)
+               for key, ext in (("json", "json"), ("html", "html"))}
+        self.imatrix.target(source, folder, name)
+        return out
 
     def forget_deploy_report(self, report_paths: dict[str, Path], kinds: list[str], log) -> None:
         path = report_paths["json"]
@@ -239,8 +251,36 @@ class GGUFExporter(Exporter):
 
     @contextmanager
     def staged(self, targets: dict[str, Path]):
-        with atomic_path(targets["main"]) as tmp:
+        """A temporary file beside the output, renamed into place at the end unless dropped."""
+        path = targets["main"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        os.close(handle)
+        tmp = Path(name)
+        try:
             yield tmp
+            if tmp not in self._dropped:
+                public_mode(tmp, is_dir=False)
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def drop(self, staged: Path) -> None:
+        self._dropped.add(staged)
+
+    def tolerant(self, settings) -> bool:
+        from finetuneflow.ship.quant_ladder import is_auto
+        return is_auto(settings)
+
+    def gate_order(self, settings, artifacts):
+        from finetuneflow.ship import quant_ladder
+        return (quant_ladder.order(artifacts), True) if quant_ladder.is_auto(settings) else (artifacts, False)
+
+    def published(self, settings, deploy, kinds, log=print):
+        from finetuneflow.ship import quant_ladder
+        if deploy is not None and self.imatrix.info is not None:
+            deploy["imatrix"] = self.imatrix.record()
+        return quant_ladder.chosen(settings, deploy, log) if quant_ladder.is_auto(settings) else kinds
 
     def convert(self, source: ModelFolder, settings: ExportSettings, staged: dict[str, Path], stack, log) -> dict:
         """The converter writes f32/f16/bf16/q8_0 directly; the k-quants come from one 16/32-bit file
@@ -256,10 +296,15 @@ class GGUFExporter(Exporter):
             stack.callback(made[base].unlink, missing_ok=True)
         for kind, path in [*made.items(), *((k, p) for k, p in staged.items() if k in CONVERTER_TYPES)]:
             out[kind] = {"converter": run_converter(source.path, path, kind, settings.pre_tokenizer)}
+        imatrix = self.imatrix.prepare(source, settings, staged.get(base) or made[base], stack, log) \
+            if base is not None else None
         for kind, path in staged.items():
             if kind not in CONVERTER_TYPES:
                 source_path = staged.get(base) or made[base]
-                out[kind] = {"quantizer": quantize(source_path, path, kind, log=log), "made_from": base}
+                out[kind] = {"quantizer": quantize(source_path, path, kind, imatrix=imatrix, log=log),
+                             "made_from": base}
+                if imatrix is not None and "imatrix" in out[kind]["quantizer"]:
+                    out[kind]["imatrix"] = self.imatrix.record()
         for kind, path in staged.items():
             contents = gguf_contents(path)
             out[kind]["gguf"] = contents
@@ -307,7 +352,11 @@ class GGUFExporter(Exporter):
             except ImportError:
                 from finetuneflow.model.backends.llamacpp import INSTALL_HINT
                 skipped = f"llama-cpp-python is not installed ({INSTALL_HINT})"
-        return Artifact(kind, staged, targets["main"], "llama.cpp", skipped)
+        from finetuneflow.ship.quantize import IMATRIX_TYPES
+        notes = (f"importance matrix {self.imatrix.info.sha256[:12]}",) \
+            if self.imatrix.info is not None and kind in IMATRIX_TYPES else ()
+        # the Modelfile the audit checked (written when the type was verified or audited)
+        return Artifact(kind, staged, targets["main"], "llama.cpp", skipped, self._modelfiles.get(kind), notes)
 
     def publish(self, source, settings, resolved, kind, targets, staged, report, provenance) -> dict[str, str]:
         from finetuneflow.ship.ollama import usage_text
@@ -318,6 +367,7 @@ class GGUFExporter(Exporter):
             files["modelfile"] = str(atomic_write_text(targets["modelfile"], text))
         files["usage"] = str(atomic_write_text(targets["usage"], usage_text(gguf_name, stem, source.family,
                                                                             resolved.instruction)))
+        files.update(self.imatrix.publish())
         files["report"] = str(targets["report"])
         files["record"] = str(targets["record"])
         atomic_write_json(targets["report"], {**report, "outtype": kind, "files": files})

@@ -65,6 +65,8 @@ THRESHOLDS: dict[tuple[str, str], dict[str, float]] = {
     ("gguf", "q6_k"): {"max_abs": 7.0, "min_argmax_agreement": 0.90},
     ("gguf", "q5_k_m"): {"max_abs": 20.0, "min_argmax_agreement": 0.78},
     ("gguf", "q4_k_m"): {"max_abs": 20.0, "min_argmax_agreement": 0.85},
+    ("gguf", "iq4_xs"): {"max_abs": 20.0, "min_argmax_agreement": 0.80},
+    ("gguf", "q3_k_m"): {"max_abs": 25.0, "min_argmax_agreement": 0.70},
     # CTranslate2, log-probability of each reference token (its Translator returns no logits).
     # int8 also quantizes activations: SmolLM2-135M measured 0.24 mean / 2.2 max (float32 9e-6 / 5e-5).
     ("ct2", "float32"): {"max_abs": 1e-3},

@@ -3,9 +3,12 @@
 Two tools make GGUF files, and each output type comes from one of them (OUTTYPES below):
 - llama.cpp's converter (`convert_hf_to_gguf.py`, ship/export.py `run_converter`) reads the
   Hugging Face folder and writes f32, f16, bf16 or q8_0 directly;
-- llama.cpp's quantizer (`llama_model_quantize`, through llama-cpp-python's bindings) rewrites an
-  f32/f16/bf16 GGUF as Q6_K, Q5_K_M or Q4_K_M (the k-quants the converter cannot write), or
-  q8_0. Several types can be made from one source file in one call (`quantize_many`).
+- llama.cpp's quantizer rewrites an f32/f16/bf16 GGUF as Q6_K, Q5_K_M, Q4_K_M, IQ4_XS or Q3_K_M (the
+  types the converter cannot write), or q8_0. Without an importance matrix it runs in-process
+  (`llama_model_quantize`, through llama-cpp-python's bindings); with one (`imatrix=`: llama.cpp's
+  importance matrix, ship/imatrix.py) it runs as llama.cpp's own `llama-quantize` program (built by
+  `make install-llama-tools` from the bindings' llama.cpp source; the bindings cannot load an
+  importance matrix). Several types can be made from one source file in one call (`quantize_many`).
 
 The source must be a 16- or 32-bit GGUF: quantizing an already-quantized file rounds twice.
 Each output is written under a temporary name and renamed into place when llama.cpp succeeds,
@@ -32,11 +35,16 @@ OUTTYPES = {
     "q5_k_m": {"made_by": "quantizer", "why": "5.7 bits per weight, a common quality/size balance in LM Studio"},
     "q4_k_m": {"made_by": "quantizer",
                "why": "4.9 bits per weight, Ollama's default download: smallest that usually keeps quality"},
+    "iq4_xs": {"made_by": "quantizer",
+               "why": "4.25 bits per weight (non-linear): smaller than q4_k_m; wants an importance matrix"},
+    "q3_k_m": {"made_by": "quantizer", "why": "3.9 bits per weight: the smallest k-quant here; wants an importance "
+                                              "matrix and a gate that passes"},
 }
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 SOURCE_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's llama_ftype values (include/llama.h) for the types its quantizer writes here
-QUANTIZER_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+QUANTIZER_FTYPES = {"q8_0": 7, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30}
+IMATRIX_TYPES = ("q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")    # the types an importance matrix changes
 
 
 def normalize_qtype(qtype: str) -> str:
@@ -68,12 +76,15 @@ def source_type(path: Path) -> str:
 
 
 def quantize(source_gguf: str | Path, out_gguf: str | Path, qtype: str, *, n_threads: int | None = None,
-             log=print) -> dict:
-    """Write `out_gguf` as `qtype` (q6_k, q5_k_m, q4_k_m or q8_0) from an f32/f16/bf16 `source_gguf`."""
+             imatrix: str | Path | None = None, log=print) -> dict:
+    """Write `out_gguf` as `qtype` (one of QUANTIZER_FTYPES) from an f32/f16/bf16 `source_gguf`,
+    with llama.cpp's importance matrix `imatrix` when given (k-quants and iq types only)."""
     from finetuneflow.contract.paths import resolve
     from finetuneflow.model.backends.llamacpp_bindings import (bindings, default_threads, gguf_file, llama_log,
                                                                load_error)
     qtype = normalize_qtype(qtype)
+    if imatrix is not None and qtype in IMATRIX_TYPES:
+        return quantize_with_tool(source_gguf, out_gguf, qtype, imatrix, n_threads=n_threads, log=log)
     llama_cpp = bindings()
     source = gguf_file(source_gguf)
     kind = source_type(source)
@@ -92,16 +103,60 @@ def quantize(source_gguf: str | Path, out_gguf: str | Path, qtype: str, *, n_thr
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0 or not tmp.is_file():
             raise UserError(f"llama.cpp's quantizer failed on {source.name} -> {qtype}: {load_error(messages)}")
-        fallbacks = sorted({line.split("falling back to", 1)[1].strip() for line in messages
-                            if line.startswith("-> falling back to")})
-        summary = next((line.split("WARNING:", 1)[1].strip() for line in messages
-                        if "required fallback quantization" in line), None)
+        fallback = _fallbacks(list(messages))
     report = {"source": str(source), "source_type": kind, "output": str(out), "qtype": qtype,
               "bytes": out.stat().st_size, "source_bytes": source.stat().st_size,
               "seconds": round(time.perf_counter() - start, 2), "why": OUTTYPES[qtype]["why"]}
-    if fallbacks or summary:   # k-quant blocks span 256 weights: narrower rows get another type
-        report["fallback"] = {"tensors": summary, "types": fallbacks,
-                              "why": "rows not divisible by 256 (a k-quant block) use another type"}
+    if fallback:   # k-quant blocks span 256 weights: narrower rows get another type
+        report["fallback"] = fallback
+    log(f"wrote {out.name}: {report['bytes'] / 1e6:.1f} MB ({report['bytes'] / report['source_bytes']:.0%} of the "
+        f"source) in {report['seconds']} s")
+    return report
+
+
+def _fallbacks(messages: list[str]) -> dict | None:
+    """The tensors llama.cpp wrote in another type (k-quant blocks span 256 weights)."""
+    fallbacks = sorted({line.split("falling back to", 1)[1].strip() for line in messages
+                        if "-> falling back to" in line})
+    summary = next((line.split("WARNING:", 1)[1].strip() for line in messages
+                    if "required fallback quantization" in line), None)
+    if not fallbacks and not summary:
+        return None
+    return {"tensors": summary, "types": fallbacks,
+            "why": "rows not divisible by 256 (a k-quant block) use another type"}
+
+
+def quantize_with_tool(source_gguf: str | Path, out_gguf: str | Path, qtype: str, imatrix: str | Path, *,
+                       n_threads: int | None = None, log=print) -> dict:
+    """`llama-quantize --imatrix <file> <source> <out> <TYPE> <threads>` (the bindings cannot load an
+    importance matrix); written under a temporary name like `quantize`."""
+    import subprocess
+
+    from finetuneflow.contract.paths import resolve
+    from finetuneflow.model.backends.llamacpp_bindings import default_threads, gguf_file
+    from finetuneflow.ship.llama_tools import find_tool, missing
+    program = find_tool("llama-quantize")
+    if program is None:
+        raise UserError(f"quantizing with an importance matrix needs llama.cpp's llama-quantize: "
+                        f"{missing('llama-quantize')}")
+    source, out = gguf_file(source_gguf), resolve(out_gguf)
+    start = time.perf_counter()
+    log(f"quantizing {source.name} -> {out.name} ({qtype.upper()}) with llama-quantize and the importance matrix "
+        f"{Path(imatrix).name}")
+    with atomic_path(out) as tmp:
+        result = subprocess.run([str(program), "--imatrix", str(imatrix), str(source), str(tmp), qtype.upper(),
+                                 str(n_threads or default_threads())], capture_output=True, text=True, timeout=7200)
+        lines = (result.stdout + result.stderr).splitlines()
+        if result.returncode != 0 or not tmp.is_file():
+            reason = next((line.strip() for line in reversed(lines) if "error" in line.lower() or "failed" in line),
+                          lines[-1].strip() if lines else f"exit code {result.returncode}")
+            raise UserError(f"llama-quantize failed on {source.name} -> {qtype} with {Path(imatrix).name}: "
+                            f"{reason[:300]}")
+    report = {"source": str(source), "source_type": source_type(source), "output": str(out), "qtype": qtype,
+              "bytes": out.stat().st_size, "source_bytes": source.stat().st_size, "tool": str(program),
+              "imatrix": str(imatrix), "seconds": round(time.perf_counter() - start, 2), "why": OUTTYPES[qtype]["why"]}
+    if fallback := _fallbacks(lines):
+        report["fallback"] = fallback
     log(f"wrote {out.name}: {report['bytes'] / 1e6:.1f} MB ({report['bytes'] / report['source_bytes']:.0%} of the "
         f"source) in {report['seconds']} s")
     return report
