@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
+from finetuneflow.contract.decoding import MBR_FIELDS
 from finetuneflow.contract.errors import UserError
 from finetuneflow.ship.llama_tools import find_tool, missing
 
@@ -76,7 +77,8 @@ def test_export_gates_every_type_on_the_evaluated_rows(gated):
                                       "the export's source model)")
     assert report["decoding"] == {"instruction": INSTRUCTION, "max_input_length": 256, "long_input": "truncate",
                                   "num_beams": 1, "max_new_tokens": 12, "min_new_tokens": None,
-                                  "no_repeat_ngram_size": 3, "length_penalty": None}
+                                  "no_repeat_ngram_size": 3, "length_penalty": None, "decoding": "greedy",
+                                  **dict.fromkeys(MBR_FIELDS)}
     reference = report["reference"]   # the evaluation's predictions are the transformers side: not re-run
     assert reference["how"].startswith("the predictions in metrics/merged_predictions.csv")
     assert reference["rougeL"] == pytest.approx(evaluation["averages"]["rougeL"], abs=1e-3)

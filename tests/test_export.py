@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLES, error_line, files_under, run_stage
+from finetuneflow.contract.decoding import MBR_FIELDS
 from finetuneflow.contract.errors import UserError
 
 sys.path.insert(0, str(REPO))   # the stage scripts, for in-process calls of main()
 
 GENERATION = {"num_beams": 4, "max_new_tokens": 12, "min_new_tokens": None, "no_repeat_ngram_size": 3,
-              "length_penalty": None}
+              "length_penalty": None, "decoding": None, **dict.fromkeys(MBR_FIELDS)}
 INSTRUCTION = "Summarize this chat in one sentence."
 FAST = ["--n_probes=2", "--batch_size=2", "--gate=off"]   # the deploy gate: tests/test_deploy_gate.py, and below
 NOT_INSTALLED = "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"
@@ -146,7 +147,10 @@ def test_ct2_bart_summarizes_like_transformers(tiny_models, project):
     (row,) = deploy["artifacts"]
     assert (row["label"], row["runtime"]) == ("float32", "ctranslate2") and row["bytes"] > 0
     # float32, but other kernels: a random tiny model's near-ties can flip a beam (3 of 4 rows identical here)
-    assert row["identical_share"] >= 0.5 and row["verdict"] == ("ship" if row["delta_rougeL"]["high"] >= 0 else "hold")
+    # the verdict is the criteria's (ROUGE-L, unsupported mentions, runaways: ship/gate_verdict.py)
+    assert row["identical_share"] >= 0.5 and row["verdict"] == ("hold" if row["failed"] else "ship")
+    assert {c["name"] for c in row["criteria"]} >= {"rougeL"} and ("rougeL" in row["failed"]) == \
+        (row["delta_rougeL"]["high"] < 0)
     # the bundled samples lie outside this FTF_ROOT: named absolute (record.portable)
     assert deploy["rows"]["from"] == f"4 held-out rows of split 'test' of {SAMPLES} (the model's " \
                                      "record names no training data)"

@@ -314,9 +314,9 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
 
     out = tmp_path / "q"
     assert error(quantize, tiny_gguf["f32"], out / "x.gguf", "q3_k_s") == (
-        "quantization type 'q3_k_s' is not one llama.cpp's quantizer writes here (Q8_0, Q4_K_M, Q5_K_M, Q6_K)")
+        "quantization type 'q3_k_s' is not one llama.cpp's quantizer writes here (Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS)")
     assert error(quantize, tiny_gguf["f32"], out / "x.gguf", "f16") == (
-        "quantization type 'f16' is not one llama.cpp's quantizer writes here (Q8_0, Q4_K_M, Q5_K_M, Q6_K); "
+        "quantization type 'f16' is not one llama.cpp's quantizer writes here (Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS); "
         "f16 comes from the converter: python export_gguf.py --OUTTYPE=f16")
     quantize(tiny_gguf["f32"], out / "tiny-q8_0.gguf", "q8_0", log=lambda *_: None)
     assert error(quantize_many, out / "tiny-q8_0.gguf", out, ["q4_k_m"], log=lambda *_: None) == (
@@ -364,10 +364,12 @@ def test_mbr_candidates_decode_each_prompt_once_and_one_sample_equals_greedy(loa
     from finetuneflow.quality.mbr import choose_rows
     texts, runtime = dialogues(5), loaded.model
     common = {"batch_size": 2, "max_input_length": 400, "instruction": INSTRUCTION, "progress": False}
-    runtime.prompt_tokens, runtime._prefix = 0, []
+    runtime.forget_prefix()
+    runtime.prompt_tokens = 0
     greedy = summarize(loaded, texts, GenerationSettings(max_new_tokens=10), **common)
     greedy_prompt = runtime.prompt_tokens
-    runtime.prompt_tokens, runtime._prefix = 0, []
+    runtime.forget_prefix()
+    runtime.prompt_tokens = 0
     mbr = GenerationSettings(max_new_tokens=10, decoding="mbr", mbr_samples=3)
     three = summarize(loaded, texts, mbr, chooser=choose_rows, **common)
     assert runtime.prompt_tokens == greedy_prompt > 0                     # not 4 x

@@ -334,8 +334,7 @@ def test_sampled_requests_run_alone():
 
 def test_the_server_runs_a_ctranslate2_export(tiny_models, tmp_path):
     """The server codes against the backend protocol: a CTranslate2 folder serves /summarize and the
-    OpenAI routes with the same summaries, and sampling (which that backend does not do here) is a
-    clear 422."""
+    OpenAI routes with the same summaries, and seeded sampling repeats."""
     pytest.importorskip("ctranslate2")
     from fastapi.testclient import TestClient
     from finetuneflow.serve.http_api import create_app
@@ -351,9 +350,13 @@ def test_the_server_runs_a_ctranslate2_export(tiny_models, tmp_path):
         chat = client.post("/v1/chat/completions", json={"model": "ct2-bart", "messages": [
             {"role": "user", "content": DIALOGUES[0]}]}).json()
         assert chat["choices"][0]["message"]["content"] == plain["summary"] and plain["summary"]
-        sampled = client.post("/v1/chat/completions", json={"model": "ct2-bart", "temperature": 0.7, "messages": [
-            {"role": "user", "content": DIALOGUES[0]}]})
-        assert sampled.status_code == 422 and sampled.json()["error"]["code"] == "sampling_unavailable"
+        # CTranslate2 samples too (seeded: the same seed, the same text)
+        body = {"model": "ct2-bart", "temperature": 0.7, "seed": 3,
+                "messages": [{"role": "user", "content": DIALOGUES[0]}]}
+        sampled = [client.post("/v1/chat/completions", json=body) for _ in range(2)]
+        assert [r.status_code for r in sampled] == [200, 200]
+        assert sampled[0].json()["choices"][0]["message"]["content"] == \
+            sampled[1].json()["choices"][0]["message"]["content"]
         long = client.post("/summarize", json={"dialogue": LONG}).json()
         assert long["windows"][0] > 1 and long["summary"]
 

@@ -22,6 +22,7 @@ import torch
 from conftest import OFFLINE_ENV, REPO, SAMPLES, error_line, files_under, run_stage
 from finetuneflow.train import encoding, lora, run_dir, trainer
 from finetuneflow.contract.data import load_dialogues
+from finetuneflow.contract.decoding import MBR_FIELDS
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.family import CAUSAL, SEQ2SEQ
 from finetuneflow.model.loading import load_model, load_tokenizer
@@ -64,7 +65,8 @@ def test_tiny_bart_trains_writes_the_contract_and_refuses_changed_settings(tiny_
     assert record["schema_version"] == 2 and len(record["split"]["train_fingerprints"]) == 16
     assert record["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert record["generation"] == {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": None,
-                                    "no_repeat_ngram_size": None, "length_penalty": 1.0}
+                                    "no_repeat_ngram_size": None, "length_penalty": 1.0, "decoding": None,
+                                    **dict.fromkeys(MBR_FIELDS)}
     assert record["max_input_length"] == 192 and record["max_target_length"] == 64
     assert record["load_in_4bit"] is False and record["prompt_style"] == "seq2seq"
     assert record["precision"]["mode"] == "fp32" and "parameters trains faster in fp32" in record["precision"]["reason"]

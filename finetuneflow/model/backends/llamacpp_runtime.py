@@ -183,13 +183,18 @@ class LlamaCppModel:
         return self._retrying(prompts, lambda: self._run(prompts, choose, max_new_tokens, stops, samples,
                                                          sample_choose))
 
+    def forget_prefix(self) -> None:
+        """Empty the KV cache: the next batch decodes its shared prompt prefix again."""
+        if self._ctx is not None:
+            self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self._ctx.ctx), True)
+        self._prefix = []
+
     def _retrying(self, prompts, call):
         try:
             return call()
         except _NoKVSlot:
             # the cache is sized for the batch, but freed cells can be scattered: start from an empty cache
-            self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self._ctx.ctx), True)
-            self._prefix = []
+            self.forget_prefix()
             try:
                 return call()
             except _NoKVSlot:
