@@ -439,31 +439,31 @@ def test_a_server_that_fails_holds_the_artifact_and_is_gone(gated, tmp_path):
 
 @pytest.mark.slow
 @needs_server
-def test_a_chat_template_the_server_renders_otherwise_is_held(converter, tiny_models, tmp_path):
-    """The GGUF's template asks `enable_thinking` (as Qwen3's does), which llama-server defines (false for
-    a template without reasoning tags) and transformers, so the evaluation and the audit, leave undefined:
-    the prompt audit passes, the server's prompts and summaries differ and the gate holds the file with
+def test_a_chat_template_the_server_renders_otherwise_is_held(gated, tmp_path):
+    """The server renders another chat template than the GGUF's (as a runtime whose own template
+    overrides the file's does): here the real llama-server, given `--chat-template-file` with a
+    template that adds words after the assistant tag. The prompt audit (transformers, the GGUF's
+    template, the Modelfile) passes; the server's summaries differ and the gate holds the file with
     the first differing row printed."""
     from finetuneflow.model.tiny import CHATML_TEMPLATE
-    root = tmp_path
-    folder = root / "ft_outputs" / "clean"
-    dress_as_cleaned(folder, tiny_models["llama"])
-    template = CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant\n' }}{% if "
-                                       "enable_thinking is defined and not enable_thinking %}{{ 'In short:' }}"
-                                       "{% endif %}")
-    assert template != CHATML_TEMPLATE
-    (folder / "chat_template.jinja").write_text(template)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    run_stage("eval_bart_lora.py", "--model=ft_outputs/clean", "--tag=merged", *EVAL, root=root)
-    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1", root=root)
+    root, _ = gated
+    real = find_tool("llama-server")
+    template = tmp_path / "other.jinja"
+    template.write_text(CHATML_TEMPLATE.replace("{{ '<|im_start|>assistant\n' }}",
+                                                "{{ '<|im_start|>assistant\nIn short, in one line:' }}"))
+    assert template.read_text() != CHATML_TEMPLATE
+    tools = fake_server(tmp_path / "tools", f'exec {real} "$@" --chat-template-file {template}')
+    for other in ("llama-quantize", "llama-imatrix"):
+        if find_tool(other):
+            (tmp_path / "tools" / other).symlink_to(find_tool(other))
+    result = run_stage("export_gguf.py", "--model=ft_outputs/clean", "--outtype=q8_0", "--n_probes=1",
+                       "--output_dir=ft_outputs/gguf_other", root=root, env=tools)
     assert "prompt audit: " in result.stdout and "tokenize to the same ids" in result.stdout
     lines = result.stdout.splitlines()
     hold = next(i for i, line in enumerate(lines) if "q8_0: HOLD: llama-server differs beyond batch noise" in line)
     assert lines[hold + 1].startswith("    in-process:   '") and lines[hold + 2].startswith("    llama-server: '")
-    report = json.loads((root / "ft_outputs" / "gguf" / "clean.deploy_report.json").read_text())
+    report = json.loads((root / "ft_outputs" / "gguf_other" / "clean.deploy_report.json").read_text())
     row = report["artifacts"][0]
-    assert row["verdict"] == "hold" and row["failed"] == ["server"] or "server" in row["failed"]
+    assert row["verdict"] == "hold" and "server" in row["failed"]
     first = row["server"]["first_difference"]
     assert first["id"] == row["server"]["beyond_noise"][0] and first["server"] != first["in_process"]

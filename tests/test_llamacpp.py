@@ -314,9 +314,11 @@ def test_bad_inputs_are_one_line_each(tiny_gguf, loaded, tmp_path, monkeypatch):
 
     out = tmp_path / "q"
     assert error(quantize, tiny_gguf["f32"], out / "x.gguf", "q3_k_s") == (
-        "quantization type 'q3_k_s' is not one llama.cpp's quantizer writes here (Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS)")
+        "quantization type 'q3_k_s' is not one llama.cpp's quantizer writes here "
+        "(Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS)")
     assert error(quantize, tiny_gguf["f32"], out / "x.gguf", "f16") == (
-        "quantization type 'f16' is not one llama.cpp's quantizer writes here (Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS); "
+        "quantization type 'f16' is not one llama.cpp's quantizer writes here "
+        "(Q8_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS); "
         "f16 comes from the converter: python export_gguf.py --OUTTYPE=f16")
     quantize(tiny_gguf["f32"], out / "tiny-q8_0.gguf", "q8_0", log=lambda *_: None)
     assert error(quantize_many, out / "tiny-q8_0.gguf", out, ["q4_k_m"], log=lambda *_: None) == (
