@@ -18,8 +18,12 @@ through the same micro-batcher, limits and budgets as /summarize.
 * `stream: true`: server-sent events of `chat.completion.chunk` / `text_completion` objects and
   `data: [DONE]`; a long dialogue first sends one chunk per finished window with an empty delta
   and the extension field `"ftf": {"type": "part", "part": 2, "parts": 5, "level": 0, "summary":
-  "..."}`, then the summary as one content delta (requests are micro-batched, so a summary is
-  finished as a whole), then the finish reason; `stream_options.include_usage` adds the usage chunk.
+  "..."}`; a summary's text comes as content deltas as its tokens are generated (inside the
+  micro-batch: each row of a batch streams its own; UTF-8 safe, and the deltas add up to exactly
+  the non-streamed text, `stop` strings applied), then its finish reason with the extension
+  `"ftf": {"type": "summary", "checks": {...}}` (the faithfulness checks, as in the non-streamed
+  `ftf.checks`); `stream_options.include_usage` adds the usage chunk. Beam search and MBR
+  summaries are final only when done: their text comes as one delta.
 
 Not supported (refused with a 422 naming the field, unless at its default): n > 1, tools,
 logprobs, logit_bias, presence/frequency penalties, best_of, echo, suffix, non-text content.
@@ -37,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from finetuneflow.serve.batching import Rejected, Result
 from finetuneflow.serve.http_common import SSE_HEADERS, client_key, error_body, note, sse
 from finetuneflow.serve.service import ClientLeft, Service
+from finetuneflow.serve.streams import StopCut
 
 # field -> the values that mean "not used"; anything else is refused
 UNSUPPORTED = {"n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -151,6 +156,7 @@ class _Call:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.start = time.perf_counter()
+        self.streamed = 0           # content chunks sent
 
     def check_model(self) -> None:
         service = self.service
@@ -212,7 +218,7 @@ class _Call:
         return sse(self.envelope(object=self.object + (".chunk" if self.chat else ""), choices=[choice], **extra))
 
     async def stream(self, job):
-        body, results = self.body, {}
+        body, results, cuts = self.body, {}, {i: StopCut(self.body.stops()) for i in range(len(self.texts))}
         if self.chat:
             for index in range(len(self.texts)):
                 yield self.chunk(index, {"role": "assistant", "content": ""}, None)
@@ -222,21 +228,25 @@ class _Call:
                     part = {"type": "part", "part": value.part, "parts": value.parts, "level": value.level,
                             "summary": value.summary}
                     yield self.chunk(value.dialogue, None, None, ftf=part)
-                    continue
-                index, result = value
-                results[index] = result
-                choice = self.choice(index, result)
-                text = choice["message"]["content"] if self.chat else choice["text"]
-                yield self.chunk(index, {"content": text} if self.chat else text, None)
-                yield self.chunk(index, {} if self.chat else "", choice["finish_reason"],
-                                 ftf={"type": "summary", "windows": result.windows, "truncated": result.truncated})
+                elif kind == "delta":
+                    text = cuts[value.dialogue].push(value.text)
+                    if text:
+                        self.streamed += 1
+                        yield self.chunk(value.dialogue, {"content": text} if self.chat else text, None)
+                else:
+                    index, result = value
+                    results[index] = result
+                    for event in self.finish_choice(index, result, cuts[index]):
+                        yield event
         except Rejected as exc:
-            note(self.request, code=exc.code)
+            note(self.request, code=exc.code, streamed=self.streamed, client_stayed=True)
             yield sse(error_body(exc.status, exc.code, str(exc), exc.param))
             return
         except ClientLeft:
-            note(self.request, code="client_left")
+            note(self.request, code="client_left", streamed=self.streamed, client_stayed=False)
             return
+        note(self.request, streamed=self.streamed, client_stayed=True,
+             completion_tokens=sum(r.generated for r in results.values()))
         if body.stream_options and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
             prompt, completion = sum(r.input_tokens for r in ordered), sum(r.generated for r in ordered)
@@ -244,6 +254,18 @@ class _Call:
                                     usage={"prompt_tokens": prompt, "completion_tokens": completion,
                                            "total_tokens": prompt + completion}))
         yield sse("[DONE]")
+
+    def finish_choice(self, index: int, result: Result, cut: StopCut):
+        """The rest of a choice's text (what its streamed pieces did not carry yet), then its finish."""
+        choice = self.choice(index, result)
+        rest = cut.finish(choice["message"]["content"] if self.chat else choice["text"])
+        if rest:
+            self.streamed += 1
+            yield self.chunk(index, {"content": rest} if self.chat else rest, None)
+        extension = {"type": "summary", "windows": result.windows, "truncated": result.truncated}
+        if result.checks is not None:
+            extension["checks"] = result.checks
+        yield self.chunk(index, {} if self.chat else "", choice["finish_reason"], ftf=extension)
 
 
 def openai_router(service: Service) -> APIRouter:

@@ -7,8 +7,11 @@ GET /health, GET /info and GET /metrics.
               "generation": {effective decoding settings}, "max_input_length"}
     part     {"type": "part", "dialogue": i, "level": 0, "part": 2, "parts": 5, "summary": "...",
               "seconds"}   one per finished window of a long dialogue (level 1+: combining partials)
+    delta    {"type": "delta", "dialogue": i, "text": "..."}   the next piece of a summary as its tokens
+              are generated (UTF-8 safe; a dialogue's deltas add up to exactly its "summary")
     summary  {"type": "summary", "dialogue": i, "summary", "truncated", "windows", "finish_reason",
-              "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "seconds"}
+              "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "seconds",
+              "checks": {...}}   the whole summary, and its faithfulness checks (ftf.checks)
     done     {"type": "done", "summaries": [...], "usage": {...}, "seconds", "tokens_per_s"}
     error    {"type": "error", "error": {"message", "type", "code", "param"}}   (then the stream ends)
 """
@@ -116,26 +119,39 @@ def summarize_router(service: Service) -> APIRouter:
 async def summarize_events(service: Service, job, request: Request, head: dict, start: float):
     yield sse(head, "start")
     results: dict[int, Result] = {}
+    sent: dict[int, str] = {}
+    count = 0
     try:
         async for kind, value in service.events(job, request.is_disconnected):
             seconds = round(time.perf_counter() - start, 4)
+            if kind == "delta":
+                sent[value.dialogue] = sent.get(value.dialogue, "") + value.text
+                count += 1
+                yield sse({"type": "delta", "dialogue": value.dialogue, "text": value.text}, "delta")
+                continue
             if kind == "part":
                 yield sse({"type": "part", "dialogue": value.dialogue, "level": value.level, "part": value.part,
                            "parts": value.parts, "summary": value.summary, "seconds": seconds}, "part")
                 continue
             index, result = value
             results[index] = result
+            rest = result.summary[len(sent.get(index, "")):]
+            if rest and result.summary.startswith(sent.get(index, "")):
+                sent[index] = result.summary
+                count += 1
+                yield sse({"type": "delta", "dialogue": index, "text": rest}, "delta")
             yield sse({"type": "summary", "dialogue": index, "summary": result.summary,
                        "truncated": result.truncated, "windows": result.windows,
-                       "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds},
-                      "summary")
+                       "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds,
+                       "checks": result.checks}, "summary")
     except Rejected as exc:
-        note(request, code=exc.code)
+        note(request, code=exc.code, client_stayed=True, streamed=count)
         yield sse({"type": "error", **error_body(exc.status, exc.code, str(exc))}, "error")
         return
     except ClientLeft:
-        note(request, code="client_left")
+        note(request, code="client_left", client_stayed=False, streamed=count)
         return
+    note(request, client_stayed=True, streamed=count)
     ordered = [results[i] for i in sorted(results)]
     seconds = time.perf_counter() - start
     total = usage(ordered)

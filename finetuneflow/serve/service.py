@@ -19,6 +19,7 @@ from finetuneflow.serve.batching import Decoding, Job, Rejected, Result, Schedul
 from finetuneflow.serve.inference_io import model_info
 from finetuneflow.serve.metrics import Metrics
 from finetuneflow.serve.options import ServerOptions
+from finetuneflow.serve.streams import Delta
 from finetuneflow.serve.work import Plan, Runner
 
 log = logging.getLogger("finetuneflow.serve")
@@ -172,9 +173,10 @@ class Service:
             gathered.cancel()
 
     async def events(self, job: Job, disconnected: Disconnected) -> AsyncIterator[tuple[str, object]]:
-        """("part", Part) for every finished window, then ("result", (index, Result)) for each
-        dialogue as it completes; raises Rejected / ClientLeft like `results`."""
-        pending = dict(enumerate(job.futures))
+        """("part", Part) for every finished window, ("delta", Delta) for every piece of a summary
+        as its tokens come, then ("result", (index, Result)) for each dialogue as it completes;
+        raises Rejected / ClientLeft like `results`."""
+        pending, last = dict(enumerate(job.futures)), {}
         try:
             while pending:
                 try:
@@ -185,7 +187,12 @@ class Service:
                 while not job.events.empty():
                     parts.append(job.events.get_nowait())
                 for part in parts:
-                    if not part.final:
+                    if isinstance(part, Delta):
+                        self.metrics.token_time(part.at - last.get(part.dialogue, job.started),
+                                                first=part.dialogue not in last)
+                        last[part.dialogue] = part.at
+                        yield "delta", part
+                    elif not part.final:
                         yield "part", part
                 for index, future in sorted(pending.items()):
                     if future.done():
