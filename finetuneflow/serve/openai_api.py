@@ -157,6 +157,7 @@ class _Call:
         self.object = "chat.completion" if chat else "text_completion"
         self.start = time.perf_counter()
         self.streamed = 0           # content chunks sent
+        self.left = False           # the client hung up
 
     def check_model(self) -> None:
         service = self.service
@@ -218,6 +219,19 @@ class _Call:
         return sse(self.envelope(object=self.object + (".chunk" if self.chat else ""), choices=[choice], **extra))
 
     async def stream(self, job):
+        """The request's server-sent events; the access log hears how many content chunks went out
+        and whether the client stayed to the end."""
+        stayed = False
+        try:
+            async for event in self.events(job):
+                yield event
+            stayed = not self.left
+        finally:
+            note(self.request, streamed=self.streamed, client_stayed=stayed)
+            if not stayed:
+                note(self.request, code="client_left")
+
+    async def events(self, job):
         body, results, cuts = self.body, {}, {i: StopCut(self.body.stops()) for i in range(len(self.texts))}
         if self.chat:
             for index in range(len(self.texts)):
@@ -239,14 +253,13 @@ class _Call:
                     for event in self.finish_choice(index, result, cuts[index]):
                         yield event
         except Rejected as exc:
-            note(self.request, code=exc.code, streamed=self.streamed, client_stayed=True)
+            note(self.request, code=exc.code)
             yield sse(error_body(exc.status, exc.code, str(exc), exc.param))
             return
         except ClientLeft:
-            note(self.request, code="client_left", streamed=self.streamed, client_stayed=False)
+            self.left = True
             return
-        note(self.request, streamed=self.streamed, client_stayed=True,
-             completion_tokens=sum(r.generated for r in results.values()))
+        note(self.request, completion_tokens=sum(r.generated for r in results.values()))
         if body.stream_options and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
             prompt, completion = sum(r.input_tokens for r in ordered), sum(r.generated for r in ordered)
@@ -292,7 +305,7 @@ def openai_router(service: Service) -> APIRouter:
             return StreamingResponse(call.stream(job), media_type="text/event-stream", headers=SSE_HEADERS)
         results = await service.results(job, call.request.is_disconnected)
         answer = call.answer(results)
-        note(call.request, completion_tokens=answer["usage"]["completion_tokens"])
+        note(call.request, completion_tokens=answer["usage"]["completion_tokens"], client_stayed=True)
         return answer
 
     @router.post("/chat/completions", summary="Summarize the last user message (OpenAI chat format)")

@@ -91,7 +91,7 @@ def summarize_router(service: Service) -> APIRouter:
                   "usage": usage(results), "seconds": round(seconds, 4)}
         if body.dialogue is not None:   # the one-dialogue form also gets "summary"
             answer["summary"] = answer["summaries"][0]
-        note(request, completion_tokens=answer["usage"]["completion_tokens"])
+        note(request, completion_tokens=answer["usage"]["completion_tokens"], client_stayed=True)
         return answer
 
     @router.get("/health", summary="Liveness (never needs the token)")
@@ -117,16 +117,28 @@ def summarize_router(service: Service) -> APIRouter:
 
 
 async def summarize_events(service: Service, job, request: Request, head: dict, start: float):
+    """The events of /summarize?stream=true; the access log hears how many deltas went out and
+    whether the client stayed to the end."""
+    counts = {"streamed": 0, "stayed": False}
+    try:
+        async for event in _events(service, job, request, head, start, counts):
+            yield event
+    finally:
+        note(request, streamed=counts["streamed"], client_stayed=counts["stayed"])
+        if not counts["stayed"]:
+            note(request, code="client_left")
+
+
+async def _events(service: Service, job, request: Request, head: dict, start: float, counts: dict):
     yield sse(head, "start")
     results: dict[int, Result] = {}
     sent: dict[int, str] = {}
-    count = 0
     try:
         async for kind, value in service.events(job, request.is_disconnected):
             seconds = round(time.perf_counter() - start, 4)
             if kind == "delta":
                 sent[value.dialogue] = sent.get(value.dialogue, "") + value.text
-                count += 1
+                counts["streamed"] += 1
                 yield sse({"type": "delta", "dialogue": value.dialogue, "text": value.text}, "delta")
                 continue
             if kind == "part":
@@ -138,20 +150,20 @@ async def summarize_events(service: Service, job, request: Request, head: dict, 
             rest = result.summary[len(sent.get(index, "")):]
             if rest and result.summary.startswith(sent.get(index, "")):
                 sent[index] = result.summary
-                count += 1
+                counts["streamed"] += 1
                 yield sse({"type": "delta", "dialogue": index, "text": rest}, "delta")
             yield sse({"type": "summary", "dialogue": index, "summary": result.summary,
                        "truncated": result.truncated, "windows": result.windows,
                        "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds,
                        "checks": result.checks}, "summary")
     except Rejected as exc:
-        note(request, code=exc.code, client_stayed=True, streamed=count)
+        counts["stayed"] = True
+        note(request, code=exc.code)
         yield sse({"type": "error", **error_body(exc.status, exc.code, str(exc))}, "error")
         return
     except ClientLeft:
-        note(request, code="client_left", client_stayed=False, streamed=count)
         return
-    note(request, client_stayed=True, streamed=count)
+    counts["stayed"] = True
     ordered = [results[i] for i in sorted(results)]
     seconds = time.perf_counter() - start
     total = usage(ordered)
