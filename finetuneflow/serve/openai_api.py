@@ -15,6 +15,10 @@ through the same micro-batcher, limits and budgets as /summarize.
 * `stop`: up to 4 strings; the text is cut before the first one (finish_reason "stop").
 * `usage` counts every model call (a long dialogue's windows too); `finish_reason` is "stop" or
   "length".
+* `ftf.checks` (an ftf extension, one per choice; CHECKS=True): the shipped faithfulness checks of
+  the summary against the dialogue (quality/faith_report.py): flagged spans with character
+  offsets, the checks' names and validation numbers; `error` when a check failed inside (the
+  summary is still returned); dialogues longer than the checks were validated for: `skipped`.
 * `stream: true`: server-sent events of `chat.completion.chunk` / `text_completion` objects and
   `data: [DONE]`; a long dialogue first sends one chunk per finished window with an empty delta
   and the extension field `"ftf": {"type": "part", "part": 2, "parts": 5, "level": 0, "summary":
@@ -208,7 +212,8 @@ class _Call:
             choices=[self.choice(i, r) for i, r in enumerate(results)],
             usage={"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
             ftf={"windows": [r.windows for r in results], "truncated": [r.truncated for r in results],
-                 "generation": results[0].settings, "seconds": round(time.perf_counter() - self.start, 4)})
+                 "generation": results[0].settings, "seconds": round(time.perf_counter() - self.start, 4),
+                 "checks": [r.checks for r in results]})
 
     # -- streaming ------------------------------------------------------------------------------
     def chunk(self, index: int, delta: dict | str | None, reason: str | None, **extra) -> str:

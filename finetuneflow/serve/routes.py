@@ -1,6 +1,9 @@
 """The service's own routes: POST /summarize (JSON, or server-sent events with ?stream=true),
 GET /health, GET /info and GET /metrics.
 
+The JSON answer has "ftf": {"checks": [one per dialogue]}: the faithfulness checks of each
+summary (quality/faith_report.py; null when CHECKS=False).
+
 /summarize?stream=true sends, as `event: <type>` + `data: <json>` (the type is also in the data):
 
     start    {"type": "start", "id", "model", "dialogues": n, "windows": [estimated windows per dialogue],
@@ -88,7 +91,7 @@ def summarize_router(service: Service) -> APIRouter:
         answer = {"summaries": [r.summary for r in results], "truncated": [r.truncated for r in results],
                   "chunked": [r.windows > 1 for r in results], "windows": [r.windows for r in results],
                   "finish_reasons": [r.finish_reason for r in results], "generation": results[0].settings,
-                  "usage": usage(results), "seconds": round(seconds, 4)}
+                  "usage": usage(results), "seconds": round(seconds, 4), "ftf": {"checks": [r.checks for r in results]}}
         if body.dialogue is not None:   # the one-dialogue form also gets "summary"
             answer["summary"] = answer["summaries"][0]
         note(request, completion_tokens=answer["usage"]["completion_tokens"], client_stayed=True)

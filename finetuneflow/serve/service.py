@@ -16,6 +16,7 @@ from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.engine.long_input import Cancelled
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.serve.batching import Decoding, Job, Rejected, Result, Scheduler
+from finetuneflow.serve.checking import Checker
 from finetuneflow.serve.inference_io import model_info
 from finetuneflow.serve.metrics import Metrics
 from finetuneflow.serve.options import ServerOptions
@@ -50,6 +51,7 @@ class Service:
         self.scheduler = Scheduler(self.runner.short, self.runner.long, options.batch_size, options.batch_wait_ms,
                                    options.micro_batching, options.max_pending, options.client_pending_tokens,
                                    on_batch=self.metrics.batch)
+        self.checker = Checker(options.checks, options.checks_encoder, self.metrics)
         self.defaults: GenerationSettings = options.defaults
         self.info = model_info(loaded)
         self.model_id = options.model_id or Path(self.info["model"] or loaded.name).name or "model"
@@ -162,7 +164,9 @@ class Service:
         try:
             while True:
                 try:
-                    return list(await asyncio.wait_for(asyncio.shield(gathered), POLL_S))
+                    results = list(await asyncio.wait_for(asyncio.shield(gathered), POLL_S))
+                    await self.checker.add(results, job.dialogues)
+                    return results
                 except asyncio.TimeoutError:
                     pass
                 except Exception as exc:  # noqa: BLE001  a dialogue failed
@@ -199,6 +203,7 @@ class Service:
                         del pending[index]
                         if future.exception() is not None:
                             raise self.failure(job, future.exception())
+                        await self.checker.add([future.result()], [job.dialogues[index]])
                         yield "result", (index, future.result())
                 if first is None and pending:
                     await self._watch(job, disconnected)
@@ -221,7 +226,7 @@ class Service:
                 "max_input_length": self.runner.limit(decoding), "long_input": options.long_input,
                 "sampling": self.runner.sampling_available(), "limits": options.limits(),
                 "mbr": {"requests_allowed": options.mbr_allowed(), "knobs": options.mbr_knobs(),
-                        "streaming": MBR_STREAMING}}
+                        "streaming": MBR_STREAMING}, "checks": self.checker.describe()}
 
     def runner_effective(self, decoding: Decoding) -> dict:
         """The request's deterministic decoding settings as responses show them."""
