@@ -76,3 +76,25 @@ def report_columns(report: dict | None) -> dict:
     return {"checks_flagged": "" if not report["checked"] else ("yes" if report["flagged"] else "no"),
             "checks_spans": json.dumps(report["spans"], ensure_ascii=False) if report["spans"] else "",
             "checks_notes": "; ".join(notes)}
+
+
+def report_many(summaries: list[str], dialogues: list[str], encoder_setting=None) -> list[dict]:
+    """`report_checks` of every summary, the encoder loaded once (only when some dialogue is short
+    enough for the checks: quality/encoder.py `load_encoder`; "" = none)."""
+    encoder = None
+    if any(shipped_checks(len(d.split())) for d in dialogues) and encoder_setting != "":
+        from finetuneflow.quality.encoder import load_encoder
+        try:
+            encoder = load_encoder(encoder_setting)[0]
+        except Exception as exc:  # noqa: BLE001  the mention check still runs
+            log.error("the checks' sentence encoder did not load", exc_info=exc)
+    return [report_checks(s, d, encoder) for s, d in zip(summaries, dialogues)]
+
+
+def checks_totals(reports: list[dict | None]) -> dict:
+    """What a run record keeps of the checks: how many summaries were checked, flagged, failed."""
+    done = [r for r in reports if r]
+    return {"checked": sum(1 for r in done if r.get("checked")), "flagged": sum(1 for r in done if r.get("flagged")),
+            "errors": sum(1 for r in done if r.get("error")),
+            "skipped_long": sum(1 for r in done if r.get("skipped")),
+            "seconds": round(sum(r.get("seconds", 0.0) for r in done), 4)}
