@@ -40,6 +40,24 @@ class Collect(TokenSink):
 
 
 @pytest.fixture(scope="module")
+def gguf(tiny_models, tmp_path_factory):
+    """The tiny Llama as an f32 GGUF through llama.cpp's converter, loaded (skips where absent)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
+    from finetuneflow.contract.errors import UserError
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.ship.gguf_export import ensure_converter, run_converter
+    try:
+        ensure_converter()
+    except UserError as exc:
+        pytest.skip(f"llama.cpp's converter cannot be installed here: {exc}")
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    run_converter(tiny_models["llama"], path, "f32", None)
+    loaded = load_model(str(path), device="cpu")
+    yield loaded
+    loaded.backend.close(loaded)
+
+
+@pytest.fixture(scope="module")
 def models(tiny_models):
     from finetuneflow.model.loading import load_model
     return {name: load_model(str(path), device="cpu") for name, path in tiny_models.items()}
@@ -99,25 +117,58 @@ def test_whitespace_the_final_strip_removes_is_never_streamed(models):
     assert "".join(pieces) == "two words" and stream.finish("two words") == ""
 
 
-def test_llama_cpp_streams_each_sequence(tiny_models, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama)")
-    from finetuneflow.contract.errors import UserError
+def test_llama_cpp_streams_each_sequence(gguf):
+    plain = summarize(gguf, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256)
+    sink = Collect(stop_after={2: 2})
+    streamed = summarize(gguf, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256, sink=sink)
+    for i in (0, 1, 3, 4):
+        assert streamed.summaries[i] == plain.summaries[i] == sink.joined(i)
+    assert streamed.generated[2] <= 3 < plain.generated[2] or plain.generated[2] <= 3
+    assert max(len(sink.pieces.get(i, [])) for i in (0, 1, 3, 4)) > 3
+
+
+@pytest.mark.parametrize("name", ["bart", "llama"])
+def test_ctranslate2_streams_through_its_step_callback(tiny_models, tmp_path, name):
+    pytest.importorskip("ctranslate2")
     from finetuneflow.model.loading import load_model
-    from finetuneflow.ship.gguf_export import ensure_converter, run_converter
-    try:
-        ensure_converter()
-    except UserError as exc:
-        pytest.skip(f"llama.cpp's converter cannot be installed here: {exc}")
-    run_converter(tiny_models["llama"], tmp_path / "tiny-f32.gguf", "f32", None)
-    loaded = load_model(str(tmp_path / "tiny-f32.gguf"), device="cpu")
-    try:
-        plain = summarize(loaded, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256)
-        sink = Collect(stop_after={2: 2})
-        streamed = summarize(loaded, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256,
-                             sink=sink)
-        for i in (0, 1, 3, 4):
-            assert streamed.summaries[i] == plain.summaries[i] == sink.joined(i)
-        assert streamed.generated[2] <= 3 < plain.generated[2] or plain.generated[2] <= 3
-        assert max(len(sink.pieces.get(i, [])) for i in (0, 1, 3, 4)) > 3
-    finally:
-        loaded.backend.close(loaded)
+    from finetuneflow.ship.ct2_export import convert_to_ct2
+    folder = tmp_path / f"ct2-{name}"
+    convert_to_ct2(tiny_models[name], folder, "float32")
+    loaded = load_model(str(folder), device="cpu")
+    assert loaded.backend.capabilities.token_streaming
+    plain = summarize(loaded, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256)
+    sink = Collect(stop_after={1: 2})
+    streamed = summarize(loaded, DIALOGUES, SETTINGS, batch_size=8, progress=False, max_input_length=256, sink=sink)
+    for i in (0, 2, 3, 4):
+        assert streamed.summaries[i] == plain.summaries[i] == sink.joined(i)
+    assert max(len(sink.pieces.get(i, [])) for i in (0, 2, 3, 4)) > 3
+    assert len(streamed.summaries[1]) <= len(plain.summaries[1])
+
+
+def openai_streams(loaded, model_id: str) -> None:
+    """The official openai client, stream=True, against the app serving `loaded`: several deltas per
+    summary whose concatenation is the non-streamed answer."""
+    openai = pytest.importorskip("openai")
+    from fastapi.testclient import TestClient
+    from finetuneflow.serve.http_api import create_app
+    from finetuneflow.serve.options import ServerOptions
+    with TestClient(create_app(loaded, ServerOptions(max_new_tokens=16, checks_encoder=""))) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        for dialogue in DIALOGUES[:3]:
+            messages = [{"role": "user", "content": dialogue}]
+            answer = client.chat.completions.create(model=model_id, messages=messages, temperature=0)
+            chunks = client.chat.completions.create(model=model_id, messages=messages, temperature=0, stream=True)
+            deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert len(deltas) > 1 and "".join(deltas) == answer.choices[0].message.content
+
+
+def test_the_openai_client_streams_a_ctranslate2_export(tiny_models, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from finetuneflow.model.loading import load_model
+    from finetuneflow.ship.ct2_export import convert_to_ct2
+    convert_to_ct2(tiny_models["llama"], tmp_path / "ct2-llama", "float32")
+    openai_streams(load_model(str(tmp_path / "ct2-llama"), device="cpu"), "ct2-llama")
+
+
+def test_the_openai_client_streams_a_gguf(gguf):
+    openai_streams(gguf, "tiny-f32.gguf")
