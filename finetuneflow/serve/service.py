@@ -131,6 +131,8 @@ class Service:
                   events=asyncio.Queue() if stream else None)
         job.on_cancel = lambda reason: self.metrics.cancelled.labels(reason).inc()
         self.scheduler.submit(job)
+        if self.checker.enabled and decoding.prompt == "summary":
+            loop.run_in_executor(None, self.checker.prepare, dialogues)    # a head start for the checks
         return job, plan
 
     # -- answers ------------------------------------------------------------------------------
