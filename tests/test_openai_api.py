@@ -109,6 +109,13 @@ def test_a_long_dialogue_streams_its_windows_first(server, client, model_id):
     assert content and content[0] > max(i for i, c in enumerate(chunks)
                                         if (c.model_extra or {}).get("ftf", {}).get("type") == "part")
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["summary"]
+    pieces = {}
+    for c in chunks:
+        ftf = (c.model_extra or {}).get("ftf") or {}
+        if ftf.get("type") == "part_delta":
+            key = (ftf["level"], ftf["part"])
+            pieces[key] = pieces.get(key, "") + ftf["text"]
+    assert pieces and all(pieces.get((p["level"], p["part"]), "") == p["summary"] for p in parts)   # each part streamed
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=120,
                       json={"model": model_id, "messages": [{"role": "user", "content": LONG}], "stream": True}) as raw:
         events = parse_sse(raw.iter_lines())

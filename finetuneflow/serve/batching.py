@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.engine.long_input import Cancelled, Control, Part
-from finetuneflow.serve.streams import BatchSink, Delta
+from finetuneflow.serve.streams import BatchSink, Delta, PartsSink
 
 log = logging.getLogger("finetuneflow.serve")
 
@@ -419,6 +419,9 @@ class _TurnControl(Control):
             self.scheduler.on_batch(len(result.summaries), time.perf_counter() - start, result.generated_tokens)
         self.scheduler.stats["batches"] += 1
         return result
+
+    def sink(self, parts: list[Part]) -> PartsSink:
+        return PartsSink(self.job, parts, [self.indices[p.dialogue] for p in parts])
 
     def part(self, part: Part) -> None:
         # long_input numbers the dialogues it was given; the request numbers all of its dialogues

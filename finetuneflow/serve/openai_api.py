@@ -20,14 +20,15 @@ through the same micro-batcher, limits and budgets as /summarize.
   offsets, the checks' names and validation numbers; `error` when a check failed inside (the
   summary is still returned); dialogues longer than the checks were validated for: `skipped`.
 * `stream: true`: server-sent events of `chat.completion.chunk` / `text_completion` objects and
-  `data: [DONE]`; a long dialogue first sends one chunk per finished window with an empty delta
-  and the extension field `"ftf": {"type": "part", "part": 2, "parts": 5, "level": 0, "summary":
-  "..."}`; a summary's text comes as content deltas as its tokens are generated (inside the
-  micro-batch: each row of a batch streams its own; UTF-8 safe, and the deltas add up to exactly
+  `data: [DONE]`. A summary's text comes as content deltas as its tokens are generated (inside
+  the micro-batch: each row of a batch streams its own; UTF-8 safe; the deltas add up to exactly
   the non-streamed text, `stop` strings applied), then its finish reason with the extension
-  `"ftf": {"type": "summary", "checks": {...}}` (the faithfulness checks, as in the non-streamed
-  `ftf.checks`); `stream_options.include_usage` adds the usage chunk. Beam search and MBR
-  summaries are final only when done: their text comes as one delta.
+  `"ftf": {"type": "summary", "checks": {...}}` (the checks, as in the non-streamed `ftf.checks`);
+  `stream_options.include_usage` adds the usage chunk. A long dialogue first streams each
+  window's summary as chunks with an empty delta and `"ftf": {"type": "part_delta", "part",
+  "parts", "level", "text"}`, then one chunk per finished window with `"ftf": {"type": "part",
+  "part": 2, "parts": 5, "level": 0, "summary": "..."}`. Beam search and MBR summaries are final
+  only when done: their text comes as one delta.
 
 Not supported (refused with a 422 naming the field, unless at its default): n > 1, tools,
 logprobs, logit_bias, presence/frequency penalties, best_of, echo, suffix, non-text content.
@@ -247,6 +248,11 @@ class _Call:
                     part = {"type": "part", "part": value.part, "parts": value.parts, "level": value.level,
                             "summary": value.summary}
                     yield self.chunk(value.dialogue, None, None, ftf=part)
+                elif kind == "part_delta":
+                    where = value.part
+                    yield self.chunk(value.dialogue, None, None, ftf={
+                        "type": "part_delta", "part": where.part, "parts": where.parts, "level": where.level,
+                        "text": value.text})
                 elif kind == "delta":
                     text = cuts[value.dialogue].push(value.text)
                     if text:

@@ -10,6 +10,8 @@ summary (quality/faith_report.py; null when CHECKS=False).
               "generation": {effective decoding settings}, "max_input_length"}
     part     {"type": "part", "dialogue": i, "level": 0, "part": 2, "parts": 5, "summary": "...",
               "seconds"}   one per finished window of a long dialogue (level 1+: combining partials)
+    part_delta {"type": "part_delta", "dialogue": i, "level", "part", "parts", "text": "..."}   the next
+              piece of a window's summary as it is generated (before that window's "part" event)
     delta    {"type": "delta", "dialogue": i, "text": "..."}   the next piece of a summary as its tokens
               are generated (UTF-8 safe; a dialogue's deltas add up to exactly its "summary")
     summary  {"type": "summary", "dialogue": i, "summary", "truncated", "windows", "finish_reason",
@@ -143,6 +145,11 @@ async def _events(service: Service, job, request: Request, head: dict, start: fl
                 sent[value.dialogue] = sent.get(value.dialogue, "") + value.text
                 counts["streamed"] += 1
                 yield sse({"type": "delta", "dialogue": value.dialogue, "text": value.text}, "delta")
+                continue
+            if kind == "part_delta":
+                where = value.part
+                yield sse({"type": "part_delta", "dialogue": value.dialogue, "level": where.level, "part": where.part,
+                           "parts": where.parts, "text": value.text}, "part_delta")
                 continue
             if kind == "part":
                 yield sse({"type": "part", "dialogue": value.dialogue, "level": value.level, "part": value.part,

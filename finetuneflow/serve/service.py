@@ -179,9 +179,9 @@ class Service:
             gathered.cancel()
 
     async def events(self, job: Job, disconnected: Disconnected) -> AsyncIterator[tuple[str, object]]:
-        """("part", Part) for every finished window, ("delta", Delta) for every piece of a summary
-        as its tokens come, then ("result", (index, Result)) for each dialogue as it completes;
-        raises Rejected / ClientLeft like `results`."""
+        """("part", Part) for every finished window, ("part_delta", Delta) for every piece of a
+        window's summary as its tokens come, ("delta", Delta) for every piece of a summary, then
+        ("result", (index, Result)) for each dialogue as it completes; raises Rejected / ClientLeft like `results`."""
         pending, last = dict(enumerate(job.futures)), {}
         try:
             while pending:
@@ -193,7 +193,9 @@ class Service:
                 while not job.events.empty():
                     parts.append(job.events.get_nowait())
                 for part in parts:
-                    if isinstance(part, Delta):
+                    if isinstance(part, Delta) and part.part is not None:
+                        yield "part_delta", part
+                    elif isinstance(part, Delta):
                         self.metrics.token_time(part.at - last.get(part.dialogue, job.started),
                                                 first=part.dialogue not in last)
                         last[part.dialogue] = part.at

@@ -19,11 +19,32 @@ from finetuneflow.engine.streaming import TokenSink
 
 @dataclass
 class Delta:
-    """The next piece of dialogue `dialogue`'s summary."""
+    """The next piece of dialogue `dialogue`'s summary (or, with `part`, of one of its windows'
+    partial summaries: a long dialogue's part, streamed as it is generated)."""
     dialogue: int
     text: str
     at: float = field(default_factory=time.monotonic)   # when the model thread made it
     final: bool = False                                  # (events are Parts or Deltas; neither is final)
+    part: object = None                                  # the long_input Part this piece belongs to
+
+
+class PartsSink(TokenSink):
+    """The engine's sink for one engine call of a long job: text k becomes `parts[k]` (dialogue
+    numbers already the request's: `dialogues[k]`); a final part streams as the summary itself."""
+
+    def __init__(self, job, parts: list, dialogues: list[int]):
+        self.job, self.parts, self.dialogues = job, parts, dialogues
+
+    def wants(self, row: int) -> bool:
+        return self.job.events is not None
+
+    def text(self, row: int, piece: str) -> None:
+        if not self.job.cancelled:
+            part = self.parts[row]
+            self.job.stream(Delta(self.dialogues[row], piece, part=None if part.final else part))
+
+    def stopped(self, row: int) -> bool:
+        return self.job.stop_reason() is not None
 
 
 class BatchSink(TokenSink):
