@@ -172,3 +172,18 @@ def test_the_openai_client_streams_a_ctranslate2_export(tiny_models, tmp_path):
 
 def test_the_openai_client_streams_a_gguf(gguf):
     openai_streams(gguf, "tiny-f32.gguf")
+
+
+def test_a_batch_that_runs_again_streams_only_what_is_new():
+    """Out-of-memory halving or a failed shared batch rerun regenerates text a client already has."""
+    from types import SimpleNamespace
+    from finetuneflow.serve.streams import BatchSink
+    got = []
+    job = SimpleNamespace(events=object(), cancelled=False, sent={}, stream=lambda d: got.append(d.text))
+    first = BatchSink([(job, 0)])
+    for piece in ("Tom", " and", " Ann"):
+        first.text(0, piece)
+    again = BatchSink([(job, 0)])
+    for piece in ("Tom", " and", " Ann", " meet", "."):
+        again.text(0, piece)
+    assert got == ["Tom", " and", " Ann", " meet", "."] and job.sent[0] == "Tom and Ann meet."

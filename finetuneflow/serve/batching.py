@@ -83,6 +83,7 @@ class Job:
         self.spent = 0                      # work tokens used so far (inputs + beams x new tokens)
         self.parts: dict[int, list[Part]] = {}
         self.started = time.monotonic()
+        self.sent: dict[int, str] = {}      # dialogue -> the text streamed so far (model thread)
 
     @property
     def cancelled(self) -> bool:

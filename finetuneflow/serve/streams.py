@@ -48,10 +48,13 @@ class PartsSink(TokenSink):
 
 
 class BatchSink(TokenSink):
-    """The engine's sink for one micro-batch: `members[k]` = (job, dialogue index) of row k."""
+    """The engine's sink for one micro-batch: `members[k]` = (job, dialogue index) of row k. A
+    batch that runs again (out-of-memory halving, or a failed shared batch rerun per request)
+    regenerates the text a client already has: only what goes past it is sent (`job.sent`)."""
 
     def __init__(self, members: list[tuple[object, int]]):
         self.members = members
+        self.seen = [""] * len(members)       # what this engine call made for each row
 
     def wants(self, row: int) -> bool:
         job, _ = self.members[row]
@@ -59,8 +62,14 @@ class BatchSink(TokenSink):
 
     def text(self, row: int, piece: str) -> None:
         job, index = self.members[row]
-        if not job.cancelled:
-            job.stream(Delta(index, piece))
+        if job.cancelled:
+            return
+        seen = self.seen[row] = self.seen[row] + piece
+        already = job.sent.get(index, "")
+        new = seen[len(already):] if seen.startswith(already) else "" if already.startswith(seen) else piece
+        if new:
+            job.sent[index] = already + new
+            job.stream(Delta(index, new))
 
     def stopped(self, row: int) -> bool:
         job, _ = self.members[row]
