@@ -3,8 +3,9 @@
 Reads:  MODEL (clean merged folder from post_merge_cleanup.py, a merged folder, an adapter folder
         whose base is found from its run_config.json, or a Hub id)
         TEXT, INPUT_FILE (.txt = one dialogue; .jsonl / .json / .csv / .parquet: every row) or stdin
-Writes: stdout (one summary; several as "[id] summary" lines), or OUTPUT_FILE (.jsonl / .csv:
-        id, summary, chunked, windows, truncated, generation) and OUTPUT_FILE.run_config.json
+Writes: stdout (one summary; several as "[id] summary" lines; a "! ..." line under a summary the
+        checks flagged), or OUTPUT_FILE (.jsonl / .csv: id, summary, chunked, windows, truncated,
+        generation, checks_flagged, checks_spans, checks_notes) and OUTPUT_FILE.run_config.json
 
 Run as:
     echo "Anna: Lunch at noon?\nTom: Sure, see you there." | python inference_bart_lora.py
@@ -20,6 +21,14 @@ Settings left at None come from the model folder's run_config.json (what was eva
 DECODING=mbr (consensus decoding; see eval_bart_lora.py --help): each dialogue's greedy summary and
 MBR_SAMPLES seeded samples, the one that agrees most with the others is printed (the same seed gives
 the same summaries; long dialogues: per window).
+CHECKS=True: every summary is checked against its dialogue with the shipped faithfulness checks
+(names, places, numbers, times the dialogue does not contain; the weakest sentence's support with
+the MiniLM encoder when installed). A flagged summary gets a line such as
+    ! 'Ben': name not in the dialogue
+under it, and the output file's columns checks_flagged (yes/no; empty: no check ran),
+checks_spans (JSON: check, start, end, text, why; offsets into the summary) and checks_notes.
+Dialogues longer than the checks were validated for (meetings, over 515 words) are not flagged
+(the notes say so); a check that fails never fails the run (checks_notes: "error: ...").
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
 BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
@@ -47,6 +56,8 @@ BATCH_SIZE = 8                         # [int >= 1] dialogues (or windows) gener
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
 LOAD_IN_4BIT = None                    # [bool | None] adapter folders: None = as the adapter was trained
 PRECISION = "auto"                     # [auto | fp32 | bf16] weights; auto: bf16 on GPUs, fp32 on CPUs (see --help)
+CHECKS = True                          # check every summary against its dialogue (the shipped faithfulness checks)
+CHECKS_ENCODER = None                  # [str | None] checks' sentence encoder: None = MiniLM when installed, "" = none
 
 import sys
 from pathlib import Path
@@ -59,6 +70,7 @@ from finetuneflow.contract.safety import check_location, check_output_file
 from finetuneflow.contract.settings import configure
 from finetuneflow.engine.sharding import current_shard, summarize_sharded
 from finetuneflow.model.precision import precision_for
+from finetuneflow.quality.faith_report import checks_totals, flagged_line, report_columns, report_many
 from finetuneflow.quality.mbr import check_utility, choose_rows
 from finetuneflow.serve.inference_io import (OUTPUT_FORMATS, inherit_defaults, load_for_inference, loads_in_4bit,
                                              model_info, read_inputs, write_outputs)
@@ -99,6 +111,15 @@ def report(result, inputs, cfg, inherited, loaded, precision) -> None:
               f"and were truncated; --LONG_INPUT=chunk summarizes them whole", file=sys.stderr)
 
 
+def print_summaries(rows: list[dict], checks: list[dict | None]) -> None:
+    """One summary (several as "[id] summary" lines), each with its "!" line when flagged."""
+    for row, found in zip(rows, checks):
+        print(row["summary"] if len(rows) == 1 else f"[{row['id']}] {row['summary']}")
+        line = flagged_line(found)
+        if line:
+            print(line)
+
+
 def main(argv=None) -> dict:
     cfg = configure(globals(), argv, renamed=RENAMED)
     output = check_output(cfg)
@@ -127,8 +148,11 @@ def main(argv=None) -> dict:
         return {}
     report(result, inputs, cfg, inherited, loaded, precision)
     truncated = sum(result.truncated)
-    rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings}
-            for i, s, w, t in zip(inputs.ids, result.summaries, result.windows, result.truncated)]
+    checks = report_many(result.summaries, inputs.dialogues, cfg.CHECKS_ENCODER) if cfg.CHECKS \
+        else [None] * len(result.summaries)
+    rows = [{"id": i, "summary": s, "chunked": w > 1, "windows": w, "truncated": t, "generation": result.settings,
+             **report_columns(c)}
+            for i, s, w, t, c in zip(inputs.ids, result.summaries, result.windows, result.truncated, checks)]
     if output:
         record = RunRecord(STAGE, family=loaded.family, backend=loaded.backend.name, dtype=loaded.dtype,
                            generation=settings, instruction=cfg.INSTRUCTION, max_input_length=result.max_input_length,
@@ -137,16 +161,14 @@ def main(argv=None) -> dict:
                                   "truncated": truncated, "rows": inputs.rows, "skipped": inputs.skipped,
                                   "timing": result.timing(), "precision": precision.as_dict(),
                                   "processes": shard.world, "exact_speedups": result.speedups,
+                                  "checks": checks_totals(checks) if cfg.CHECKS else None,
                                   **({"mbr": result.mbr_totals} if result.mbr_totals else {})})
         write_record(output.parent, record, cfg, [cfg.INPUT_FILE] if cfg.INPUT_FILE else [],
                      name=f"{output.name}.run_config.json")
         write_outputs(output, rows)
         print(f"wrote {len(rows)} summaries to {output}", file=sys.stderr)
-    elif len(rows) == 1:
-        print(rows[0]["summary"])
     else:
-        for row in rows:
-            print(f"[{row['id']}] {row['summary']}")
+        print_summaries(rows, checks)
     return {"rows": rows, "chunked": result.chunked, "truncated": truncated, "settings": result.settings,
             "skipped": inputs.skipped}
 

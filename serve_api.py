@@ -21,8 +21,14 @@ hangs up. SIGTERM: no new connections, in-flight requests get SHUTDOWN_TIMEOUT_S
 the rest is cancelled and the process exits. Every error is a 4xx/5xx JSON object.
 Decoding: the model's record (or DECODING) is the default; a request may ask for "decoding":
 "greedy" | "beam" | "mbr" ("generation" of /summarize, or the OpenAI body's ftf extension field),
-mbr only with MBR_REQUESTS=True (or when it is the default). MBR answers are not token-streamed:
-the summary is chosen once every candidate is done and is sent as one delta.
+mbr only with MBR_REQUESTS=True (or when it is the default).
+Streaming: /v1 with "stream": true and /summarize?stream=true send each summary's text as its
+tokens are generated, inside the micro-batch (UTF-8 safe; the pieces add up to exactly the
+non-streamed text). MBR and beam-search answers are final only when done: one delta.
+Checks (CHECKS=True): every summary is checked against its dialogue (unsupported names, numbers,
+times; the weakest sentence's support when the MiniLM encoder is installed) and the answer says
+what was flagged, where (ftf.checks); the page highlights it. Dialogues longer than the checks
+were validated for (meetings) get no flags and say so; a failing check never fails a request.
 """
 MODEL = "ft_outputs/bart_merged_clean"  # clean/merged model folder, adapter folder, or Hub id
 BASE_MODEL = None                      # [str | None] adapter folders only: the base, when its recorded path is gone
@@ -58,6 +64,8 @@ MBR_TOP_P = None                       # [0 < float <= 1 | None] mbr: nucleus sa
 MBR_UTILITY = None                     # [rougeL | chrf | minilm | None] mbr: agreement; None: inherited, else rougeL
 MBR_FAITHFUL = None                    # [bool | None] mbr: drop unfaithful candidates first; None: inherited, else True
 MBR_SEED = None                        # [int >= 0 | None] mbr: seeds the samples; None: inherited, else 42
+CHECKS = True                          # run the shipped faithfulness checks on every summary (ftf.checks)
+CHECKS_ENCODER = None                  # [str | None] checks' sentence encoder: None = MiniLM when installed, "" = none
 TOKEN_ENV = "FTF_API_TOKEN"            # environment variable holding the optional bearer token
 DEVICE = None                          # [str | None] None: cuda when available, else cpu
 ACCESS_LOG = True                      # one JSON line per request on stderr

@@ -1,7 +1,8 @@
 """The page at / in a real headless browser (Debian's chromium + chromedriver, driven by Selenium):
 type a dialogue, click, see a non-empty summary stream in with the time and tokens/s; pick the
 long bundled sample and see its windows' partial summaries and progress; with a token, a browser
-gets the Basic-auth challenge and the page works with the token. Screenshots are saved under the
+gets the Basic-auth challenge and the page works with the token; a summary that invents a name
+shows it highlighted with a tooltip (a scripted backend makes it deterministic). Screenshots are saved under the
 test's tmp dir. Skipped where chromium, chromedriver or selenium is missing.
 
 Install (Debian/Ubuntu): apt-get install -y chromium chromium-driver && pip install selenium
@@ -111,6 +112,61 @@ def test_errors_show_on_the_page(server, browser):
     wait_for(browser, lambda b: b.find_element("id", "error").is_displayed())
     assert "dialogue first" in browser.find_element("id", "error").text
     browser.find_element("id", "dialogue").send_keys("x" * 50)
+    browser.find_element("id", "max_new_tokens").send_keys("100000")
+    browser.find_element("id", "go").click()
+    wait_for(browser, lambda b: "MAX_NEW_TOKENS_LIMIT" in b.find_element("id", "error").text)
+
+
+@pytest.fixture(scope="module")
+def scripted_server(tiny_models):
+    """The app in this process (uvicorn in a thread) over the scripted backend: every summary is
+    tests/scripted.py's INVENTED ("Tom and Ben ..."; no Ben in its dialogue), streamed token by token."""
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from finetuneflow.serve.http_api import create_app
+    from finetuneflow.serve.options import ServerOptions
+    from tests.scripted import scripted_model
+    app = create_app(scripted_model(tiny_models["llama"]), ServerOptions(max_new_tokens=32, checks_encoder=""))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield SimpleNamespace(url=url)
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_an_invented_name_is_highlighted_with_a_tooltip(scripted_server, browser, tmp_path):
+    from tests.scripted import DIALOGUE, INVENTED
+    browser.get(f"{scripted_server.url}/")
+    wait_for(browser, lambda b: "model " in b.find_element("id", "model").text)
+    box = browser.find_element("id", "dialogue")
+    box.clear()
+    box.send_keys(DIALOGUE)
+    browser.find_element("id", "go").click()
+    wait_for(browser, lambda b: b.find_element("id", "status").text in ("done", "error"))
+    assert browser.find_element("id", "status").text == "done", browser.find_element("id", "error").text
+    assert browser.find_element("id", "summary").text == INVENTED
+    marks = browser.find_elements("css selector", "#summary mark.flag")
+    assert [m.text for m in marks] == ["Ben"]
+    assert marks[0].get_attribute("title").startswith("not in the dialogue")
+    assert "“Ben” not in the dialogue" in browser.find_element("id", "checks").text
+    shot = tmp_path / "page-flagged.png"
+    browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+    assert shot.stat().st_size > 10_000
+    box.clear()
+    box.send_keys("x" * 50)
     browser.find_element("id", "max_new_tokens").send_keys("100000")
     browser.find_element("id", "go").click()
     wait_for(browser, lambda b: "MAX_NEW_TOKENS_LIMIT" in b.find_element("id", "error").text)

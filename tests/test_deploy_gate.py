@@ -161,7 +161,7 @@ def test_a_quantized_gguf_is_a_model_like_any_other(gated):
     dialogue = "Anna: Lunch at noon?\nBen: Sure, see you at the cafe."
     cli = run_stage("inference_bart_lora.py", f"--model={gguf}", root=root, input=dialogue)
     assert "q4_k_m on cpu" in cli.stderr + cli.stdout
-    summary_cli = cli.stdout.strip().splitlines()[-1]
+    summary_cli = [line for line in cli.stdout.strip().splitlines() if not line.startswith("! ")][-1]
     env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(root), "OMP_NUM_THREADS": "1"}
     log = root / "serve.log"
     with open(log, "w") as handle:

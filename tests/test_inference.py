@@ -95,7 +95,7 @@ def test_inference_stdin_files_and_adapter_equals_clean(folders, project, tmp_pa
     shutil.copytree(folders["clean"], project / "ft_outputs" / "bart_merged_clean")
     result = run_stage("inference_bart_lora.py", "--model=ft_outputs/bart_merged_clean", root=project,
                        input=SHORT[0]["dialogue"] + "\n", env={"OMP_NUM_THREADS": "1"})
-    printed = result.stdout.strip()
+    printed = "\n".join(line for line in result.stdout.strip().splitlines() if not line.startswith("! "))
     assert printed and "0 chunked into windows, 0 truncated" in result.stderr
 
     data = tmp_path / "in.jsonl"
@@ -112,7 +112,9 @@ def test_inference_stdin_files_and_adapter_equals_clean(folders, project, tmp_pa
         assert sidecar["generation"]["num_beams"] == 2 and sidecar["skipped"] == ["blank"]
     assert [r["summary"] for r in outputs["clean"]] == [r["summary"] for r in outputs["adapter"]]
     first = outputs["clean"][0]
-    assert set(first) == {"id", "summary", "chunked", "windows", "truncated", "generation"}
+    assert set(first) == {"id", "summary", "chunked", "windows", "truncated", "generation", "checks_flagged",
+                          "checks_spans", "checks_notes"}
+    assert first["checks_flagged"] in ("yes", "no") and "no check is validated" in outputs["clean"][-1]["checks_notes"]
     assert first["id"] == SHORT[0]["id"] and first["summary"].splitlines() == printed.splitlines()
     assert first["generation"]["max_new_tokens"] == 24 and outputs["clean"][-1]["chunked"] is True
 
@@ -238,3 +240,34 @@ def test_long_input_is_parsed_once_and_every_mode_counts_its_speedups(llama):
         result = summarize_long(llama, [LONG, "A: hi\nB: hello there"], settings, batch_size=4, max_input_length=256,
                                 mode=mode, progress=False)
         assert result.chunked == 1 and result.speedups.get("prefix_cache", 0) >= 1, (mode, result.speedups)
+
+
+def test_flagged_summaries_get_a_bang_line_and_columns(tiny_models, tmp_path, monkeypatch, capsys):
+    """CHECKS=True (the default): a summary that invents a name ("Ben") gets a "!" line under it on
+    stdout and the checks_* columns in the output file (offsets into the summary); CHECKS=False
+    leaves them out; a failing check never fails the run."""
+    from tests.scripted import DIALOGUE, INVENTED, scripted_model
+    model = scripted_model(tiny_models["llama"])
+    monkeypatch.setattr(inference_bart_lora, "load_for_inference", lambda *args, **kwargs: model)
+    inference_bart_lora.main([f"--model={tiny_models['llama']}", f"--text={DIALOGUE}", "--checks_encoder="])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [INVENTED, "! 'Ben': name not in the dialogue"]
+    out = tmp_path / "out.csv"
+    inference_bart_lora.main([f"--model={tiny_models['llama']}", f"--text={DIALOGUE}", "--checks_encoder=",
+                              f"--output_file={out}"])
+    with open(out, newline="", encoding="utf-8") as handle:
+        row = next(csv.DictReader(handle))
+    span = json.loads(row["checks_spans"])[0]
+    assert row["checks_flagged"] == "yes" and INVENTED[span["start"]:span["end"]] == span["text"] == "Ben"
+    record = json.loads((tmp_path / "out.csv.run_config.json").read_text())
+    assert record["checks"]["flagged"] == 1 and record["checks"]["errors"] == 0
+    inference_bart_lora.main([f"--model={tiny_models['llama']}", f"--text={DIALOGUE}", "--checks=false"])
+    assert capsys.readouterr().out.splitlines() == [INVENTED]
+
+    import finetuneflow.quality.faith_report as faith_report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no luck")
+    monkeypatch.setattr(faith_report, "check_summary", broken)
+    inference_bart_lora.main([f"--model={tiny_models['llama']}", f"--text={DIALOGUE}", "--checks_encoder="])
+    assert capsys.readouterr().out.splitlines() == [INVENTED, "! checks failed: RuntimeError: no luck"]

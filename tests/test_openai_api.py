@@ -109,6 +109,13 @@ def test_a_long_dialogue_streams_its_windows_first(server, client, model_id):
     assert content and content[0] > max(i for i, c in enumerate(chunks)
                                         if (c.model_extra or {}).get("ftf", {}).get("type") == "part")
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["summary"]
+    pieces = {}
+    for c in chunks:
+        ftf = (c.model_extra or {}).get("ftf") or {}
+        if ftf.get("type") == "part_delta":
+            key = (ftf["level"], ftf["part"])
+            pieces[key] = pieces.get(key, "") + ftf["text"]
+    assert pieces and all(pieces.get((p["level"], p["part"]), "") == p["summary"] for p in parts)   # each part streamed
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=120,
                       json={"model": model_id, "messages": [{"role": "user", "content": LONG}], "stream": True}) as raw:
         events = parse_sse(raw.iter_lines())
@@ -237,3 +244,80 @@ def test_clients_that_hang_up_leave_no_stuck_work(server, model_id):
     assert health == {"status": "ok", "pending": 0, "active": 0}
     assert metric(server, 'ftf_cancelled_total{reason="client_left"}') - before >= 1
     assert summarize(server, DIALOGUES[0])["summary"]                          # still serving
+
+
+def test_summaries_stream_token_by_token_and_add_up_to_the_answer(server, client, model_id):
+    for dialogue in DIALOGUES[:3]:
+        expected = client.chat.completions.create(model=model_id, temperature=0,
+                                                  messages=[{"role": "user", "content": dialogue}])
+        chunks = list(client.chat.completions.create(model=model_id, temperature=0, stream=True,
+                                                     messages=[{"role": "user", "content": dialogue}]))
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(deltas) > 1 and "".join(deltas) == expected.choices[0].message.content
+        assert not any(d.endswith("\ufffd") for d in deltas[:-1])    # a split character waits for its bytes
+    with httpx.stream("POST", f"{server.url}/summarize?stream=true", headers=AUTH, timeout=120,
+                      json={"dialogue": DIALOGUES[0]}) as raw:
+        events = parse_sse(raw.iter_lines())
+    deltas = [data["text"] for kind, data in events if kind == "delta"]
+    summary = next(data for kind, data in events if kind == "summary")
+    assert len(deltas) > 1 and "".join(deltas) == summary["summary"] == summarize(server, DIALOGUES[0])["summary"]
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert metric(server, "ftf_time_to_first_token_seconds_count") >= 4
+    assert metric(server, "ftf_inter_token_seconds_count") >= 4 and "# TYPE ftf_inter_token_seconds histogram" in text
+    streamed = [line for line in server.access_lines() if line.get("streamed")]
+    assert streamed and all(line["client_stayed"] is True for line in streamed)
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server, model_id):
+    async def hang_up(i: int):
+        body = {"model": model_id, "stream": True, "max_tokens": 64, "messages": [
+            {"role": "user", "content": DIALOGUES[i % len(DIALOGUES)] + f"\nSpeaker {i}: bye."}]}
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as client:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    choices = json.loads(line[6:]).get("choices") if line.startswith("data: {") else None
+                    if choices and choices[0]["delta"].get("content"):
+                        return True          # leave after the first piece of text
+        return False
+
+    async def run():
+        return await asyncio.gather(*(hang_up(i) for i in range(8)))
+
+    assert all(asyncio.run(run()))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        health = httpx.get(f"{server.url}/health").json()
+        if health["active"] == 0 and health["pending"] == 0:
+            break
+        time.sleep(0.2)
+    assert health == {"status": "ok", "pending": 0, "active": 0}
+    time.sleep(0.5)
+    left = [line for line in server.access_lines() if line.get("client_stayed") is False]
+    assert left and all(line["code"] == "client_left" for line in left)
+    assert summarize(server, DIALOGUES[0])["summary"]                          # still serving
+
+
+@pytest.mark.slow
+def test_500_streamed_requests_at_concurrency_32(server, model_id):
+    """0 errors, and every streamed text equals the single-request answer of its dialogue."""
+    singles = [summarize(server, d)["summary"] for d in DIALOGUES]
+    gate = asyncio.Semaphore(32)
+
+    async def one(client, i):
+        body = {"model": model_id, "stream": True, "messages": [{"role": "user", "content": DIALOGUES[i % 6]}]}
+        async with gate, client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return response.status_code, await response.aread()
+            events = parse_sse([line async for line in response.aiter_lines()])
+        text = "".join((data["choices"][0]["delta"].get("content") or "") for kind, data in events
+                       if isinstance(data, dict) and data.get("choices"))
+        return 200, text
+
+    async def run():
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(500)))
+
+    answers = asyncio.run(run())
+    assert [status for status, _ in answers] == [200] * 500
+    assert [text for _, text in answers] == [singles[i % 6] for i in range(500)]

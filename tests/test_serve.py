@@ -227,7 +227,7 @@ def run_jobs(scheduler: Scheduler, requests: list[tuple[str, list[str], list[boo
 def test_scheduler_isolates_a_failing_request():
     calls = []
 
-    def short(texts, decoding):
+    def short(texts, decoding, sink=None):
         calls.append(list(texts))
         if "bad" in texts:
             raise UserError("bad dialogue")
@@ -248,13 +248,13 @@ def test_scheduler_takes_turns_between_clients():
     """A client that queued six dialogues first does not make the other two clients wait for them:
     batches are filled round robin across clients."""
     calls = []
-    scheduler = Scheduler(lambda texts, d: calls.append(list(texts)) or fake_result(texts), None, batch_size=2,
+    scheduler = Scheduler(lambda texts, d, s=None: calls.append(list(texts)) or fake_result(texts), None, batch_size=2,
                           wait_ms=0)
     run_jobs(scheduler, [("heavy", [f"h{i}" for i in range(6)], [False] * 6), ("b", ["b0"], [False]),
                          ("c", ["c0"], [False])])
     assert calls[0] == ["h0", "b0"] and calls[1] == ["c0", "h1"] and len(calls) == 4
     calls.clear()                                                            # FIFO would have served b0, c0 last
-    run_jobs(Scheduler(lambda texts, d: calls.append(list(texts)) or fake_result(texts), None, batch_size=2,
+    run_jobs(Scheduler(lambda texts, d, s=None: calls.append(list(texts)) or fake_result(texts), None, batch_size=2,
                        wait_ms=0, enabled=False),
              [("heavy", [f"h{i}" for i in range(6)], [False] * 6), ("b", ["b0"], [False])])
     assert calls[0] == ["h0", "h1"] and calls[1] == ["b0"]                   # one request at a time, still in turns
@@ -274,7 +274,8 @@ def test_a_long_job_yields_its_turn_between_batches():
                     scheduler.submit(short_job)
         return SimpleNamespace(summaries=["LONG"], truncated=[False], windows=[5], settings={})
 
-    scheduler = Scheduler(lambda texts, d: order.append("+".join(texts)) or fake_result(texts), long, batch_size=8,
+    scheduler = Scheduler(lambda texts, d, s=None: order.append("+".join(texts)) or fake_result(texts), long,
+                          batch_size=8,
                           wait_ms=0)
 
     def arrive_later(jobs):
@@ -298,7 +299,8 @@ def test_cancelled_work_is_dropped_and_a_long_job_stops():
         jobs[1].cancel("client_left")                          # gone before its turn
         threading.Timer(0.3, lambda: jobs[0].cancel("deadline")).start()
 
-    scheduler = Scheduler(lambda texts, d: calls.append(texts) or fake_result(texts), long, batch_size=4, wait_ms=0)
+    scheduler = Scheduler(lambda texts, d, s=None: calls.append(texts) or fake_result(texts), long,
+                          batch_size=4, wait_ms=0)
     results = run_jobs(scheduler, [("a", ["long"], [True]), ("b", ["gone"], [False])], before_start=cancel)
     assert isinstance(results[0][0], Cancelled) and str(results[0][0]) == "deadline"
     assert isinstance(results[1][0], Cancelled) and ["gone"] not in calls
@@ -306,7 +308,7 @@ def test_cancelled_work_is_dropped_and_a_long_job_stops():
 
 
 def test_admission_refuses_when_closing_or_a_client_holds_too_much():
-    scheduler = Scheduler(lambda texts, d: fake_result(texts), None, client_pending_tokens=100, max_pending=3)
+    scheduler = Scheduler(lambda texts, d, s=None: fake_result(texts), None, client_pending_tokens=100, max_pending=3)
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -327,7 +329,7 @@ def test_admission_refuses_when_closing_or_a_client_holds_too_much():
 def test_sampled_requests_run_alone():
     calls = []
     sampled = Decoding(GenerationSettings(), (("seed", 1), ("temperature", 0.7), ("top_p", 1.0)))
-    run_jobs(Scheduler(lambda texts, d: calls.append(list(texts)) or fake_result(texts), None, batch_size=8,
+    run_jobs(Scheduler(lambda texts, d, s=None: calls.append(list(texts)) or fake_result(texts), None, batch_size=8,
                        wait_ms=0), [("a", ["a0"], [False]), ("b", ["b0"], [False])], decoding=sampled)
     assert sorted(calls) == [["a0"], ["b0"]]
 

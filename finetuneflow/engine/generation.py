@@ -33,8 +33,9 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneration, Sampling
+from finetuneflow.engine.streaming import TextStream, TokenSink
 from finetuneflow.model.loaded import LoadedModel
-from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
+from finetuneflow.model.prompts import DEFAULT_INSTRUCTION, stop_token_ids
 
 __all__ = ["BatchHook", "Choice", "Chooser", "GenerationResult", "GenerationSettings", "MBR_TOTALS",
            "default_input_limit", "effective_settings", "encode", "input_limit", "input_lengths", "summarize"]
@@ -135,22 +136,62 @@ def input_lengths(loaded: LoadedModel, dialogues: list[str], instruction: str, l
     return [len(encode(loaded, d, instruction or DEFAULT_INSTRUCTION, limit)[0]) for d in dialogues]
 
 
+def _stepper(loaded: LoadedModel, rows: list[int], sink: TokenSink | None):
+    """The backend's on_step for one batch (None: nobody streams or stops rows) and each wanted
+    row's TextStream (by position in the batch)."""
+    if sink is None or not loaded.backend.capabilities.token_streaming:
+        return None, {}
+    stops = set(stop_token_ids(loaded.tokenizer)) | {loaded.tokenizer.pad_token_id}
+    streams = {k: TextStream(loaded.tokenizer, stops) for k, i in enumerate(rows) if sink.wants(i)}
+
+    def on_step(k: int, token: int) -> bool:
+        if sink.stopped(rows[k]):
+            return True
+        stream = streams.get(k)
+        if stream is not None:
+            piece = stream.push(token)
+            if piece:
+                sink.text(rows[k], piece)
+        return False
+    return on_step, streams
+
+
+def _stream_rest(sink: TokenSink | None, rows: list[int], streams: dict, texts: list[str]) -> None:
+    """Each wanted row's text past what was streamed (all of it where nothing was)."""
+    if sink is None:
+        return
+    for k, i in enumerate(rows):
+        if not sink.wants(i):
+            continue
+        stream = streams.get(k)
+        piece = stream.finish(texts[k]) if stream is not None else texts[k]
+        if piece:
+            sink.text(i, piece)
+
+
 def _one_batch(loaded: LoadedModel, encoded: list, rows: list[int], decoding: ResolvedGeneration,
-               limit: int, record: dict) -> GenerationResult:
-    """The backend's summaries of `rows` (one batch), as a result of their own."""
+               limit: int, record: dict, sink: TokenSink | None = None) -> GenerationResult:
+    """The backend's summaries of `rows` (one batch), as a result of their own; a `sink` hears
+    each row's text as its tokens come (engine/streaming.py)."""
     batch = [encoded[i][0] for i in rows]
     used = loaded.backend.speedups_for(loaded, batch, decoding)
+    on_step, streams = _stepper(loaded, rows, sink)
     start = time.perf_counter()
-    outputs = loaded.backend.generate_batch(loaded, batch, decoding)
-    texts = loaded.tokenizer.batch_decode([o.ids for o in outputs], skip_special_tokens=True)
+    if on_step is not None:
+        outputs = loaded.backend.generate_batch(loaded, batch, decoding, on_step=on_step)
+    else:
+        outputs = loaded.backend.generate_batch(loaded, batch, decoding)
+    texts = [t.strip() for t in loaded.tokenizer.batch_decode([o.ids for o in outputs], skip_special_tokens=True)]
+    _stream_rest(sink, rows, streams, texts)
     counts = [o.counted for o in outputs]
-    return GenerationResult([t.strip() for t in texts], sum(counts), time.perf_counter() - start,
+    return GenerationResult(texts, sum(counts), time.perf_counter() - start,
                             [encoded[i][1] for i in rows], record, len(rows), limit, [o.finish_reason for o in outputs],
                             [len(ids) for ids in batch], counts, dict.fromkeys(used, 1))
 
 
 def _candidate_batch(loaded: LoadedModel, encoded: list, rows: list[int], decoding: ResolvedGeneration, limit: int,
-                     record: dict, sources: list[str], chooser: Chooser) -> GenerationResult:
+                     record: dict, sources: list[str], chooser: Chooser,
+                     sink: TokenSink | None = None) -> GenerationResult:
     """DECODING=mbr: the backend's candidates of `rows` (one batch) and the chooser's summaries."""
     batch = [encoded[i][0] for i in rows]
     used = loaded.backend.speedups_for(loaded, batch, decoding.greedy_part())
@@ -172,7 +213,9 @@ def _candidate_batch(loaded: LoadedModel, encoded: list, rows: list[int], decodi
               "greedy_tokens": sum(r["greedy_tokens"] for r in mbr_rows), "greedy_seconds": made.greedy_seconds,
               "sample_seconds": made.sample_seconds, "selection_seconds": selection}
     counts = [g.counted for g in picked]
-    return GenerationResult([t[c.index] for t, c in zip(texts, choices)], sum(counts), time.perf_counter() - start,
+    summaries = [t[c.index] for t, c in zip(texts, choices)]
+    _stream_rest(sink, rows, {}, summaries)       # chosen once every candidate is done: one piece
+    return GenerationResult(summaries, sum(counts), time.perf_counter() - start,
                             [encoded[i][1] for i in rows], record, len(rows), limit, [g.finish_reason for g in picked],
                             [len(ids) for ids in batch], counts, dict.fromkeys(used, 1), mbr_rows, totals)
 
@@ -188,10 +231,11 @@ def summarize(loaded: LoadedModel, dialogues: list[str],
               settings: GenerationSettings | ResolvedGeneration | None = None, batch_size: int = 8,
               max_input_length: int | None = None, instruction: str = DEFAULT_INSTRUCTION, progress: bool = True,
               sampling: Sampling | dict | None = None, hook: BatchHook | None = None,
-              chooser: Chooser | None = None) -> GenerationResult:
+              chooser: Chooser | None = None, sink: TokenSink | None = None) -> GenerationResult:
     """Summaries of `dialogues`, in order, with timing and the effective settings (`sampling`:
     see effective_settings; `hook`: see the module doc; `chooser`: picks a row's summary among
-    its candidates under DECODING=mbr, quality/mbr.py `choose_rows`)."""
+    its candidates under DECODING=mbr, quality/mbr.py `choose_rows`; `sink`: hears each summary's
+    text as it is generated, engine/streaming.py)."""
     decoding = effective_settings(loaded, settings, sampling)
     if decoding.mbr is not None and chooser is None:
         raise ValueError("DECODING=mbr needs a chooser (quality/mbr.py choose_rows) to pick each row's summary")
@@ -210,9 +254,10 @@ def summarize(loaded: LoadedModel, dialogues: list[str],
         hook.before()
         rows = order[position:position + batch_size]
         if decoding.mbr is not None:
-            call = lambda: _candidate_batch(loaded, encoded, rows, decoding, limit, record, dialogues, chooser)  # noqa: E731
+            call = lambda: _candidate_batch(loaded, encoded, rows, decoding, limit, record, dialogues, chooser,  # noqa: E731
+                                                  sink)
         else:
-            call = lambda: _one_batch(loaded, encoded, rows, decoding, limit, record)  # noqa: E731
+            call = lambda: _one_batch(loaded, encoded, rows, decoding, limit, record, sink)  # noqa: E731
         try:
             batch = hook.run(call)
         except Exception as exc:

@@ -86,6 +86,11 @@ class Control:
     def part(self, part: Part) -> None:
         """A window's (or the final) summary, as soon as its batch has finished."""
 
+    def sink(self, parts: list[Part]):
+        """A TokenSink (engine/streaming.py) for an engine call whose text i becomes `parts[i]`:
+        each part's summary streamed as it is generated; None: nothing is streamed."""
+        return None
+
 
 class _ControlHook(BatchHook):
     """A Control on the engine's per-batch hook: each finished row is announced as its Part."""
@@ -160,8 +165,9 @@ class _Run:
         """The engine's summaries of `texts` (one call); with a control, `parts[i]` is announced
         when text i is done."""
         hook = _ControlHook(self.control, parts) if self.control is not None else None
+        sink = self.control.sink(parts) if self.control is not None else None
         result = summarize(self.loaded, texts, self.decoding, self.batch_size, self.limit, self.instruction,
-                           self.progress, hook=hook, chooser=self.chooser)
+                           self.progress, hook=hook, chooser=self.chooser, sink=sink)
         self.generated += result.generated_tokens
         self.settings_used = self.settings_used or result.settings
         self.batch_size = min(self.batch_size, result.batch_size or self.batch_size)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from finetuneflow.contract.decoding import GenerationSettings
 from finetuneflow.engine.long_input import Cancelled, Control, Part
+from finetuneflow.serve.streams import BatchSink, Delta, PartsSink
 
 log = logging.getLogger("finetuneflow.serve")
 
@@ -62,6 +63,7 @@ class Result:
     input_tokens: int
     generated: int
     settings: dict
+    checks: dict | None = None      # the faithfulness checks' findings (ftf.checks), added by the service
 
 
 class Job:
@@ -80,6 +82,8 @@ class Job:
         self.on_cancel: Callable[[str], None] | None = None
         self.spent = 0                      # work tokens used so far (inputs + beams x new tokens)
         self.parts: dict[int, list[Part]] = {}
+        self.started = time.monotonic()
+        self.sent: dict[int, str] = {}      # dialogue -> the text streamed so far (model thread)
 
     @property
     def cancelled(self) -> bool:
@@ -108,6 +112,11 @@ class Job:
         self.parts.setdefault(part.dialogue, []).append(part)
         if self.events is not None:
             self._call(self.events.put_nowait, part)
+
+    def stream(self, delta: Delta) -> None:
+        """The next piece of a summary, for a streaming request (model thread)."""
+        if self.events is not None:
+            self._call(self.events.put_nowait, delta)
 
     def _call(self, function, *args) -> None:
         try:
@@ -318,8 +327,9 @@ class Scheduler:
 
     def _run_batch(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
+        sink = BatchSink([(i.job, i.index) for i in batch])
         try:
-            result = self.short_run([i.job.dialogues[i.index] for i in batch], batch[0].job.decoding)
+            result = self.short_run([i.job.dialogues[i.index] for i in batch], batch[0].job.decoding, sink)
         except Exception as exc:  # noqa: BLE001  (handed to the waiting requests)
             jobs = list(dict.fromkeys(i.job for i in batch))
             if len(jobs) > 1:                    # one bad request fails alone
@@ -336,6 +346,9 @@ class Scheduler:
         if self.on_batch:
             self.on_batch(len(batch), seconds, result.generated_tokens)
         for k, item in enumerate(batch):
+            if item.job.cancelled:           # its row was stopped part-way: not a summary
+                self._drop(item)
+                continue
             value = Result(result.summaries[k], result.truncated[k], 1, result.finish_reasons[k],
                            result.input_tokens[k], result.generated[k], result.settings)
             item.job.emit(Part(item.index, 0, 1, 1, value.summary, True, value.input_tokens, value.generated,
@@ -407,6 +420,9 @@ class _TurnControl(Control):
             self.scheduler.on_batch(len(result.summaries), time.perf_counter() - start, result.generated_tokens)
         self.scheduler.stats["batches"] += 1
         return result
+
+    def sink(self, parts: list[Part]) -> PartsSink:
+        return PartsSink(self.job, parts, [self.indices[p.dialogue] for p in parts])
 
     def part(self, part: Part) -> None:
         # long_input numbers the dialogues it was given; the request numbers all of its dialogues

@@ -60,7 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientLeft)
     async def client_left(request: Request, exc: ClientLeft):
-        note(request, code="client_left")
+        note(request, code="client_left", client_stayed=False)
         return Response(status_code=499)       # nobody reads it; the access log shows 499
 
     @app.exception_handler(RequestValidationError)

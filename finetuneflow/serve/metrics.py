@@ -3,7 +3,10 @@
 ftf_requests_total{route,status}          requests answered
 ftf_request_errors_total{route,code}      4xx/5xx answers by error code
 ftf_request_seconds{route}                latency histogram (streams: until the last event)
-ftf_first_event_seconds{route}            streaming: time to the first event with text
+ftf_time_to_first_token_seconds           streaming: from admission to a summary's first text (per dialogue)
+ftf_inter_token_seconds                   streaming: between a summary's pieces of text (about one per token)
+ftf_flagged_summaries_total{check}        summaries a faithfulness check flagged (ftf.checks)
+ftf_check_errors_total                    checks that failed internally (the summary was still returned)
 ftf_queue_length                          dialogues and long-job turns waiting for the model
 ftf_active_requests                       requests admitted and not finished
 ftf_batch_size                            dialogues (or windows) per engine batch, histogram
@@ -25,6 +28,7 @@ disable_created_metrics()   # no *_created series: they double the output and no
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -34,8 +38,13 @@ class Metrics:
         self.errors = Counter("ftf_request_errors", "Error answers by code", ["route", "code"], registry=registry)
         self.latency = Histogram("ftf_request_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS,
                                  registry=registry)
-        self.first_event = Histogram("ftf_first_event_seconds", "Streaming: time to the first text event",
-                                     ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.first_token = Histogram("ftf_time_to_first_token_seconds", "Streaming: admission to a summary's first "
+                                     "text", buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token = Histogram("ftf_inter_token_seconds", "Streaming: time between a summary's pieces of text",
+                                     buckets=TOKEN_BUCKETS, registry=registry)
+        self.flagged = Counter("ftf_flagged_summaries", "Summaries a faithfulness check flagged", ["check"],
+                               registry=registry)
+        self.check_errors = Counter("ftf_check_errors", "Checks that failed internally", registry=registry)
         Gauge("ftf_queue_length", "Dialogues and long-job turns waiting for the model",
               registry=registry).set_function(queue_length)
         Gauge("ftf_active_requests", "Requests admitted and not finished", registry=registry).set_function(active)
@@ -58,6 +67,10 @@ class Metrics:
         self._recent.append((tokens, seconds))
         total = sum(s for _, s in self._recent)
         self.speed.set(sum(t for t, _ in self._recent) / total if total else 0.0)
+
+    def token_time(self, seconds: float, first: bool) -> None:
+        """A streamed piece of text: `seconds` since admission (the first) or the previous piece."""
+        (self.first_token if first else self.inter_token).observe(max(0.0, seconds))
 
     def request(self, route: str, status: int, seconds: float, code: str | None = None) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -15,11 +15,20 @@ through the same micro-batcher, limits and budgets as /summarize.
 * `stop`: up to 4 strings; the text is cut before the first one (finish_reason "stop").
 * `usage` counts every model call (a long dialogue's windows too); `finish_reason` is "stop" or
   "length".
+* `ftf.checks` (an ftf extension, one per choice; CHECKS=True): the shipped faithfulness checks of
+  the summary against the dialogue (quality/faith_report.py): flagged spans with character
+  offsets, the checks' names and validation numbers; `error` when a check failed inside (the
+  summary is still returned); dialogues longer than the checks were validated for: `skipped`.
 * `stream: true`: server-sent events of `chat.completion.chunk` / `text_completion` objects and
-  `data: [DONE]`; a long dialogue first sends one chunk per finished window with an empty delta
-  and the extension field `"ftf": {"type": "part", "part": 2, "parts": 5, "level": 0, "summary":
-  "..."}`, then the summary as one content delta (requests are micro-batched, so a summary is
-  finished as a whole), then the finish reason; `stream_options.include_usage` adds the usage chunk.
+  `data: [DONE]`. A summary's text comes as content deltas as its tokens are generated (inside
+  the micro-batch: each row of a batch streams its own; UTF-8 safe; the deltas add up to exactly
+  the non-streamed text, `stop` strings applied), then its finish reason with the extension
+  `"ftf": {"type": "summary", "checks": {...}}` (the checks, as in the non-streamed `ftf.checks`);
+  `stream_options.include_usage` adds the usage chunk. A long dialogue first streams each
+  window's summary as chunks with an empty delta and `"ftf": {"type": "part_delta", "part",
+  "parts", "level", "text"}`, then one chunk per finished window with `"ftf": {"type": "part",
+  "part": 2, "parts": 5, "level": 0, "summary": "..."}`. Beam search and MBR summaries are final
+  only when done: their text comes as one delta.
 
 Not supported (refused with a 422 naming the field, unless at its default): n > 1, tools,
 logprobs, logit_bias, presence/frequency penalties, best_of, echo, suffix, non-text content.
@@ -37,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from finetuneflow.serve.batching import Rejected, Result
 from finetuneflow.serve.http_common import SSE_HEADERS, client_key, error_body, note, sse
 from finetuneflow.serve.service import ClientLeft, Service
+from finetuneflow.serve.streams import StopCut
 
 # field -> the values that mean "not used"; anything else is refused
 UNSUPPORTED = {"n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -151,6 +161,8 @@ class _Call:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.start = time.perf_counter()
+        self.streamed = 0           # content chunks sent
+        self.left = False           # the client hung up
 
     def check_model(self) -> None:
         service = self.service
@@ -201,7 +213,8 @@ class _Call:
             choices=[self.choice(i, r) for i, r in enumerate(results)],
             usage={"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
             ftf={"windows": [r.windows for r in results], "truncated": [r.truncated for r in results],
-                 "generation": results[0].settings, "seconds": round(time.perf_counter() - self.start, 4)})
+                 "generation": results[0].settings, "seconds": round(time.perf_counter() - self.start, 4),
+                 "checks": [r.checks for r in results]})
 
     # -- streaming ------------------------------------------------------------------------------
     def chunk(self, index: int, delta: dict | str | None, reason: str | None, **extra) -> str:
@@ -212,7 +225,20 @@ class _Call:
         return sse(self.envelope(object=self.object + (".chunk" if self.chat else ""), choices=[choice], **extra))
 
     async def stream(self, job):
-        body, results = self.body, {}
+        """The request's server-sent events; the access log hears how many content chunks went out
+        and whether the client stayed to the end."""
+        stayed = False
+        try:
+            async for event in self.events(job):
+                yield event
+            stayed = not self.left
+        finally:
+            note(self.request, streamed=self.streamed, client_stayed=stayed)
+            if not stayed:
+                note(self.request, code="client_left")
+
+    async def events(self, job):
+        body, results, cuts = self.body, {}, {i: StopCut(self.body.stops()) for i in range(len(self.texts))}
         if self.chat:
             for index in range(len(self.texts)):
                 yield self.chunk(index, {"role": "assistant", "content": ""}, None)
@@ -222,21 +248,29 @@ class _Call:
                     part = {"type": "part", "part": value.part, "parts": value.parts, "level": value.level,
                             "summary": value.summary}
                     yield self.chunk(value.dialogue, None, None, ftf=part)
-                    continue
-                index, result = value
-                results[index] = result
-                choice = self.choice(index, result)
-                text = choice["message"]["content"] if self.chat else choice["text"]
-                yield self.chunk(index, {"content": text} if self.chat else text, None)
-                yield self.chunk(index, {} if self.chat else "", choice["finish_reason"],
-                                 ftf={"type": "summary", "windows": result.windows, "truncated": result.truncated})
+                elif kind == "part_delta":
+                    where = value.part
+                    yield self.chunk(value.dialogue, None, None, ftf={
+                        "type": "part_delta", "part": where.part, "parts": where.parts, "level": where.level,
+                        "text": value.text})
+                elif kind == "delta":
+                    text = cuts[value.dialogue].push(value.text)
+                    if text:
+                        self.streamed += 1
+                        yield self.chunk(value.dialogue, {"content": text} if self.chat else text, None)
+                else:
+                    index, result = value
+                    results[index] = result
+                    for event in self.finish_choice(index, result, cuts[index]):
+                        yield event
         except Rejected as exc:
             note(self.request, code=exc.code)
             yield sse(error_body(exc.status, exc.code, str(exc), exc.param))
             return
         except ClientLeft:
-            note(self.request, code="client_left")
+            self.left = True
             return
+        note(self.request, completion_tokens=sum(r.generated for r in results.values()))
         if body.stream_options and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
             prompt, completion = sum(r.input_tokens for r in ordered), sum(r.generated for r in ordered)
@@ -244,6 +278,18 @@ class _Call:
                                     usage={"prompt_tokens": prompt, "completion_tokens": completion,
                                            "total_tokens": prompt + completion}))
         yield sse("[DONE]")
+
+    def finish_choice(self, index: int, result: Result, cut: StopCut):
+        """The rest of a choice's text (what its streamed pieces did not carry yet), then its finish."""
+        choice = self.choice(index, result)
+        rest = cut.finish(choice["message"]["content"] if self.chat else choice["text"])
+        if rest:
+            self.streamed += 1
+            yield self.chunk(index, {"content": rest} if self.chat else rest, None)
+        extension = {"type": "summary", "windows": result.windows, "truncated": result.truncated}
+        if result.checks is not None:
+            extension["checks"] = result.checks
+        yield self.chunk(index, {} if self.chat else "", choice["finish_reason"], ftf=extension)
 
 
 def openai_router(service: Service) -> APIRouter:
@@ -270,7 +316,7 @@ def openai_router(service: Service) -> APIRouter:
             return StreamingResponse(call.stream(job), media_type="text/event-stream", headers=SSE_HEADERS)
         results = await service.results(job, call.request.is_disconnected)
         answer = call.answer(results)
-        note(call.request, completion_tokens=answer["usage"]["completion_tokens"])
+        note(call.request, completion_tokens=answer["usage"]["completion_tokens"], client_stayed=True)
         return answer
 
     @router.post("/chat/completions", summary="Summarize the last user message (OpenAI chat format)")

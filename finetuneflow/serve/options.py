@@ -35,6 +35,8 @@ class ServerOptions(FromConfig, DecodingFields):
     access_log: bool = True
     log_level: str = "warning"
     mbr_requests: bool = False
+    checks: bool = True
+    checks_encoder: str | None = None
 
     @property
     def defaults(self) -> GenerationSettings:

@@ -1,14 +1,22 @@
 """The service's own routes: POST /summarize (JSON, or server-sent events with ?stream=true),
 GET /health, GET /info and GET /metrics.
 
+The JSON answer has "ftf": {"checks": [one per dialogue]}: the faithfulness checks of each
+summary (quality/faith_report.py; null when CHECKS=False).
+
 /summarize?stream=true sends, as `event: <type>` + `data: <json>` (the type is also in the data):
 
     start    {"type": "start", "id", "model", "dialogues": n, "windows": [estimated windows per dialogue],
               "generation": {effective decoding settings}, "max_input_length"}
     part     {"type": "part", "dialogue": i, "level": 0, "part": 2, "parts": 5, "summary": "...",
               "seconds"}   one per finished window of a long dialogue (level 1+: combining partials)
+    part_delta {"type": "part_delta", "dialogue": i, "level", "part", "parts", "text": "..."}   the next
+              piece of a window's summary as it is generated (before that window's "part" event)
+    delta    {"type": "delta", "dialogue": i, "text": "..."}   the next piece of a summary as its tokens
+              are generated (UTF-8 safe; a dialogue's deltas add up to exactly its "summary")
     summary  {"type": "summary", "dialogue": i, "summary", "truncated", "windows", "finish_reason",
-              "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "seconds"}
+              "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "seconds",
+              "checks": {...}}   the whole summary, and its faithfulness checks (ftf.checks)
     done     {"type": "done", "summaries": [...], "usage": {...}, "seconds", "tokens_per_s"}
     error    {"type": "error", "error": {"message", "type", "code", "param"}}   (then the stream ends)
 """
@@ -85,10 +93,10 @@ def summarize_router(service: Service) -> APIRouter:
         answer = {"summaries": [r.summary for r in results], "truncated": [r.truncated for r in results],
                   "chunked": [r.windows > 1 for r in results], "windows": [r.windows for r in results],
                   "finish_reasons": [r.finish_reason for r in results], "generation": results[0].settings,
-                  "usage": usage(results), "seconds": round(seconds, 4)}
+                  "usage": usage(results), "seconds": round(seconds, 4), "ftf": {"checks": [r.checks for r in results]}}
         if body.dialogue is not None:   # the one-dialogue form also gets "summary"
             answer["summary"] = answer["summaries"][0]
-        note(request, completion_tokens=answer["usage"]["completion_tokens"])
+        note(request, completion_tokens=answer["usage"]["completion_tokens"], client_stayed=True)
         return answer
 
     @router.get("/health", summary="Liveness (never needs the token)")
@@ -114,28 +122,58 @@ def summarize_router(service: Service) -> APIRouter:
 
 
 async def summarize_events(service: Service, job, request: Request, head: dict, start: float):
+    """The events of /summarize?stream=true; the access log hears how many deltas went out and
+    whether the client stayed to the end."""
+    counts = {"streamed": 0, "stayed": False}
+    try:
+        async for event in _events(service, job, request, head, start, counts):
+            yield event
+    finally:
+        note(request, streamed=counts["streamed"], client_stayed=counts["stayed"])
+        if not counts["stayed"]:
+            note(request, code="client_left")
+
+
+async def _events(service: Service, job, request: Request, head: dict, start: float, counts: dict):
     yield sse(head, "start")
     results: dict[int, Result] = {}
+    sent: dict[int, str] = {}
     try:
         async for kind, value in service.events(job, request.is_disconnected):
             seconds = round(time.perf_counter() - start, 4)
+            if kind == "delta":
+                sent[value.dialogue] = sent.get(value.dialogue, "") + value.text
+                counts["streamed"] += 1
+                yield sse({"type": "delta", "dialogue": value.dialogue, "text": value.text}, "delta")
+                continue
+            if kind == "part_delta":
+                where = value.part
+                yield sse({"type": "part_delta", "dialogue": value.dialogue, "level": where.level, "part": where.part,
+                           "parts": where.parts, "text": value.text}, "part_delta")
+                continue
             if kind == "part":
                 yield sse({"type": "part", "dialogue": value.dialogue, "level": value.level, "part": value.part,
                            "parts": value.parts, "summary": value.summary, "seconds": seconds}, "part")
                 continue
             index, result = value
             results[index] = result
+            rest = result.summary[len(sent.get(index, "")):]
+            if rest and result.summary.startswith(sent.get(index, "")):
+                sent[index] = result.summary
+                counts["streamed"] += 1
+                yield sse({"type": "delta", "dialogue": index, "text": rest}, "delta")
             yield sse({"type": "summary", "dialogue": index, "summary": result.summary,
                        "truncated": result.truncated, "windows": result.windows,
-                       "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds},
-                      "summary")
+                       "finish_reason": result.finish_reason, "usage": usage([result]), "seconds": seconds,
+                       "checks": result.checks}, "summary")
     except Rejected as exc:
+        counts["stayed"] = True
         note(request, code=exc.code)
         yield sse({"type": "error", **error_body(exc.status, exc.code, str(exc))}, "error")
         return
     except ClientLeft:
-        note(request, code="client_left")
         return
+    counts["stayed"] = True
     ordered = [results[i] for i in sorted(results)]
     seconds = time.perf_counter() - start
     total = usage(ordered)

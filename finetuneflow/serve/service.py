@@ -16,9 +16,11 @@ from finetuneflow.contract.errors import UserError, first_line
 from finetuneflow.engine.long_input import Cancelled
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.serve.batching import Decoding, Job, Rejected, Result, Scheduler
+from finetuneflow.serve.checking import Checker
 from finetuneflow.serve.inference_io import model_info
 from finetuneflow.serve.metrics import Metrics
 from finetuneflow.serve.options import ServerOptions
+from finetuneflow.serve.streams import Delta
 from finetuneflow.serve.work import Plan, Runner
 
 log = logging.getLogger("finetuneflow.serve")
@@ -49,6 +51,7 @@ class Service:
         self.scheduler = Scheduler(self.runner.short, self.runner.long, options.batch_size, options.batch_wait_ms,
                                    options.micro_batching, options.max_pending, options.client_pending_tokens,
                                    on_batch=self.metrics.batch)
+        self.checker = Checker(options.checks, options.checks_encoder, self.metrics)
         self.defaults: GenerationSettings = options.defaults
         self.info = model_info(loaded)
         self.model_id = options.model_id or Path(self.info["model"] or loaded.name).name or "model"
@@ -128,6 +131,8 @@ class Service:
                   events=asyncio.Queue() if stream else None)
         job.on_cancel = lambda reason: self.metrics.cancelled.labels(reason).inc()
         self.scheduler.submit(job)
+        if self.checker.enabled and decoding.prompt == "summary":
+            loop.run_in_executor(None, self.checker.prepare, dialogues)    # a head start for the checks
         return job, plan
 
     # -- answers ------------------------------------------------------------------------------
@@ -161,7 +166,9 @@ class Service:
         try:
             while True:
                 try:
-                    return list(await asyncio.wait_for(asyncio.shield(gathered), POLL_S))
+                    results = list(await asyncio.wait_for(asyncio.shield(gathered), POLL_S))
+                    await self.checker.add(results, job.dialogues)
+                    return results
                 except asyncio.TimeoutError:
                     pass
                 except Exception as exc:  # noqa: BLE001  a dialogue failed
@@ -172,9 +179,10 @@ class Service:
             gathered.cancel()
 
     async def events(self, job: Job, disconnected: Disconnected) -> AsyncIterator[tuple[str, object]]:
-        """("part", Part) for every finished window, then ("result", (index, Result)) for each
-        dialogue as it completes; raises Rejected / ClientLeft like `results`."""
-        pending = dict(enumerate(job.futures))
+        """("part", Part) for every finished window, ("part_delta", Delta) for every piece of a
+        window's summary as its tokens come, ("delta", Delta) for every piece of a summary, then
+        ("result", (index, Result)) for each dialogue as it completes; raises Rejected / ClientLeft like `results`."""
+        pending, last = dict(enumerate(job.futures)), {}
         try:
             while pending:
                 try:
@@ -185,13 +193,21 @@ class Service:
                 while not job.events.empty():
                     parts.append(job.events.get_nowait())
                 for part in parts:
-                    if not part.final:
+                    if isinstance(part, Delta) and part.part is not None:
+                        yield "part_delta", part
+                    elif isinstance(part, Delta):
+                        self.metrics.token_time(part.at - last.get(part.dialogue, job.started),
+                                                first=part.dialogue not in last)
+                        last[part.dialogue] = part.at
+                        yield "delta", part
+                    elif not part.final:
                         yield "part", part
                 for index, future in sorted(pending.items()):
                     if future.done():
                         del pending[index]
                         if future.exception() is not None:
                             raise self.failure(job, future.exception())
+                        await self.checker.add([future.result()], [job.dialogues[index]])
                         yield "result", (index, future.result())
                 if first is None and pending:
                     await self._watch(job, disconnected)
@@ -214,7 +230,7 @@ class Service:
                 "max_input_length": self.runner.limit(decoding), "long_input": options.long_input,
                 "sampling": self.runner.sampling_available(), "limits": options.limits(),
                 "mbr": {"requests_allowed": options.mbr_allowed(), "knobs": options.mbr_knobs(),
-                        "streaming": MBR_STREAMING}}
+                        "streaming": MBR_STREAMING}, "checks": self.checker.describe()}
 
     def runner_effective(self, decoding: Decoding) -> dict:
         """The request's deterministic decoding settings as responses show them."""

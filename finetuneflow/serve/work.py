@@ -117,12 +117,14 @@ class Runner:
         return Plan(tokens, long, windows, cost, limit)
 
     # -- the model thread ---------------------------------------------------------------------
-    def short(self, texts: list[str], decoding: Decoding):
-        """One engine batch of dialogues that fit (or are truncated)."""
+    def short(self, texts: list[str], decoding: Decoding, sink=None):
+        """One engine batch of dialogues that fit (or are truncated); `sink` hears each row's text
+        as its tokens come and stops the rows nobody waits for (serve/streams.py BatchSink)."""
         options = self.options
         extra = {"sampling": decoding.sampling_dict()} if decoding.sampling else {}
         return summarize(prompted(self.loaded, decoding.prompt), texts, decoding.settings, options.batch_size,
-                         self.limit(decoding), options.instruction, progress=False, chooser=choose_rows, **extra)
+                         self.limit(decoding), options.instruction, progress=False, chooser=choose_rows, sink=sink,
+                         **extra)
 
     def long(self, job: Job, texts: list[str], control):
         """The map-reduce of long dialogues, one engine batch per turn."""

@@ -9,7 +9,9 @@ to the model's backend with the decoding already resolved (contract/decoding.py
 * `load(source, device=..., dtype=..., **options)`: a `LoadedModel` (model/loaded.py);
 * `generate_batch(loaded, batch, decoding, on_step=None)`: the new tokens of each row
   (`Generated`); a backend with `capabilities.token_streaming` calls `on_step(row, token)` for
-  every token as it is chosen (the others are never given one);
+  every token as it is chosen (the others are never given one); when it returns True, the row's
+  consumer is gone: the backend stops generating that row (its result is then cut short) and the
+  batch goes on. Beam search may stream nothing (its rows are final only at the end);
 * `generate_candidates(loaded, batch, decoding, seeds)`: DECODING=mbr's candidates of each row:
   the greedy summary (exactly what `generate_batch` gives), then `decoding.mbr.samples` samples
   seeded from the row's seed, with the prompt encoded once per row and its KV cache (or encoder
@@ -36,7 +38,7 @@ from finetuneflow.contract.decoding import GenerationSettings, ResolvedGeneratio
 from finetuneflow.contract.errors import UserError
 from finetuneflow.model.loaded import LoadedModel
 
-StepCallback = Callable[[int, int], None]    # (row of the batch, token id just chosen)
+StepCallback = Callable[[int, int], "bool | None"]    # (row of the batch, token id just chosen) -> stop the row?
 
 
 @dataclass

@@ -69,7 +69,7 @@ def seeded_runtime(loaded: LoadedModel, seed: int):
 
 class CT2Backend(Backend):
     name = "ctranslate2"
-    capabilities = Capabilities(beams=True, sampling=True)
+    capabilities = Capabilities(beams=True, sampling=True, token_streaming=True)
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and is_ct2_dir(path)
@@ -128,7 +128,7 @@ class CT2Backend(Backend):
         runtime = None
         if decoding.sampling is not None:
             runtime = seeded_runtime(loaded, decoding.sampling.seed or 0)
-        return [row[0] for row in self._run(loaded, batch, decoding, runtime=runtime)]
+        return [row[0] for row in self._run(loaded, batch, decoding, runtime=runtime, on_step=on_step)]
 
     def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
                             seeds: list[int]) -> CandidateBatch:
@@ -147,10 +147,14 @@ class CT2Backend(Backend):
                               time.perf_counter() - started - greedy_seconds)
 
     def _run(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
-             hypotheses: int = 1, runtime=None) -> list[list[Generated]]:
-        """`hypotheses` results per row (generate_batch: one), on `runtime` (default: the model's)."""
+             hypotheses: int = 1, runtime=None, on_step: StepCallback | None = None) -> list[list[Generated]]:
+        """`hypotheses` results per row (generate_batch: one), on `runtime` (default: the model's);
+        `on_step` hears each row's tokens through CTranslate2's step callback (one beam only;
+        returning True stops that row)."""
         tokenizer, runtime = loaded.tokenizer, runtime or loaded.model
         options = {**self.options(loaded, decoding), "num_hypotheses": hypotheses}
+        if on_step is not None and options["beam_size"] == 1 and hypotheses == 1:
+            options["callback"] = lambda step: bool(on_step(step.batch_id, step.token_id))
         tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in batch]
         if loaded.family == CAUSAL:
             stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]

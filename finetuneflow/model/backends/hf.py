@@ -27,7 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+from transformers import (LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor, StoppingCriteria,
+                          StoppingCriteriaList)
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
 from finetuneflow.contract.decoding import ResolvedGeneration
@@ -269,6 +271,57 @@ def new_rows(loaded: LoadedModel, sequences, width: int, decoding: ResolvedGener
     return finish(new.tolist(), stops, decoding.max_new_tokens)
 
 
+# --- token streaming ---------------------------------------------------------------------------
+class RowStreamer(BaseStreamer):
+    """generate()'s streamer for a whole batch: each step's tokens (one per row) go to
+    `on_step(row, token)`; a row whose callback returns True is stopped (`RowsStopped`). The
+    first put() is the prompt (a decoder-only model's input ids, a seq2seq model's decoder start):
+    not generated, so not passed on. Prompt lookup puts several tokens of one row at once."""
+
+    def __init__(self, on_step: StepCallback):
+        self.on_step = on_step
+        self.prompt_seen = False
+        self.stopped: set[int] = set()
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        columns = value[:, None] if value.dim() == 1 else value
+        for row, tokens in enumerate(columns.tolist()):
+            if row in self.stopped:
+                continue
+            for token in tokens:
+                if self.on_step(row, int(token)):
+                    self.stopped.add(row)
+                    break
+
+    def end(self) -> None:
+        pass
+
+
+class RowsStopped(StoppingCriteria):
+    """Finishes the rows the streamer's callback stopped (their client left); the others go on."""
+
+    def __init__(self, streamer: RowStreamer):
+        self.streamer = streamer
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.streamer.stopped:
+            done[list(self.streamer.stopped)] = True
+        return done
+
+
+def streaming_arguments(decoding: ResolvedGeneration, on_step: StepCallback | None) -> dict:
+    """generate() arguments that stream each row's tokens to `on_step` (beam search cannot: its
+    rows are only final at the end, so it streams nothing and the engine sends the text whole)."""
+    if on_step is None or decoding.num_beams != 1:
+        return {}
+    streamer = RowStreamer(on_step)
+    return {"streamer": streamer, "stopping_criteria": StoppingCriteriaList([RowsStopped(streamer)])}
+
+
 # --- DECODING=mbr's candidates --------------------------------------------------------------------
 class SampleCandidates(LogitsProcessor):
     """Turn each row's scores into its sampled token (every other token -inf), drawn with the
@@ -340,7 +393,8 @@ def _samples(loaded: LoadedModel, decoding: ResolvedGeneration, seeds: list[int]
 
 class TransformersBackend(Backend):
     name = "transformers"
-    capabilities = Capabilities(beams=True, sampling=True, exact_speedups=True, training=True, precision=True)
+    capabilities = Capabilities(beams=True, sampling=True, token_streaming=True, exact_speedups=True, training=True,
+                                precision=True)
 
     def detect(self, path: Path) -> bool:
         return True
@@ -361,7 +415,7 @@ class TransformersBackend(Backend):
 
     def generate_batch(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,
                        on_step: StepCallback | None = None) -> list[Generated]:
-        out, padded = run_generate(loaded, batch, decoding)
+        out, padded = run_generate(loaded, batch, decoding, **streaming_arguments(decoding, on_step))
         return new_rows(loaded, out, padded["input_ids"].shape[1], decoding)
 
     def generate_candidates(self, loaded: LoadedModel, batch: list[list[int]], decoding: ResolvedGeneration,

@@ -121,7 +121,7 @@ class CandidateChooser(TokenChooser):
 class LlamaCppBackend(Backend):
     """The backend seam (model/backends): detect, load, generate_batch, token_log_probs."""
     name = NAME
-    capabilities = Capabilities(sampling=True)   # no beam search in llama.cpp
+    capabilities = Capabilities(sampling=True, token_streaming=True)   # no beam search in llama.cpp
 
     def detect(self, path) -> bool:
         """A .gguf file, or a folder holding exactly one."""
@@ -200,8 +200,9 @@ class LlamaCppBackend(Backend):
         limit = bindings().llama_max_parallel_sequences() - 1   # sequence 0 holds the shared prefix
         out: list[Generated] = []
         for start in range(0, len(batch), limit):
-            out += runtime.generate([list(map(int, p)) for p in batch[start:start + limit]], chooser, decoding.max_new,
-                                    set(stops))
+            rows = batch[start:start + limit]
+            step = None if on_step is None else (lambda row, token, at=start: on_step(at + row, token))
+            out += runtime.generate([list(map(int, p)) for p in rows], chooser, decoding.max_new, set(stops), step)
         return out
 
     def generate_candidates(self, loaded, batch: list[list[int]], decoding: ResolvedGeneration,

@@ -169,9 +169,11 @@ class LlamaCppModel:
         pointer = self._llama_cpp.llama_get_logits_ith(ctx.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def generate(self, prompts: list[list[int]], choose, max_new_tokens: int, stops: set[int]) -> list[Generated]:
-        """Decode `prompts` as parallel sequences; `choose(row, generated, logits) -> token`."""
-        return self._retrying(prompts, lambda: self._run(prompts, choose, max_new_tokens, stops)[0])
+    def generate(self, prompts: list[list[int]], choose, max_new_tokens: int, stops: set[int],
+                 on_step=None) -> list[Generated]:
+        """Decode `prompts` as parallel sequences; `choose(row, generated, logits) -> token`;
+        `on_step(row, token)` hears each row's every token as it is chosen (True: stop the row)."""
+        return self._retrying(prompts, lambda: self._run(prompts, choose, max_new_tokens, stops, on_step=on_step)[0])
 
     def generate_candidates(self, prompts: list[list[int]], choose, sample_choose, samples: int,
                             max_new_tokens: int, stops: set[int]):
@@ -240,7 +242,8 @@ class LlamaCppModel:
         self.prompt_tokens += len(items)
         return last
 
-    def _run(self, prompts, choose, max_new_tokens: int, stops: set[int], samples: int = 0, sample_choose=None):
+    def _run(self, prompts, choose, max_new_tokens: int, stops: set[int], samples: int = 0, sample_choose=None,
+             on_step=None):
         """(greedy rows, sampled rows, greedy seconds, sample seconds); see generate_candidates."""
         started = time.perf_counter()
         last = self._prompts(prompts, max_new_tokens, samples)
@@ -248,7 +251,7 @@ class LlamaCppModel:
         first = {row: self._logits(ctx, i) for row, i in enumerate(last)}
         saved = {row: logits.copy() for row, logits in first.items()} if samples else {}
         greedy = self._decode_rows([row + 1 for row in range(k)], [len(p) for p in prompts], first, choose,
-                                   max_new_tokens, stops)
+                                   max_new_tokens, stops, on_step)
         greedy_seconds = time.perf_counter() - started
         if not samples:
             return greedy, [], greedy_seconds, 0.0
@@ -265,9 +268,10 @@ class LlamaCppModel:
         return greedy, sampled, greedy_seconds, time.perf_counter() - started - greedy_seconds
 
     def _decode_rows(self, seqs: list[int], positions: list[int], first: dict, choose, max_new_tokens: int,
-                     stops: set[int]) -> list[Generated]:
+                     stops: set[int], on_step=None) -> list[Generated]:
         """Decode one token per unfinished row and step until every row stops (`first`: row -> the
-        logits its first token is chosen from; row r decodes in sequence seqs[r] from positions[r])."""
+        logits its first token is chosen from; row r decodes in sequence seqs[r] from positions[r];
+        `on_step`: see `generate`, a row it stops ends there)."""
         ctx, batch = self._ctx, self._batch
         generated = [[] for _ in seqs]
         finished: list[str | None] = [None] * len(seqs)
@@ -280,6 +284,8 @@ class LlamaCppModel:
                 generated[row].append(token)
                 if token in stops:
                     finished[row] = "stop"
+                elif on_step is not None and on_step(row, token):
+                    finished[row] = "length"          # its consumer left: cut here
                 elif len(generated[row]) >= max_new_tokens:
                     finished[row] = "length"
                 else:

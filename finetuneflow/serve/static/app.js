@@ -1,5 +1,7 @@
 // The page at /: pick, paste or upload a dialogue, stream its summary from POST /summarize?stream=true.
-// Events (see finetuneflow/serve/routes.py): start, part (one per finished window), summary, done, error.
+// Events (see finetuneflow/serve/routes.py): start, part (one per finished window), delta (the next piece of
+// the summary as its tokens are generated), summary (the whole text and its faithfulness checks), done, error.
+// A summary's flagged spans (ftf checks: character offsets into it) are highlighted, with a tooltip.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -57,6 +59,8 @@ function countChars() { $("chars").textContent = `${$("dialogue").value.length} 
 
 function resetOutput() {
   $("summary").textContent = "";
+  $("checks").textContent = "";
+  $("checks").hidden = true;
   $("stats").textContent = "";
   $("parts").innerHTML = "";
   $("parts-box").hidden = true;
@@ -89,8 +93,13 @@ function onEvent(type, data, clock) {
       $("progress-text").textContent = `${where} done after ${seconds} s`;
     }
     if (!$("summary").textContent) $("summary").textContent = "…";
+  } else if (type === "delta") {
+    if (data.dialogue === 0) {
+      if ($("summary").textContent === "…") $("summary").textContent = "";
+      $("summary").textContent += data.text;
+    }
   } else if (type === "summary") {
-    $("summary").textContent = data.summary || "(the model returned an empty summary)";
+    showSummary(data.summary, data.checks);
     if (!$("progress").hidden) { $("bar").value = $("bar").max; $("progress-text").textContent = "combined"; }
   } else if (type === "done") {
     const usage = data.usage || {};
@@ -100,6 +109,46 @@ function onEvent(type, data, clock) {
   } else if (type === "error") {
     showError(data.error ? data.error.message : "the server stopped the request");
   }
+}
+
+// The spans to mark: every unsupported mention, then other flagged spans that overlap none of them.
+function pickSpans(spans) {
+  const chosen = spans.filter((s) => s.check === "unsupported_mentions");
+  for (const s of spans) {
+    if (s.check !== "unsupported_mentions" && !chosen.some((c) => s.start < c.end && c.start < s.end)) chosen.push(s);
+  }
+  return chosen.sort((a, b) => a.start - b.start);
+}
+
+function showSummary(text, checks) {
+  const box = $("summary");
+  box.textContent = "";
+  if (!text) { box.textContent = "(the model returned an empty summary)"; return; }
+  let at = 0;
+  for (const span of pickSpans((checks && checks.spans) || [])) {
+    if (span.start < at) continue;
+    box.appendChild(document.createTextNode(text.slice(at, span.start)));
+    const mark = document.createElement("mark");
+    mark.className = "flag " + span.check;
+    mark.textContent = text.slice(span.start, span.end);
+    mark.title = `${span.label}: ${span.why} (${span.check})`;
+    box.appendChild(mark);
+    at = span.end;
+  }
+  box.appendChild(document.createTextNode(text.slice(at)));
+  showChecks(checks);
+}
+
+function showChecks(checks) {
+  const line = $("checks");
+  if (!checks) { line.hidden = true; return; }
+  const spans = checks.spans || [];
+  if (checks.error) line.textContent = `faithfulness checks failed: ${checks.error}`;
+  else if (checks.skipped) line.textContent = `no faithfulness flags: ${checks.skipped}`;
+  else if (spans.length) line.textContent = `${spans.length} flagged: ` +
+    spans.map((s) => `“${s.text}” ${s.label}`).join("; ") + " (hover a marked part for why)";
+  else line.textContent = `faithfulness checks (${checks.checked.join(", ")}): nothing flagged`;
+  line.hidden = false;
 }
 
 async function readEvents(response, clock) {
