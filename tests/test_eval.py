@@ -205,6 +205,7 @@ def test_metrics_errors(project):
     assert not (project / "metrics").exists() or not any((project / "metrics").iterdir())
 
 
+@pytest.mark.slow
 @needs_shared_data
 def test_metrics_reproduce_the_seed_baseline(project):
     seed = SHARED_DATA / "seed_outputs"
