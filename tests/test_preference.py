@@ -188,29 +188,15 @@ def test_orpo_trains_both_families(tiny_models, sft_llama):
 def test_a_dpo_run_killed_and_resumed_ends_with_the_adapter_of_an_uninterrupted_run(tiny_models, sft_llama):
     """Resume works as for sft: the checkpoint's adapter goes on training, the reference stays the
     start adapter, and the result is bit-identical to an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import torch
     from safetensors.torch import load_file
 
-    from conftest import OFFLINE_ENV
+    from interrupt import kill_at_first_checkpoint
     root, _ = sft_llama
     args = [f"--model={tiny_models['llama']}", "--objective=dpo", "--start_adapter=sft", *FAST, "--max_steps=6",
             "--eval_on_start=False", "--keep_checkpoints=True"]
     checkpoints = root / "dpo_run" / "checkpoints"
-    first = subprocess.Popen([sys.executable, str(REPO / SCRIPT), *args, "--output_dir=dpo_run"], cwd=REPO,
-                             env={**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(root)}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(checkpoints.glob("checkpoint-*/" + run_dir.COMPLETE_MARKER)):
-        assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_at_first_checkpoint(SCRIPT, [*args, "--output_dir=dpo_run"], root, checkpoints)
     assert "resuming from checkpoint-" in run_stage(SCRIPT, *args, "--output_dir=dpo_run", root=root).stdout
     run_stage(SCRIPT, *args, "--output_dir=dpo_whole", root=root)
     resumed, whole = (json.loads((root / name / "train_metrics.json").read_text()) for name in ("dpo_run", "dpo_whole"))

@@ -9,11 +9,9 @@ import importlib.util
 import json
 import shutil
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,18 +101,11 @@ def test_a_run_killed_and_resumed_ends_with_the_adapter_of_an_uninterrupted_run(
     resume, and compare with the same command run without interruption: the same batches and the
     same dropout give bit-identical adapters, the same best step and the same losses after resuming."""
     from safetensors.torch import load_file
+    from interrupt import kill_at_first_checkpoint
     args = [sys.executable, str(REPO / SCRIPT), f"--model_name={tiny_models['llama']}", "--max_steps=12",
             "--eval_steps=3", "--eval_on_start=False", "--keep_checkpoints=True", *FAST]
-    env = {**os.environ, **OFFLINE_ENV, "FTF_ROOT": str(project)}
     checkpoints = project / "run" / "checkpoints"
-    first = subprocess.Popen([*args, "--output_dir=run"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(checkpoints.glob("checkpoint-*/" + run_dir.COMPLETE_MARKER)):
-        assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_at_first_checkpoint(SCRIPT, [*args[2:], "--output_dir=run"], project, checkpoints)
     assert not (project / "run" / "run_config.json").exists()
     half = checkpoints / "checkpoint-999"                # what a kill during a save leaves behind
     half.mkdir()
