@@ -19,7 +19,7 @@ from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.loading import load_model
 from finetuneflow.model.precision import Precision, precision_for
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-from finetuneflow.quality import tracking
+from finetuneflow.quality import eval_parts, tracking
 from finetuneflow.quality.eval_plan import STAGE, EvalPlan
 from finetuneflow.quality.evaluation import EvalReport, evaluate_rows
 
@@ -30,6 +30,7 @@ class EvalRun:
     shard: Shard
     device: str | None              # DEVICE, else the GPU accelerate gave this process (None: the default)
     precision: Precision
+    identity: str = ""              # what the part files hold (quality/eval_parts.py)
     load_seconds: float = 0.0
 
 
@@ -41,11 +42,13 @@ def begin(plan: EvalPlan) -> EvalRun:
     shard = current_shard(settings.device)
     device = settings.device if settings.device or not shard.device else shard.device
     precision = precision_for(settings.model, settings.precision, device, bool(settings.load_in_4bit))
+    identity = eval_parts.run_identity({**plan.config, "processes": shard.world}, settings.model, plan.rows)
+    eval_parts.check_parts(plan.paths["predictions.csv"], identity, shard, settings.overwrite)
     if shard.main:
         write_record(plan.paths["run_config.json"].parent,
                      RunRecord(STAGE, extra={"tag": settings.tag, "status": "started"}), plan.config, plan.inputs,
                      name=plan.paths["run_config.json"].name)
-    return EvalRun(plan, shard, device, precision)
+    return EvalRun(plan, shard, device, precision, identity)
 
 
 def load(run: EvalRun) -> LoadedModel:
@@ -67,10 +70,18 @@ def describe_model(run: EvalRun, loaded: LoadedModel) -> dict:
 
 
 def summarize_and_score(run: EvalRun, loaded: LoadedModel, decoding: ResolvedGeneration) -> EvalReport | None:
-    settings = run.plan.settings
-    return evaluate_rows(loaded, run.plan.rows, decoding, settings.batch_size, settings.max_input_length,
-                         settings.instruction or DEFAULT_INSTRUCTION, run.plan.long_input,
-                         run.plan.paths["predictions.csv"], settings.tag, progress=True, shard=run.shard)
+    """Every batch through this process's part file: one an earlier run of the same command
+    finished is read back, each new one appended (quality/eval_parts.py)."""
+    settings, predictions = run.plan.settings, run.plan.paths["predictions.csv"]
+    journal = eval_parts.PartFile(predictions, run.identity, run.shard)
+    if journal.done and run.shard.main:
+        print(f"resuming: {len(journal.done)} batches of this process are in {journal.path.name}")
+    report = evaluate_rows(loaded, run.plan.rows, decoding, settings.batch_size, settings.max_input_length,
+                           settings.instruction or DEFAULT_INSTRUCTION, run.plan.long_input, predictions,
+                           settings.tag, progress=True, shard=run.shard, journal=journal)
+    if report is not None:
+        report.record["resumed_batches"] = journal.reused    # the main process's batches read back
+    return report
 
 
 def eval_record(run: EvalRun, loaded: LoadedModel, report: EvalReport) -> dict:
@@ -112,6 +123,7 @@ def evaluate(run: EvalRun, loaded: LoadedModel) -> dict | None:
             return None
         summary = eval_record(run, loaded, report)
         write_finished(run, loaded, summary, decoding)
+        eval_parts.remove_parts(run.plan.paths["predictions.csv"])   # the CSV and its records are written
         tracking.log(tracker, {**{f"eval/{k}": v for k, v in summary["averages"].items()},
                                "eval/samples_per_s": summary["timing"]["samples_per_s"],
                                "eval/tokens_per_s": summary["timing"]["tokens_per_s"]})
