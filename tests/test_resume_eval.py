@@ -78,6 +78,7 @@ def test_a_torn_last_line_is_dropped_and_its_batch_done_again(tiny_models, proje
     assert finished(project, "lora")["resumed_batches"] == 1               # lost: the torn batch only
 
 
+@pytest.mark.slow
 def test_a_part_file_of_another_run_is_refused_with_one_line(tiny_models, project):
     model = tiny_models["bart"]
     killed(project, model, "lora", 1)
@@ -118,3 +119,38 @@ def test_read_lines_drops_only_a_torn_last_line(tmp_path):
     from finetuneflow.contract.errors import UserError
     with pytest.raises(UserError, match="damaged"):
         read_lines(path)
+
+
+def launch(project, model, tag, processes=2, kill_after=None):
+    """`accelerate launch --multi_gpu --num_processes N eval_bart_lora.py ...` on CPU processes (gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE_ENV, REPO
+    from test_sharded import free_port
+    env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD, "FTF_ROOT": str(project), "CUDA_VISIBLE_DEVICES": "",
+           **({"FTF_EVAL_EXIT_AFTER_BATCH": str(kill_after)} if kill_after else {})}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(REPO / EVAL), *settings(model, tag)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_killed_sharded_run_resumes_each_processs_part(tiny_models, project, reference):
+    """Two processes, each killed after its first batch (its own part file), then the same launch:
+    one CSV equal to the one-process run's; a one-process run over the parts of two is refused."""
+    model = tiny_models["bart"]
+    assert launch(project, model, "sharded", kill_after=1).returncode != 0
+    parts = {p.name for p in (project / "metrics").glob("sharded_predictions.part-*.jsonl")}
+    # the main process's part holds its first batch; the launcher may stop the other before it has one
+    assert "sharded_predictions.part-0.jsonl" in parts <= {f"sharded_predictions.part-{r}.jsonl" for r in (0, 1)}
+    refused = evaluate(project, model, "sharded", check=False)
+    assert refused.returncode == 2 and "a run in 2 processes (this one runs 1)" in error_line(refused)
+    result = launch(project, model, "sharded")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (project / "metrics" / "sharded_predictions.csv").read_bytes() == reference
+    assert finished(project, "sharded")["resumed_batches"] == 1      # the main process's; the other's too, unseen
+    assert not list((project / "metrics").glob("*.part-*"))

@@ -42,7 +42,7 @@ def begin(plan: EvalPlan) -> EvalRun:
     shard = current_shard(settings.device)
     device = settings.device if settings.device or not shard.device else shard.device
     precision = precision_for(settings.model, settings.precision, device, bool(settings.load_in_4bit))
-    identity = eval_parts.run_identity({**plan.config, "processes": shard.world}, settings.model, plan.rows)
+    identity = eval_parts.run_identity(plan.config, settings.model, plan.rows)
     eval_parts.check_parts(plan.paths["predictions.csv"], identity, shard, settings.overwrite)
     if shard.main:
         write_record(plan.paths["run_config.json"].parent,
