@@ -73,6 +73,21 @@ class BatchJournal:
         """Batch `number` is generated: `result` holds the summaries of `rows`, in that order."""
 
 
+def gather_all(shard: Shard, value) -> list:
+    """Every process's `value`, by rank, on every process (a collective: every process calls it)."""
+    if not shard.sharded:
+        return [value]
+    from accelerate.utils import gather_object
+    return gather_object([value])
+
+
+def barrier(shard: Shard) -> None:
+    """Wait until every process of a sharded run gets here."""
+    if shard.sharded:
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()
+
+
 def shard_batches(lengths: list[int], batch_size: int, shard: Shard) -> list[list[int]]:
     """The batches this process generates, in the order one process would run them: the batches one
     process would form (longest first, `batch_size` each), dealt out whole in snake order
