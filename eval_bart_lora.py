@@ -86,7 +86,7 @@ PRECISION = "auto"             # [auto | fp32 | bf16] weights; auto: bf16 on GPU
 WANDB = True                   # log to W&B when WANDB_API_KEY or WANDB_MODE=offline is set; False: never
 ALLOW_OVERLAP = False          # score rows the model was trained on anyway (flagged in every output)
 OUTPUT_DIR = "metrics"         # where the predictions, eval json and run config go
-OVERWRITE = False              # True: discard a part file of another run (<TAG>_predictions.part-*.jsonl)
+OVERWRITE = False              # True: discard the part files (<TAG>_predictions.part-*.jsonl) and start over
 
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.settings import configure
