@@ -66,6 +66,7 @@ def test_a_killed_run_continues_after_its_last_batch_and_writes_the_same_csv(tin
     assert files_under(project / "metrics") == {"lora_predictions.csv", "lora_eval.json", "lora_run_config.json"}
 
 
+@pytest.mark.slow
 def test_a_torn_last_line_is_dropped_and_its_batch_done_again(tiny_models, project, reference):
     model = tiny_models["bart"]
     killed(project, model, "lora", 2)
