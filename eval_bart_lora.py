@@ -38,6 +38,12 @@ Several references (REFERENCE_COLUMNS=summary1,summary2,summary3, as in DialogSu
 predictions CSV holds them as reference, reference2, reference3; rouge1..rougeLsum are the maximum
 over the references and rouge1_mean..rougeLsum_mean the mean over them (named in the eval json too).
 
+Resumable: every process appends each batch it finishes to metrics/<TAG>_predictions.part-<rank>.jsonl
+(with the run's identity: the settings, the model's files, the rows). Killed or crashed? Run the same
+command again: it continues after the last complete batch, and the CSV is the one an uninterrupted
+run writes. The part files go once the CSV is written; a part file of another run (other settings,
+model, rows or number of processes) is refused: --OVERWRITE=True discards it.
+
 Long inputs (LONG_INPUT): truncate cuts them at MAX_INPUT_LENGTH; chunk summarizes windows cut at turn
 boundaries, then summarizes the joined window summaries (map-reduce: one short summary); chunk_join
 keeps the window summaries, joined in order, as the summary (its length grows with the input, like
@@ -80,6 +86,7 @@ PRECISION = "auto"             # [auto | fp32 | bf16] weights; auto: bf16 on GPU
 WANDB = True                   # log to W&B when WANDB_API_KEY or WANDB_MODE=offline is set; False: never
 ALLOW_OVERLAP = False          # score rows the model was trained on anyway (flagged in every output)
 OUTPUT_DIR = "metrics"         # where the predictions, eval json and run config go
+OVERWRITE = False              # True: discard the part files (<TAG>_predictions.part-*.jsonl) and start over
 
 from finetuneflow.contract.errors import run_cli
 from finetuneflow.contract.settings import configure

@@ -6,12 +6,20 @@ the plan one process would run (the same length order, the same batches, so ever
 generated exactly as it would be alone), and `gather_results` hands every row back to the main
 process in the caller's order. `summarize_sharded` is the three around the long-input engine, as
 the evaluation and inference stages run it.
+
+A resumable run (the evaluation stage) passes a `BatchJournal`: the process then runs its batches
+one engine call each, in the one-process plan's order, asks the journal for a batch before
+generating it (a batch finished by an earlier, interrupted run comes back from there) and hands
+it every batch it generates. The batches, and so the summaries, are the same either way.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, fields, replace
+
+from tqdm.auto import tqdm
 
 from finetuneflow.contract.decoding import GenerationSettings, LongInput
 from finetuneflow.engine.generation import Chooser, GenerationResult, input_lengths
@@ -53,21 +61,54 @@ def current_shard(device=None) -> Shard:
     return Shard(state.process_index, state.num_processes, None if on_cpu else str(state.device))
 
 
-def shard_indices(lengths: list[int], batch_size: int, shard: Shard) -> list[int]:
-    """The rows (indices, ascending) this process generates: the batches one process would form
-    (longest first, `batch_size` each), dealt out whole in snake order (0 1 1 0 0 1 ...) so each
-    process gets a similar share of long and short batches. The engine re-sorts a process's rows
-    into exactly those batches, so a row's summary does not depend on how many processes ran."""
+class BatchJournal:
+    """Where a resumable run keeps its finished batches (see the module doc); this one keeps none."""
+
+    def get(self, number: int, rows: list[int]) -> GenerationResult | None:
+        """Batch `number` of this process (`rows`: indices into the call's dialogues), if an earlier run
+        finished it; None: generate it."""
+        return None
+
+    def record(self, number: int, rows: list[int], result: GenerationResult) -> None:
+        """Batch `number` is generated: `result` holds the summaries of `rows`, in that order."""
+
+
+def gather_all(shard: Shard, value) -> list:
+    """Every process's `value`, by rank, on every process (a collective: every process calls it)."""
     if not shard.sharded:
-        return list(range(len(lengths)))
+        return [value]
+    from accelerate.utils import gather_object
+    return gather_object([value])
+
+
+def barrier(shard: Shard) -> None:
+    """Wait until every process of a sharded run gets here."""
+    if shard.sharded:
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()
+
+
+def shard_batches(lengths: list[int], batch_size: int, shard: Shard) -> list[list[int]]:
+    """The batches this process generates, in the order one process would run them: the batches one
+    process would form (longest first, `batch_size` each), dealt out whole in snake order
+    (0 1 1 0 0 1 ...) so each process gets a similar share of long and short batches."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     mine = []
     for number, start in enumerate(range(0, len(order), batch_size)):
         turn, place = divmod(number, shard.world)
         owner = place if turn % 2 == 0 else shard.world - 1 - place
         if owner == shard.rank:
-            mine += order[start:start + batch_size]
-    return sorted(mine)
+            mine.append(order[start:start + batch_size])
+    return mine
+
+
+def shard_indices(lengths: list[int], batch_size: int, shard: Shard) -> list[int]:
+    """The rows (indices, ascending) this process generates: its `shard_batches`. The engine
+    re-sorts a process's rows into exactly those batches, so a row's summary does not depend on how
+    many processes ran."""
+    if not shard.sharded:
+        return list(range(len(lengths)))
+    return sorted(i for batch in shard_batches(lengths, batch_size, shard) for i in batch)
 
 
 def gather_results(shard: Shard, indices: list[int], result: GenerationResult, total: int,
@@ -113,13 +154,23 @@ def merge_results(parts: list[tuple[list[int], GenerationResult]], total: int,
 def summarize_sharded(loaded: LoadedModel, dialogues: list[str], settings: GenerationSettings | None,
                       batch_size: int, max_input_length: int | None, instruction: str | None,
                       long_input: LongInput | str, ids: list[str], progress: bool = True,
-                      shard: Shard | None = None, chooser: Chooser | None = None) -> LongGenerationResult | None:
+                      shard: Shard | None = None, chooser: Chooser | None = None,
+                      journal: BatchJournal | None = None) -> LongGenerationResult | None:
     """engine.long_input.summarize_long over `dialogues`, in one process or sharded: each process
     generates its whole batches and the main process gets every row in order (the others: None).
-    `chooser`: DECODING=mbr's choice (generation.summarize)."""
+    `chooser`: DECODING=mbr's choice (generation.summarize); `journal`: a resumable run's batches
+    (see the module doc)."""
     shard = shard or Shard()
     instruction = instruction or DEFAULT_INSTRUCTION
     started = time.perf_counter()
+    if journal is not None:
+        limit = input_limit(loaded, settings, max_input_length)
+        batches = shard_batches(input_lengths(loaded, dialogues, instruction, limit), batch_size, shard)
+        run = functools.partial(summarize_long, loaded, settings=settings, batch_size=batch_size,
+                                max_input_length=max_input_length, instruction=instruction, mode=long_input,
+                                progress=False, chooser=chooser)
+        mine, result = journaled(run, dialogues, ids, batches, journal, progress and shard.main)
+        return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
     mine = list(range(len(dialogues)))
     if shard.sharded:
         limit = input_limit(loaded, settings, max_input_length)
@@ -128,3 +179,25 @@ def summarize_sharded(loaded: LoadedModel, dialogues: list[str], settings: Gener
                             instruction, mode=long_input, progress=progress and shard.main,
                             ids=[ids[i] for i in mine], chooser=chooser)
     return gather_results(shard, mine, result, len(dialogues), time.perf_counter() - started)
+
+
+def journaled(run, dialogues: list[str], ids: list[str], batches: list[list[int]], journal: BatchJournal,
+              progress: bool) -> tuple[list[int], GenerationResult]:
+    """This process's `batches`, each from the journal or generated by `run(texts, ids=...)` (one
+    summarize_long call per batch) and handed to the journal; returns the rows (ascending) and one
+    result over them in that order (seconds: the batches' own, added up)."""
+    mine = sorted(i for batch in batches for i in batch)
+    where = {i: k for k, i in enumerate(mine)}
+    parts = []
+    bar = tqdm(total=len(mine), unit="sample", desc="generate", disable=not progress, leave=False)
+    for number, rows in enumerate(batches):
+        result = journal.get(number, rows)
+        if result is None:
+            result = run([dialogues[i] for i in rows], ids=[ids[i] for i in rows])
+            journal.record(number, rows, result)
+        parts.append(([where[i] for i in rows], result))
+        bar.update(len(rows))
+    bar.close()
+    if not parts:                      # a process dealt no batch
+        return mine, run([], ids=[])
+    return mine, merge_results(parts, len(mine), sum(r.seconds for _, r in parts))

@@ -50,6 +50,7 @@ class EvalSettings(FromConfig, DecodingFields):
     wandb: bool
     allow_overlap: bool
     output_dir: str
+    overwrite: bool = False
 
 
 @dataclass
@@ -120,6 +121,9 @@ def output_paths(settings: EvalSettings, inputs: list[Path]) -> dict:
     paths = {kind: out / f"{settings.tag}_{kind}" for kind in OUTPUTS}
     for path in paths.values():
         check_output_file(path, stage=STAGE, setting="OUTPUT_DIR", marker=paths["run_config.json"], inputs=inputs)
+    # the part files of a resumable run (quality/eval_parts.py) are checked by the same rule
+    check_output_file(paths["predictions.csv"].with_name(f"{settings.tag}_predictions.part-0.jsonl"), stage=STAGE,
+                      setting="OUTPUT_DIR", marker=paths["run_config.json"], inputs=inputs)
     return paths
 
 

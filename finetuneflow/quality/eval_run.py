@@ -14,12 +14,13 @@ from finetuneflow.contract.decoding import ResolvedGeneration
 from finetuneflow.contract.io import atomic_write_json
 from finetuneflow.contract.record import Lineage, RunRecord, portable, write_record
 from finetuneflow.engine.generation import effective_settings
-from finetuneflow.engine.sharding import Shard, current_shard
+from finetuneflow.contract.errors import UserError
+from finetuneflow.engine.sharding import Shard, barrier, current_shard, gather_all
 from finetuneflow.model.loaded import LoadedModel
 from finetuneflow.model.loading import load_model
 from finetuneflow.model.precision import Precision, precision_for
 from finetuneflow.model.prompts import DEFAULT_INSTRUCTION
-from finetuneflow.quality import tracking
+from finetuneflow.quality import eval_parts, tracking
 from finetuneflow.quality.eval_plan import STAGE, EvalPlan
 from finetuneflow.quality.evaluation import EvalReport, evaluate_rows
 
@@ -30,6 +31,7 @@ class EvalRun:
     shard: Shard
     device: str | None              # DEVICE, else the GPU accelerate gave this process (None: the default)
     precision: Precision
+    identity: str = ""              # what the part files hold (quality/eval_parts.py)
     load_seconds: float = 0.0
 
 
@@ -41,11 +43,32 @@ def begin(plan: EvalPlan) -> EvalRun:
     shard = current_shard(settings.device)
     device = settings.device if settings.device or not shard.device else shard.device
     precision = precision_for(settings.model, settings.precision, device, bool(settings.load_in_4bit))
+    identity = eval_parts.run_identity(plan.config, settings.model, plan.rows)
+    check_processes(plan, shard, identity)
     if shard.main:
         write_record(plan.paths["run_config.json"].parent,
                      RunRecord(STAGE, extra={"tag": settings.tag, "status": "started"}), plan.config, plan.inputs,
                      name=plan.paths["run_config.json"].name)
-    return EvalRun(plan, shard, device, precision)
+    return EvalRun(plan, shard, device, precision, identity)
+
+
+def check_processes(plan: EvalPlan, shard: Shard, identity: str) -> None:
+    """Every process (every machine) runs the same evaluation, and its part file is this run's: the
+    answers are shared, so every process stops with the same one line, before anything is written."""
+    try:
+        eval_parts.check_parts(plan.paths["predictions.csv"], identity, shard, plan.settings.overwrite)
+        problem = ""
+    except UserError as exc:
+        problem = str(exc)
+    answers = gather_all(shard, (identity, problem))
+    differs = next((rank for rank, (other, _) in enumerate(answers) if other != answers[0][0]), None)
+    if differs is not None:
+        raise UserError(f"process {differs} of {shard.world} runs other settings, another model or other rows "
+                        f"than process 0 (a machine with other flags, files or data); run the same command, "
+                        f"with the same model and data, on every machine")
+    problem = next((p for _, p in answers if p), "")
+    if problem:
+        raise UserError(problem)
 
 
 def load(run: EvalRun) -> LoadedModel:
@@ -67,10 +90,18 @@ def describe_model(run: EvalRun, loaded: LoadedModel) -> dict:
 
 
 def summarize_and_score(run: EvalRun, loaded: LoadedModel, decoding: ResolvedGeneration) -> EvalReport | None:
-    settings = run.plan.settings
-    return evaluate_rows(loaded, run.plan.rows, decoding, settings.batch_size, settings.max_input_length,
-                         settings.instruction or DEFAULT_INSTRUCTION, run.plan.long_input,
-                         run.plan.paths["predictions.csv"], settings.tag, progress=True, shard=run.shard)
+    """Every batch through this process's part file: one an earlier run of the same command
+    finished is read back, each new one appended (quality/eval_parts.py)."""
+    settings, predictions = run.plan.settings, run.plan.paths["predictions.csv"]
+    journal = eval_parts.PartFile(predictions, run.identity, run.shard)
+    if journal.done and run.shard.main:
+        print(f"resuming: {len(journal.done)} batches of this process are in {journal.path.name}")
+    report = evaluate_rows(loaded, run.plan.rows, decoding, settings.batch_size, settings.max_input_length,
+                           settings.instruction or DEFAULT_INSTRUCTION, run.plan.long_input, predictions,
+                           settings.tag, progress=True, shard=run.shard, journal=journal)
+    if report is not None:
+        report.record["resumed_batches"] = journal.reused    # the main process's batches read back
+    return report
 
 
 def eval_record(run: EvalRun, loaded: LoadedModel, report: EvalReport) -> dict:
@@ -109,9 +140,11 @@ def evaluate(run: EvalRun, loaded: LoadedModel) -> dict | None:
     try:
         report = summarize_and_score(run, loaded, decoding)
         if report is None:
+            finish_parts(run)
             return None
         summary = eval_record(run, loaded, report)
         write_finished(run, loaded, summary, decoding)
+        finish_parts(run)
         tracking.log(tracker, {**{f"eval/{k}": v for k, v in summary["averages"].items()},
                                "eval/samples_per_s": summary["timing"]["samples_per_s"],
                                "eval/tokens_per_s": summary["timing"]["tokens_per_s"]})
@@ -120,6 +153,17 @@ def evaluate(run: EvalRun, loaded: LoadedModel) -> dict | None:
     finally:
         tracking.finish(tracker)
     return summary
+
+
+def finish_parts(run: EvalRun) -> None:
+    """Once the main process has written the CSV and its records: every process deletes its own part
+    file (on machines with their own disks, each has its own), the main process every one it sees."""
+    barrier(run.shard)
+    predictions = run.plan.paths["predictions.csv"]
+    if run.shard.main:
+        eval_parts.remove_parts(predictions)
+    else:
+        eval_parts.part_path(predictions, run.shard.rank).unlink(missing_ok=True)
 
 
 def print_summary(run: EvalRun, loaded: LoadedModel, summary: dict) -> None:

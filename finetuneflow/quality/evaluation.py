@@ -22,7 +22,7 @@ from finetuneflow.quality.predictions import write_predictions
 
 if TYPE_CHECKING:   # torch and transformers load only when generating, not for scoring CSVs
     from finetuneflow.contract.decoding import LongInput, ResolvedGeneration
-    from finetuneflow.engine.sharding import Shard
+    from finetuneflow.engine.sharding import BatchJournal, Shard
     from finetuneflow.model.loaded import LoadedModel
 
 
@@ -41,9 +41,11 @@ class EvalReport:
 
 def evaluate_rows(loaded: LoadedModel, rows: list[dict], decoding: ResolvedGeneration, batch_size: int,
                   max_input_length: int | None, instruction: str, long_input: LongInput, predictions_path: Path,
-                  tag: str, progress: bool = True, shard: Shard | None = None) -> EvalReport | None:
+                  tag: str, progress: bool = True, shard: Shard | None = None,
+                  journal: BatchJournal | None = None) -> EvalReport | None:
     """Summarize `rows` ({id, dialogue, summary}), score them and write the predictions CSV; sharded,
-    only the main process scores and writes (the others return None)."""
+    only the main process scores and writes (the others return None). `journal`: a resumable run's
+    finished batches (quality/eval_parts.py)."""
     from finetuneflow.engine.generation import input_limit
     from finetuneflow.engine.sharding import summarize_sharded
     if not rows:
@@ -53,7 +55,7 @@ def evaluate_rows(loaded: LoadedModel, rows: list[dict], decoding: ResolvedGener
     limit = input_limit(loaded, decoding, max_input_length)
     from finetuneflow.quality.mbr import choose_rows
     result = summarize_sharded(loaded, [r["dialogue"] for r in rows], decoding, batch_size, limit, instruction,
-                               long_input, ids, progress, shard, chooser=choose_rows)
+                               long_input, ids, progress, shard, chooser=choose_rows, journal=journal)
     if result is None:
         return None
     return score_and_write(loaded, rows, result, batch_size, limit, instruction, long_input, predictions_path, tag)
