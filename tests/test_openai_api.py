@@ -235,13 +235,7 @@ def test_clients_that_hang_up_leave_no_stuck_work(server, model_id):
         return await asyncio.gather(*(hang_up(i) for i in range(6)))
 
     assert all(asyncio.run(run()))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        health = httpx.get(f"{server.url}/health").json()
-        if health["active"] == 0 and health["pending"] == 0:
-            break
-        time.sleep(0.2)
-    assert health == {"status": "ok", "pending": 0, "active": 0}
+    assert wait_until_idle(server) == {"status": "ok", "pending": 0, "active": 0}
     assert metric(server, 'ftf_cancelled_total{reason="client_left"}') - before >= 1
     assert summarize(server, DIALOGUES[0])["summary"]                          # still serving
 
@@ -268,6 +262,16 @@ def test_summaries_stream_token_by_token_and_add_up_to_the_answer(server, client
     assert streamed and all(line["client_stayed"] is True for line in streamed)
 
 
+def wait_until_idle(server, seconds: float = 60) -> dict:
+    """The server's /health once nothing is active or pending (or after `seconds`)."""
+    deadline = time.time() + seconds
+    while True:
+        health = httpx.get(f"{server.url}/health").json()
+        if (health["active"] == 0 and health["pending"] == 0) or time.time() >= deadline:
+            return health
+        time.sleep(0.2)
+
+
 def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server, model_id):
     async def hang_up(i: int):
         body = {"model": model_id, "stream": True, "max_tokens": 64, "messages": [
@@ -284,13 +288,7 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server, model_id):
         return await asyncio.gather(*(hang_up(i) for i in range(8)))
 
     assert all(asyncio.run(run()))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        health = httpx.get(f"{server.url}/health").json()
-        if health["active"] == 0 and health["pending"] == 0:
-            break
-        time.sleep(0.2)
-    assert health == {"status": "ok", "pending": 0, "active": 0}
+    assert wait_until_idle(server) == {"status": "ok", "pending": 0, "active": 0}
     time.sleep(0.5)
     left = [line for line in server.access_lines() if line.get("client_stayed") is False]
     assert left and all(line["code"] == "client_left" for line in left)
