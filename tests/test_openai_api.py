@@ -203,12 +203,7 @@ def test_a_thousand_requests_at_concurrency_32(server, model_id):
             return response.status_code, response.json()["choices"][0]["message"]["content"] \
                 if response.status_code == 200 else response.text
 
-    async def run():
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300, limits=limits) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(1000)))
-
-    answers = asyncio.run(run())
+    answers = concurrently(server, one, 1000)
     assert [status for status, _ in answers] == [200] * 1000
     assert [text for _, text in answers] == [singles[i % len(DIALOGUES)] for i in range(1000)]
 
@@ -262,6 +257,15 @@ def test_summaries_stream_token_by_token_and_add_up_to_the_answer(server, client
     assert streamed and all(line["client_stayed"] is True for line in streamed)
 
 
+def concurrently(server, one, n: int) -> list:
+    """`one(client, i)` for i in range(n) over one client with 32 connections, gathered in order."""
+    async def run():
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(n)))
+    return asyncio.run(run())
+
+
 def wait_until_idle(server, seconds: float = 60) -> dict:
     """The server's /health once nothing is active or pending (or after `seconds`)."""
     deadline = time.time() + seconds
@@ -311,11 +315,6 @@ def test_500_streamed_requests_at_concurrency_32(server, model_id):
                        if isinstance(data, dict) and data.get("choices"))
         return 200, text
 
-    async def run():
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300, limits=limits) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(500)))
-
-    answers = asyncio.run(run())
+    answers = concurrently(server, one, 500)
     assert [status for status, _ in answers] == [200] * 500
     assert [text for _, text in answers] == [singles[i % 6] for i in range(500)]
